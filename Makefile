@@ -1,0 +1,48 @@
+# Pufferfish: `make help` lists the targets.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# The CPU build that lies on disk here; on a CUDA machine an installed torch >= 2.4 is kept as it is.
+TORCH_CPU ?= torch==2.13.0
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+install: ## install Pufferfish with its test extras (keeps an existing torch >= 2.4, else the CPU build)
+	@$(PYTHON) -c "import torch, sys; sys.exit(0 if tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) >= (2, 4) else 1)" 2>/dev/null \
+		|| $(PIP) install "$(TORCH_CPU)"
+	$(PIP) install -e ".[dev]"
+
+test: ## the fast suite (a few minutes on 2 CPU cores)
+	$(PYTHON) -m pytest -m "not slow and not gpu" -q
+
+test-full: ## every test, slow end-to-end runs included
+	$(PYTHON) -m pytest -q
+
+train: ## train on the embedded default corpus, sized for this machine (ARGS="gpu=gtx1060 mode=standard")
+	$(PYTHON) -m pufferfish.train $(ARGS)
+
+dry-run: ## print the plan for ARGS without training
+	$(PYTHON) -m pufferfish.train dry_run=true $(ARGS)
+
+sweep: sweep-memory ## alias of sweep-memory
+
+sweep-memory: ## Hydra multirun: memory-impact table (needs a GPU for measured rows; ARGS to override)
+	$(PYTHON) -m pufferfish.train -m experiment=memory_table $(ARGS)
+
+sweep-speed: ## Hydra multirun: speed table
+	$(PYTHON) -m pufferfish.train -m experiment=speed_table $(ARGS)
+
+bench: ## throughput against transformers' Llama on this device (tiny shape on CPU)
+	$(PYTHON) scripts/bench_throughput.py $(ARGS)
+
+lint: ## ruff
+	$(PYTHON) -m ruff check pufferfish tests scripts
+
+clean: ## remove run outputs and caches (not the tokenizer/token cache in ~/.cache/pufferfish)
+	rm -rf outputs/* multirun .pytest_cache .ruff_cache .hypothesis
+	touch outputs/.gitkeep
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
