@@ -1,0 +1,187 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+The YAML options under conf/<group>/ are validated against these dataclasses: an unknown key or a value
+of the wrong type fails at composition time with Hydra's message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class GpuConfig:
+    name: str = MISSING  # profile name, as in conf/gpu/<name>.yaml; `auto` reads the real device
+    vram_gb: float = 0.0  # memory the plan may use; 0 on cpu means "a quarter of system RAM"
+    compute_capability: float = 0.0  # 0 for cpu
+    tflops_fp32: float = 0.0  # dense datasheet peak, no tensor cores
+    tflops_tensor: float = 0.0  # dense fp16/bf16 tensor-core peak (datasheet); 0 where there are none
+    bandwidth_gbs: float = 0.0  # memory bandwidth, GB/s
+    bf16: bool = False  # bf16 arithmetic is supported (compute capability 8.0+)
+    fast_fp16: bool = False  # fp16 runs faster than fp32 (tensor cores, Volta+); Pascal: memory only
+    mfu: float = 0.35  # fraction of the peak a well-tuned small-model step reaches on this class
+    emulate: bool = True  # cap the process at vram_gb when the real device is larger
+
+
+@dataclass
+class ModeConfig:
+    name: str = MISSING
+    target_hours: float = MISSING  # the time budget; the run stops here and its schedule ends here
+    min_hours: float = 0.0  # the band this mode is meant for (the user's table); outside it we warn
+    max_hours: float = 0.0  # 0 = no upper end
+    min_layers: int = 1
+    max_layers: int = 1
+    min_dims: int = 64
+    max_dims: int = 64
+    min_data_fraction: float = 1.0
+    max_data_fraction: float = 1.0
+    seq_len: int = 256  # context length for this mode
+
+
+@dataclass
+class ModelSpec:
+    # null = the resolver decides from the gpu profile and the time budget
+    num_layers: Optional[int] = None
+    num_dims: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None  # null = from the attention group
+    vocab_size: Optional[int] = None  # null = the tokenizer's size
+    ffn_dims: Optional[int] = None  # null = 8/3 * num_dims rounded up to a multiple of 64 (SwiGLU)
+    seq_len: Optional[int] = None  # null = the mode's seq_len
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class AttentionConfig:
+    name: str = MISSING  # mha | gqa | mqa
+    heads_per_kv_head: int = 1  # mha: 1; gqa: 4; mqa: 0 means one kv head for all
+    head_dim: int = 64  # the resolver's heads = num_dims / head_dim
+    sdpa_backend: str = "auto"  # auto | flash | efficient | cudnn | math
+
+
+@dataclass
+class MoeConfig:
+    name: str = MISSING  # none | topk | topk_shared
+    enabled: bool = False
+    num_experts: int = 8
+    active_experts: int = 2
+    lossfree_balance: bool = True  # DeepSeek-V3 bias balancing
+    bias_update_rate: float = 1e-3  # gamma
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3 uses 1e-4)
+    shared_expert: bool = False
+    every_n_layers: int = 1  # MoE in every N-th layer
+    first_dense_layers: int = 0  # the first k layers stay dense
+    score_func: str = "sigmoid"  # sigmoid | softmax
+    expert_ffn_dims: Optional[int] = None  # null = ffn_dims / active_experts (same active parameters as dense)
+
+
+@dataclass
+class OptimizationsConfig:
+    # These change speed and memory only, never the maths beyond floating-point rounding.
+    name: str = MISSING
+    precision: str = "fp32"  # fp32 | auto (bf16 where supported, else fp16 with a scaler) | bf16 | fp16
+    grad_ckpt: str = "never"  # never | auto (only when the plan needs it to fit) | always
+    compile: bool = False  # torch.compile each block (GPU only; ignored on CPU)
+    fused_adamw: bool = False  # fused AdamW kernel where the device has one
+    chunked_loss: bool = False  # cross-entropy over sequence chunks: full fp32 logits never exist
+    loss_chunk_tokens: int = 4096
+    prefetch_batches: int = 2  # background-thread loader queue depth; 0 = load in the training thread
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # pystdlib | text_files | tinystories | wikitext103 | fineweb_edu
+    source: str = MISSING  # pystdlib | text | hub
+    paths: list[str] = field(default_factory=list)  # text_files: files or folders (*.txt, *.md, *.py)
+    val_paths: list[str] = field(default_factory=list)  # optional held-out files; else a hashed split
+    hub_name: str = ""  # hub datasets: path for datasets.load_dataset
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    text_field: str = "text"
+    max_hub_documents: int = 0  # 0 = all
+    sample_by: str = "document"  # text_files: document | paragraph | line
+    val_fraction: float = 0.02  # share of documents held out for validation (hashed, stable)
+    vocab_size: int = 8192
+    tokenizer_train_mb: float = 20.0  # text sampled for tokenizer training
+    cache_dir: str = ""  # "" = $PUFFERFISH_CACHE or ~/.cache/pufferfish
+    prompt: str = "\n"  # default prompt for the end-of-run sample
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # jsonl | wandb
+    wandb_project: str = "pufferfish"
+    wandb_entity: Optional[str] = None
+    wandb_mode: str = "auto"  # auto (offline without an API key) | online | offline | disabled
+
+
+@dataclass
+class OptimConfig:
+    lr: Optional[float] = None  # null = the resolver's choice for the model size
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2  # wsd only: last fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    batch_tokens: Optional[int] = None  # tokens per optimizer step; null = the resolver's choice
+    micro_batch: Optional[int] = None  # sequences per forward; null = the largest that fits
+    max_steps: Optional[int] = None  # fixes the number of steps (the schedule runs over it) instead of the budget
+    stop_at_step: Optional[int] = None  # stop early at this step, as an interruption would (for tests and demos)
+    eval_interval: Optional[int] = None  # steps between evaluations; null = about 10 per run
+    eval_tokens: int = 65536  # validation tokens per evaluation
+    log_interval: int = 10  # steps between train lines (reading the loss syncs the device)
+    ckpt_interval_s: float = 600.0  # wall seconds between checkpoints (and one at the end)
+    keep_checkpoints: int = 3
+    sample_tokens: int = 64  # tokens sampled at the end of the run; 0 = none
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+
+@dataclass
+class PufferfishConfig:
+    gpu: GpuConfig = MISSING
+    mode: ModeConfig = MISSING
+    model: ModelSpec = field(default_factory=ModelSpec)
+    attention: AttentionConfig = MISSING
+    moe: MoeConfig = MISSING
+    optimizations: OptimizationsConfig = MISSING
+    data: DataConfig = MISSING
+    logger: LoggerConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dry_run: bool = False  # print and save the plan, train nothing
+    run_dir: Optional[str] = None  # null = Hydra's output directory
+
+
+GROUPS = {
+    "gpu": GpuConfig,
+    "mode": ModeConfig,
+    "model": ModelSpec,
+    "attention": AttentionConfig,
+    "moe": MoeConfig,
+    "optimizations": OptimizationsConfig,
+    "data": DataConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="pufferfish_schema", node=PufferfishConfig)  # train.yaml's first default
+
+
+register_configs()

@@ -1,0 +1,43 @@
+"""Errors meant for people: each says what was wrong, with the value, and what is allowed."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class PufferfishError(Exception):
+    """A problem the user can fix; printed as one message, without a traceback."""
+
+
+class ConfigError(PufferfishError):
+    pass
+
+
+class DataError(PufferfishError):
+    pass
+
+
+class CheckpointError(PufferfishError):
+    pass
+
+
+def one_of(what: str, value, allowed) -> ConfigError:
+    return ConfigError(f"{what}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def exit_on_user_error(fn):
+    """Wrap an entry point: a PufferfishError becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PufferfishError as e:
+            print(f"pufferfish: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("pufferfish: interrupted; run the same command again to resume", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
