@@ -1,0 +1,145 @@
+"""Checkpoints that survive a crash at any moment.
+
+Each is written to a temporary file in the same folder, fsynced and renamed into place, with a SHA-256
+sidecar; the `latest` pointer is replaced last. Loading verifies the checksum and falls back to the
+previous good checkpoint when the newest is truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+POINTER = "latest"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("step_*.pt"))
+
+
+def save_checkpoint(folder: Path, state: dict, step: int, keep: int = 3) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:08d}.pt"
+    tmp = folder / f".{path.name}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    atomic_write_text(folder / f"{path.name}.sha256", digest + "\n")
+    atomic_write_text(folder / POINTER, path.name + "\n")  # last: a crash before this keeps the old pointer
+    for old in checkpoint_files(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        Path(f"{old}.sha256").unlink(missing_ok=True)
+    return path
+
+
+def _verified_load(path: Path, map_location) -> dict:
+    sidecar = Path(f"{path}.sha256")
+    if not sidecar.exists():
+        raise CheckpointError(f"{path} has no checksum file {sidecar.name}")
+    if _sha256(path) != sidecar.read_text().strip():
+        raise CheckpointError(f"{path} does not match its checksum (truncated or corrupt)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a file that passes its checksum but still fails to unpickle
+        raise CheckpointError(f"{path} could not be read: {e}") from e
+
+
+def load_latest(folder: Path, map_location="cpu") -> tuple[dict, Path] | None:
+    """The newest checkpoint that verifies, or None when the folder holds none at all."""
+    folder = Path(folder)
+    files = checkpoint_files(folder)
+    if not files:
+        return None
+    pointer = folder / POINTER
+    named = folder / pointer.read_text().strip() if pointer.exists() else None
+    order = ([named] if named in files else []) + [f for f in reversed(files) if f != named]
+    problems = []
+    for path in order:
+        try:
+            return _verified_load(path, map_location), path
+        except CheckpointError as e:
+            problems.append(str(e))
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+    raise CheckpointError(
+        f"no usable checkpoint in {folder}: " + "; ".join(problems)
+        + ". Start a new run directory, or delete the damaged files to start this one afresh."
+    )
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run directory, its checkpoints folder, or one checkpoint file -> the file to load."""
+    p = Path(path)
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        pointer = folder / POINTER
+        if pointer.exists():
+            return folder / pointer.read_text().strip()
+        files = checkpoint_files(folder)
+        if files:
+            return files[-1]
+        raise CheckpointError(f"checkpoint={path}: no checkpoints in {folder}")
+    if p.is_file():
+        return p
+    raise CheckpointError(f"checkpoint={path} does not exist; give a run directory or a .pt file")

@@ -1,0 +1,27 @@
+"""Next-token cross-entropy, optionally in chunks so the full fp32 logits never exist at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss_sum(hidden, weight, targets):
+    logits = F.linear(hidden, weight).float()  # (n, V), alive only inside this chunk
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def lm_loss(model, x, y, chunked: bool = False, chunk_tokens: int = 4096):
+    """Mean cross-entropy of predicting y from x; x, y: (B, T)."""
+    if not chunked:
+        logits = model(x)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    hidden = model.hidden_states(x).flatten(0, 1)  # (B*T, C)
+    targets = y.flatten()
+    weight = model.output.weight
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        total = total + checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)  # logits recomputed in backward
+    return total / targets.numel()

@@ -1,0 +1,21 @@
+"""AdamW with weight decay on matrices only, fused where the device has the kernel."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def build_optimizer(model, optim_cfg, lr: float, fused: bool, device: str) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # matrices and the (tied) embedding
+    no_decay = [p for p in params if p.dim() < 2]  # norms: decaying them only hurts
+    groups = [
+        {"params": decay, "weight_decay": optim_cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    extra = {}
+    if fused and device.startswith("cuda") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        extra["fused"] = True
+    return torch.optim.AdamW(groups, lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=1e-8, **extra)

@@ -1,0 +1,234 @@
+"""The resolver: from the hardware, the time budget and the data, decide the model and the batch.
+
+Every derived field is filled once, here, with the reason for it; the plan is then frozen into the run
+directory (plan.json) and a resumed run reuses it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from ..errors import ConfigError
+from ..model import ModelConfig
+from .hardware import CUDA_CONTEXT_BYTES, Hardware
+from .memory import Shape, count_params, predict_peak_bytes
+from .speed import predict_tokens_per_s
+
+TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
+MAX_EPOCHS = 4  # repeated data is almost as good as fresh up to ~4 epochs (Muennighoff et al. 2023)
+USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
+OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up
+ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
+
+
+@dataclass
+class Plan:
+    model: dict  # ModelConfig fields
+    params: int
+    active_params: int
+    precision: str
+    grad_ckpt: bool
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    batch_tokens: int  # per optimizer step
+    steps: int
+    train_tokens: int
+    lr: float
+    time_budget_s: float
+    predicted_tokens_per_s: float
+    predicted_peak_bytes: int
+    memory_breakdown: dict
+    vram_bytes: int
+    corpus_tokens: int
+    data_fraction: float
+    epochs: float
+    binding_constraint: str  # what limits the plan: time | memory | data | mode | user
+    hardware: dict
+    reasons: dict = field(default_factory=dict)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(**d)
+
+
+def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool) -> Shape:
+    moe_layers = sum(ModelConfig.from_dict(mc).is_moe_layer(i) for i in range(mc["num_layers"])) if mc["use_moe"] else 0
+    return Shape(
+        num_layers=mc["num_layers"], num_dims=mc["num_dims"], num_heads=mc["num_heads"],
+        num_kv_heads=mc["num_kv_heads"], ffn_dims=mc["ffn_dims"], vocab_size=mc["vocab_size"],
+        seq_len=mc["seq_len"], micro_batch=micro_batch, precision=hw.precision, grad_ckpt=grad_ckpt,
+        chunked_loss=bool(cfg.optimizations.chunked_loss), loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
+        attention_math=cfg.attention.sdpa_backend == "math", moe_layers=moe_layers,
+        moe_num_experts=mc["moe_num_experts"] if moe_layers else 0,
+        moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
+        moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
+        moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0,
+    )  # fmt: skip
+
+
+def kv_heads_for(num_heads: int, attention) -> int:
+    per = int(attention.heads_per_kv_head)
+    if per == 0:
+        return 1  # mqa
+    kv = max(1, num_heads // per)
+    while num_heads % kv:  # the nearest divisor below, so every kv head serves a whole group
+        kv -= 1
+    return kv
+
+
+def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: int) -> dict:
+    spec, moe = cfg.model, cfg.moe
+    num_heads = spec.num_heads or max(1, num_dims // int(cfg.attention.head_dim))
+    mc = ModelConfig(
+        num_layers=num_layers, num_dims=num_dims, num_heads=num_heads,
+        num_kv_heads=spec.num_kv_heads or kv_heads_for(num_heads, cfg.attention),
+        vocab_size=vocab_size, seq_len=seq_len, ffn_dims=spec.ffn_dims, rope_theta=spec.rope_theta,
+        norm_eps=spec.norm_eps, init_std=spec.init_std, use_moe=bool(moe.enabled),
+        moe_num_experts=moe.num_experts, moe_active_experts=moe.active_experts,
+        use_lossfreebalance=bool(moe.lossfree_balance), moe_bias_update_rate=moe.bias_update_rate,
+        moe_aux_loss_alpha=moe.aux_loss_alpha, moe_shared_expert=bool(moe.shared_expert),
+        moe_every_n_layers=moe.every_n_layers, moe_first_dense_layers=moe.first_dense_layers,
+        moe_score_func=moe.score_func, moe_expert_ffn_dims=moe.expert_ffn_dims,
+    )  # fmt: skip
+    return mc.to_dict()
+
+
+def _candidates(cfg) -> list[tuple[int, int]]:
+    mode, spec = cfg.mode, cfg.model
+    layers = [spec.num_layers] if spec.num_layers else list(range(mode.min_layers, mode.max_layers + 1))
+    step = 64
+    dims = [spec.num_dims] if spec.num_dims else list(range(mode.min_dims, mode.max_dims + 1, step))
+    return [(L, d) for L in layers for d in dims]
+
+
+def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int) -> int:
+    """Largest micro-batch (a power of two, at most `cap`) whose predicted peak fits; train.micro_batch is kept."""
+    if cfg.train.micro_batch:
+        fits = predict_peak_bytes(_shape(mc, cfg, hw, cap, grad_ckpt)).total <= budget_bytes
+        return cap if fits else 0
+    best, mb = 0, 1
+    while mb <= cap:
+        if predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt)).total > budget_bytes:
+            break
+        best, mb = mb, mb * 2
+    return best
+
+
+def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
+    mode, train, opt = cfg.mode, cfg.train, cfg.optimizations
+    reasons: dict[str, str] = {}
+    if mode.target_hours <= 0:
+        raise ConfigError(f"mode.target_hours={mode.target_hours} must be positive (hours of training)")
+    if mode.target_hours > 24 * 30:
+        raise ConfigError(f"mode.target_hours={mode.target_hours} is more than 30 days; give hours, e.g. 2.5")
+    if mode.min_hours and mode.target_hours < mode.min_hours or mode.max_hours and mode.target_hours > mode.max_hours:
+        reasons["mode"] = (f"{mode.target_hours} h is outside mode={mode.name}'s band "
+                           f"({mode.min_hours}-{mode.max_hours or 'inf'} h); its shape bounds still apply")  # fmt: skip
+    budget_s = mode.target_hours * 3600
+    vocab = cfg.model.vocab_size or vocab_size
+    seq_len = cfg.model.seq_len or mode.seq_len
+    on_gpu = hw.device != "cpu"
+    mem_budget = int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if on_gpu else 0)) * USABLE_MEMORY)
+    ckpt_policy = opt.grad_ckpt
+    if ckpt_policy not in ("never", "auto", "always"):
+        raise ConfigError(f"optimizations.grad_ckpt={ckpt_policy!r}; allowed: never, auto, always")
+    compute_s = budget_s * (1 - OVERHEAD_SHARE)
+
+    scored = []
+    for L, d in _candidates(cfg):
+        mc = model_dict(cfg, L, d, vocab, seq_len)
+        for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
+            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap=train.micro_batch or 1024)
+            if mb == 0:
+                continue
+            shape = _shape(mc, cfg, hw, mb, ckpt)
+            tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu)
+            tokens = tps * compute_s
+            n = count_params(shape)
+            wanted = min(TOKENS_PER_PARAM * n, MAX_EPOCHS * corpus_tokens)  # data-limited: grow the model
+            score = abs(math.log(tokens / wanted)) + 0.15 * abs(math.log(d / L / ASPECT))
+            scored.append((score, L, d, ckpt, mb, mc, shape, tps, tokens, wanted))
+            break  # checkpointing only when the plain step does not fit
+    if not scored:
+        smallest = _candidates(cfg)[0]
+        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True)).total
+        raise ConfigError(
+            f"even {smallest[0]} layer(s) of {smallest[1]} dims at micro-batch 1 needs about {need / 2**30:.2f} GiB "
+            f"but gpu={hw.profile} leaves {mem_budget / 2**30:.2f} GiB; choose a smaller mode, a shorter "
+            f"model.seq_len, or optimizations=lean"
+        )
+    _, L, d, ckpt, mb, mc, shape, tps, tokens, wanted = min(scored, key=lambda r: r[0])
+    n, n_active = count_params(shape), count_params(shape, active=True)
+
+    fixed = [k for k in ("num_layers", "num_dims") if cfg.model[k]]
+    reasons["shape"] = (
+        f"{L} layers x {d} dims ({n / 1e6:.2f}M parameters): {'set by you (' + ', '.join(fixed) + ')' if fixed else ''}"
+        f"{'' if fixed else 'the shape within mode bounds whose budget of tokens is closest to ' + str(TOKENS_PER_PARAM) + ' per parameter'}"
+        f"; the budget gives {tokens / 1e6:.1f}M tokens, compute-optimal would be {TOKENS_PER_PARAM * n / 1e6:.1f}M"
+    )
+    reasons["heads"] = (f"{mc['num_heads']} heads of {mc['num_dims'] // mc['num_heads']} dims, "
+                        f"{mc['num_kv_heads']} kv heads (attention={cfg.attention.name})")  # fmt: skip
+    if ckpt:
+        reasons["grad_ckpt"] = "on: " + ("optimizations asks for it always" if ckpt_policy == "always"
+                                         else "the step does not fit in memory without it")  # fmt: skip
+    # batch: big enough for a stable gradient, small enough for a few hundred optimizer steps at least
+    tokens_per_micro = mb * seq_len
+    if train.batch_tokens:
+        target = int(train.batch_tokens)
+        reasons["batch"] = f"{target} tokens per step: set by you"
+    else:
+        cap = 2**19 if n > 100e6 else 2**18
+        target = 2 ** int(math.log2(max(tokens / 300, seq_len)))
+        target = max(seq_len, min(cap, target))
+        reasons["batch"] = f"{target} tokens per step: about {tokens / 300:.0f} gives >= 300 steps (capped at {cap})"
+    micro = min(mb, max(1, target // seq_len))
+    accum = max(1, round(target / (micro * seq_len)))
+    batch_tokens = micro * seq_len * accum
+    reasons["micro_batch"] = (f"{micro} x {seq_len} tokens per forward"
+                              f"{' (the largest that fits)' if micro == mb else ''}, {accum} accumulation step(s)")  # fmt: skip
+
+    if train.max_steps:
+        steps = int(train.max_steps)
+        binding = "user"
+        reasons["steps"] = f"{steps} steps: set by train.max_steps (the time guard still applies)"
+    else:
+        steps = max(1, int(tokens // batch_tokens))
+        binding = "time"
+        reasons["steps"] = f"{steps} steps: what the predicted {tps:,.0f} tokens/s covers in {compute_s / 3600:.3f} h"
+    train_tokens = steps * batch_tokens
+
+    # data: the share of the corpus the run draws from
+    want_fraction = train_tokens / max(1, corpus_tokens)
+    fraction = min(1.0, max(mode.min_data_fraction, want_fraction))
+    epochs = train_tokens / max(1, fraction * corpus_tokens)
+    reasons["data"] = f"{fraction:.1%} of {corpus_tokens / 1e6:.1f}M corpus tokens, {epochs:.2f} epoch(s)"
+    if want_fraction > mode.max_data_fraction and fraction > mode.max_data_fraction:
+        reasons["data"] += f" (above mode={mode.name}'s {mode.max_data_fraction:.0%}: the budget can use more)"
+    if epochs > MAX_EPOCHS:
+        binding = "data" if binding == "time" else binding
+        reasons["data"] += f"; more than {MAX_EPOCHS} epochs: the data, not the time, limits this run"
+    if binding == "time" and not fixed and (L, d) == (cfg.mode.max_layers, cfg.mode.max_dims) and tokens > wanted:
+        binding = "mode"
+        reasons["binding"] = f"the largest shape mode={mode.name} allows; the budget could train a bigger one"
+    elif binding == "time" and ckpt and ckpt_policy == "auto":
+        binding = "memory"
+    peak = predict_peak_bytes(replace(shape, micro_batch=micro))
+    lr = float(cfg.optim.lr) if cfg.optim.lr else min(3e-3, 6e-4 * 768 / d)
+    reasons["lr"] = f"{lr:.2e}: " + ("set by you" if cfg.optim.lr else "6e-4 at 768 dims, scaled by 1/width, capped at 3e-3")
+    reasons["memory"] = (f"predicted peak {peak.total / 2**30:.2f} GiB of {hw.vram_bytes / 2**30:.2f} GiB "
+                         f"({'emulated ' if hw.emulated else ''}{hw.profile})")  # fmt: skip
+    return Plan(
+        model=mc, params=n, active_params=n_active, precision=hw.precision, grad_ckpt=ckpt, seq_len=seq_len,
+        micro_batch=micro, grad_accum=accum, batch_tokens=batch_tokens, steps=steps, train_tokens=train_tokens,
+        lr=lr, time_budget_s=budget_s, predicted_tokens_per_s=tps, predicted_peak_bytes=peak.total,
+        memory_breakdown=peak.to_dict(), vram_bytes=hw.vram_bytes, corpus_tokens=corpus_tokens,
+        data_fraction=fraction, epochs=epochs, binding_constraint=binding, hardware=hw.to_dict(), reasons=reasons,
+    )  # fmt: skip

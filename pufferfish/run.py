@@ -1,0 +1,145 @@
+"""Helpers of the training function: run directory, plan, evaluation, sample, preemption flag."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import atomic_write_text
+from .errors import ConfigError
+from .loss import lm_loss
+from .resolver import Plan, detect_hardware, make_plan
+
+MIN_FREE_DISK = 256 * 1024**2
+# groups and keys that change the result: a run directory cannot be resumed with different ones
+RESULT_KEYS = ("mode", "model", "attention", "moe", "data", "optim", "train.seed", "train.batch_tokens",
+               "train.micro_batch", "train.max_steps")  # fmt: skip
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:  # not under @hydra.main (the Python API, tests)
+            raise ConfigError("run_dir is not set; pass run_dir=PATH") from None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run directory {path} is not writable ({e.strerror}); choose another with run_dir=PATH "
+                          f"or hydra.run.dir=PATH") from None  # fmt: skip
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_DISK:
+        raise ConfigError(f"only {free / 2**20:.0f} MiB free on the disk of {path}; checkpoints need more. "
+                          f"Free some space or choose another run_dir")  # fmt: skip
+    return path
+
+
+def _select(cfg, key: str):
+    return OmegaConf.select(cfg, key)
+
+
+def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
+    """A run directory resumes only with the settings that made it."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = OmegaConf.load(saved_path)
+    changed = []
+    for key in RESULT_KEYS:
+        old, new = _select(saved, key), _select(cfg, key)
+        if OmegaConf.is_config(old):
+            old, new = OmegaConf.to_container(old), OmegaConf.to_container(new)
+        if old != new:
+            changed.append(key)
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a run made with different {', '.join(changed)}; its checkpoint belongs to that "
+            f"model. Resume it with its own settings, or start a new run with hydra.run.dir=NEW_DIR (or run_dir=)"
+        )
+
+
+def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool) -> tuple[Plan, bool]:
+    """The frozen plan of a resumed run, or a new one. Returns (plan, reused)."""
+    path = run_dir / "plan.json"
+    if resuming and path.exists():
+        return Plan.from_dict(json.loads(path.read_text())), True
+    hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
+    plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens)
+    atomic_write_text(path, json.dumps(plan.to_dict(), indent=2))
+    return plan, False
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@torch.no_grad()
+def evaluate(model, batches, ctx, bytes_per_token: float) -> dict:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with ctx:
+            total += lm_loss(model, x, y).item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    loss = total / max(1, count)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (preemption, submitit) ask the loop to checkpoint at the next step and exit."""
+
+    REQUEUE_EXIT = 124  # what a requeueing launcher sees; our checkpoint makes the retry a resume
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
+                pass
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def write_sample(model, tokenizer, prompt: str, tokens: int, device: str, seed: int, path: Path) -> str:
+    from .model.sampling import generate
+
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    g = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    out = generate(model, torch.tensor([ids], device=device), tokens, temperature=0.8, top_k=50, generator=g)
+    model.train()
+    text = tokenizer.decode(out[0].tolist())
+    atomic_write_text(path, text)
+    return text
+
+
+def world_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,199 @@
+"""python -m pufferfish.train [group=option ...]: plan, train, evaluate, checkpoint and sample.
+
+`train(cfg)` is the one training function; the CLI, the Python API, sweeps and tests all call it.
+Order of one step: lr -> eval/checkpoint -> micro-steps -> clip -> optimizer step -> log -> stop checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from . import config as _schemas  # noqa: F401  (registers the schemas with Hydra)
+from .checkpoint import atomic_write_bytes, atomic_write_text, load_latest, rng_state, save_checkpoint, set_rng_state
+from .data import prepare_data
+from .data.loader import TrainBatches, val_batches
+from .data.tokenizer import Tokenizer
+from .errors import CheckpointError, exit_on_user_error
+from .loss import lm_loss
+from .model import build_model
+from .model.moe import moe_aux_loss, moe_metrics, update_moe_biases
+from .optim import build_optimizer
+from .resolver import apply_memory_cap, format_plan
+from .run import StopFlag, check_same_run, evaluate, plan_for, run_directory, save_config, write_sample
+from .runlog import MetricsLog, git_revision, peak_memory_bytes
+from .schedule import lr_at
+from .transforms import apply_speed_transforms, autocast, grad_scaler, sdpa_backend
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = run_directory(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    tc = cfg.train
+    data = prepare_data(cfg.data, progress=tc.progress)
+    found = load_latest(ckpt_dir)
+    if found:
+        check_same_run(cfg, run_dir)
+    plan, reused = plan_for(cfg, run_dir, data, resuming=found is not None)
+    save_config(cfg, run_dir)
+    atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())  # the run dir stands alone
+    print(format_plan(plan) + (f"\n(resuming {found[1].name}: plan reused from plan.json)" if found else ""))
+    if cfg.dry_run:
+        return {"plan": plan.to_dict(), "run_dir": str(run_dir)}
+
+    hw = plan.hardware
+    device, precision = hw["device"], plan.precision
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if hw["emulated"]:
+            from .resolver.hardware import Hardware
+
+            apply_memory_cap(Hardware(**hw))
+    torch.manual_seed(tc.seed)
+    model = build_model(plan.model_config(), device)  # the pure model: checkpoints save its state
+    applied = apply_speed_transforms(model, plan.grad_ckpt, cfg.optimizations.compile, device)
+    optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw, device)
+    scaler = grad_scaler(precision, device)
+    ctx = autocast(precision, device)
+    step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
+    if found:
+        state, path = found
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); "
+                                  f"start a new run directory") from None  # fmt: skip
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        sample_index, skipped = state["sample"], state.get("skipped_steps", 0)
+        set_rng_state(state["rng"])
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if found else None)
+    if not found:
+        log.log({"kind": "start", "step": 0, "git": git_revision(), "transforms": applied, "params": plan.params})
+    loader = TrainBatches(data.train_path, data.dtype, plan.seq_len, plan.micro_batch, tc.seed,
+                          fraction=plan.data_fraction, start_sample=sample_index, device=device,
+                          prefetch=cfg.optimizations.prefetch_batches)  # fmt: skip
+    val_tokens = min(tc.eval_tokens, data.val_tokens)
+
+    def run_eval():
+        batches = val_batches(data.val_path, data.dtype, plan.seq_len, plan.micro_batch, val_tokens, device)
+        with sdpa_backend(cfg.attention.sdpa_backend):
+            return evaluate(model, batches, ctx, data.val_bytes_per_token)
+
+    def checkpoint_state():
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "sample": loader.sample,
+                "skipped_steps": skipped, "rng": rng_state(), "model_config": plan.model}  # fmt: skip
+
+    eval_every = tc.eval_interval or max(1, plan.steps // 10)
+    stop = StopFlag()
+    budget = plan.time_budget_s
+    bar = tqdm(total=plan.steps, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
+    start = time.perf_counter() - elapsed
+    last_ckpt = time.perf_counter()
+    last_eval_s, window_t, window_tokens, window_steps = 0.0, time.perf_counter(), 0, 0
+    loss_sum = torch.zeros((), device=device)
+    stopped_by = "schedule"
+    model.train()
+    while step < plan.steps:
+        lr = lr_at(step, plan.steps, plan.lr, cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio,
+                   cfg.optim.decay_frac)  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if step > 0 and step % eval_every == 0:
+            t = time.perf_counter()
+            log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval()})
+            last_eval_s = time.perf_counter() - t
+        if time.perf_counter() - last_ckpt > tc.ckpt_interval_s:
+            elapsed = time.perf_counter() - start
+            save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+            last_ckpt = time.perf_counter()
+
+        with sdpa_backend(cfg.attention.sdpa_backend):
+            for _ in range(plan.grad_accum):
+                x, y = loader.next()
+                with ctx:
+                    loss = lm_loss(model, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
+                    loss = loss + moe_aux_loss(model)
+                scaler.scale(loss / plan.grad_accum).backward()
+                loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        update_moe_biases(model)
+        step += 1
+        tokens_seen += plan.batch_tokens
+        window_tokens += plan.batch_tokens
+        window_steps += 1
+        bar.update(1)
+
+        if step % tc.log_interval == 0 or step == plan.steps:
+            train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # mean over the window's micro-batches
+            loss_sum.zero_()
+            window_steps = 0
+            now = time.perf_counter()
+            tps = window_tokens / max(1e-9, now - window_t)
+            window_t, window_tokens = now, 0
+            if not math.isfinite(train_loss):
+                skipped += 1
+            record = {"kind": "train", "step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps,
+                      "tokens": tokens_seen, "elapsed_s": now - start, "grad_norm": float(grad_norm),
+                      "epoch": loader.epoch, **moe_metrics(model)}  # fmt: skip
+            log.log(record)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
+        elapsed = time.perf_counter() - start
+        if stop:
+            stopped_by = f"signal {stop.signal}"
+            break
+        if tc.stop_at_step and step >= tc.stop_at_step:
+            stopped_by = "stop_at_step"
+            break
+        if elapsed + last_eval_s > budget:
+            stopped_by = "time budget"
+            break
+    bar.close()
+    loader.close()
+    stop.restore()
+    elapsed = time.perf_counter() - start
+    save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+    finished = step >= plan.steps or stopped_by == "time budget"
+    result = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "stopped_by": stopped_by,
+              "skipped_steps": skipped, **peak_memory_bytes(device)}  # fmt: skip
+    if finished:
+        result.update(run_eval())
+        log.log({"kind": "eval", "step": step, "tokens": tokens_seen, "final": True, **result})
+        if tc.sample_tokens:
+            tokenizer = Tokenizer.load(data.tokenizer_path)
+            result["sample"] = write_sample(model, tokenizer, cfg.data.prompt, tc.sample_tokens, device, tc.seed,
+                                            run_dir / "sample.txt")  # fmt: skip
+            print(f"\nSample ({tc.sample_tokens} tokens):\n{result['sample']}\n")
+    log.close()
+    result.update({"run_dir": str(run_dir), "params": plan.params, "git": git_revision(), "finished": finished,
+                   "predicted_peak_bytes": plan.predicted_peak_bytes, "tokens_per_s": tokens_seen / max(1e-9, elapsed)})  # fmt: skip
+    atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
+    print(f"{'done' if finished else 'stopped (' + stopped_by + ')'}: step {step}/{plan.steps}, "
+          f"{elapsed:.1f} s, run directory {run_dir}")  # fmt: skip
+    if stop:
+        raise SystemExit(StopFlag.REQUEUE_EXIT)
+    return result
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

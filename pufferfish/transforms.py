@@ -1,0 +1,65 @@
+"""Speed transforms, applied to a pure model from outside, in one order: checkpointing -> compile.
+
+None of them changes the maths beyond floating-point rounding (tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Each block keeps only its input; its activations are recomputed in the backward pass."""
+    for block in model.layers:
+        forward = block.forward
+        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+
+
+def apply_compile(model) -> None:
+    """Compile block by block: the blocks share one graph, so compilation stays quick."""
+    for block in model.layers:
+        block.compile()
+
+
+def apply_speed_transforms(model, grad_ckpt: bool, compile: bool, device: str) -> list[str]:
+    applied = []
+    if grad_ckpt:
+        apply_activation_checkpointing(model)
+        applied.append("activation checkpointing")
+    if compile and device != "cpu":  # inductor on CPU costs minutes of compilation for little gain
+        apply_compile(model)
+        applied.append("torch.compile (per block)")
+    return applied
+
+
+def autocast(precision: str, device: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: str):
+    """fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op)."""
+    enabled = precision == "fp16"
+    try:
+        return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
+    except (AttributeError, TypeError):  # torch < 2.3
+        return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def sdpa_backend(name: str):
+    """A context that restricts scaled_dot_product_attention to one kernel; auto lets torch choose."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH,
+    }  # fmt: skip
+    return sdpa_kernel(backends[name])
