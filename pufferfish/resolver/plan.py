@@ -75,13 +75,12 @@ def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool) -> Sh
 
 
 def kv_heads_for(num_heads: int, attention) -> int:
+    """The divisor of num_heads whose group size is nearest the attention option's heads_per_kv_head."""
     per = int(attention.heads_per_kv_head)
     if per == 0:
         return 1  # mqa
-    kv = max(1, num_heads // per)
-    while num_heads % kv:  # the nearest divisor below, so every kv head serves a whole group
-        kv -= 1
-    return kv
+    divisors = [k for k in range(1, num_heads + 1) if num_heads % k == 0]
+    return min(divisors, key=lambda k: (abs(math.log(num_heads / k / per)), -k))
 
 
 def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: int) -> dict:
@@ -104,7 +103,7 @@ def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: in
 def _candidates(cfg) -> list[tuple[int, int]]:
     mode, spec = cfg.mode, cfg.model
     layers = [spec.num_layers] if spec.num_layers else list(range(mode.min_layers, mode.max_layers + 1))
-    step = 64
+    step = 128 if mode.min_dims >= 256 else 64  # multiples of 128 keep head counts easy to group
     dims = [spec.num_dims] if spec.num_dims else list(range(mode.min_dims, mode.max_dims + 1, step))
     return [(L, d) for L in layers for d in dims]
 
