@@ -100,11 +100,13 @@ def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: in
     return mc.to_dict()
 
 
-def _candidates(cfg) -> list[tuple[int, int]]:
+def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
+    """Shapes within the mode's bounds; relaxed: anything smaller too (when physics forbids the bounds)."""
     mode, spec = cfg.mode, cfg.model
-    layers = [spec.num_layers] if spec.num_layers else list(range(mode.min_layers, mode.max_layers + 1))
-    step = 128 if mode.min_dims >= 256 else 64  # multiples of 128 keep head counts easy to group
-    dims = [spec.num_dims] if spec.num_dims else list(range(mode.min_dims, mode.max_dims + 1, step))
+    min_layers, min_dims = (1, 64) if relaxed else (mode.min_layers, mode.min_dims)
+    layers = [spec.num_layers] if spec.num_layers else list(range(min_layers, mode.max_layers + 1))
+    step = 128 if min_dims >= 256 else 64  # multiples of 128 keep head counts easy to group
+    dims = [spec.num_dims] if spec.num_dims else list(range(min_dims, mode.max_dims + 1, step))
     return [(L, d) for L in layers for d in dims]
 
 
@@ -141,23 +143,42 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
         raise ConfigError(f"optimizations.grad_ckpt={ckpt_policy!r}; allowed: never, auto, always")
     compute_s = budget_s * (1 - OVERHEAD_SHARE)
 
-    scored = []
-    for L, d in _candidates(cfg):
-        mc = model_dict(cfg, L, d, vocab, seq_len)
-        for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
-            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap=train.micro_batch or 1024)
-            if mb == 0:
-                continue
-            shape = _shape(mc, cfg, hw, mb, ckpt)
-            tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu)
-            tokens = tps * compute_s
-            n = count_params(shape)
-            wanted = min(TOKENS_PER_PARAM * n, MAX_EPOCHS * corpus_tokens)  # data-limited: grow the model
-            score = abs(math.log(tokens / wanted)) + 0.15 * abs(math.log(d / L / ASPECT))
-            scored.append((score, L, d, ckpt, mb, mc, shape, tps, tokens, wanted))
-            break  # checkpointing only when the plain step does not fit
-    if not scored:
+    def score_candidates(relaxed: bool) -> list:
+        scored = []
+        for L, d in _candidates(cfg, relaxed):
+            mc = model_dict(cfg, L, d, vocab, seq_len)
+            for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
+                mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap=train.micro_batch or 1024)
+                if mb == 0:
+                    continue
+                shape = _shape(mc, cfg, hw, mb, ckpt)
+                tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu)
+                tokens = tps * compute_s
+                n = count_params(shape)
+                wanted = min(TOKENS_PER_PARAM * n, MAX_EPOCHS * corpus_tokens)  # data-limited: grow the model
+                score = abs(math.log(tokens / wanted)) + 0.15 * abs(math.log(d / L / ASPECT))
+                scored.append((score, L, d, ckpt, mb, mc, shape, tps, tokens, wanted))
+                break  # checkpointing only when the plain step does not fit
+        return scored
+
+    scored = score_candidates(relaxed=False)
+    best = min(scored, key=lambda r: r[0]) if scored else None
+    undertrained = best is not None and best[8] < count_params(best[6])  # under one token per parameter
+    if best is None or undertrained:
         smallest = _candidates(cfg)[0]
+        if best is None:
+            need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True)).total
+            why = (f"mode={mode.name}'s smallest shape ({smallest[0]} x {smallest[1]}) needs about "
+                   f"{need / 2**30:.2f} GiB at micro-batch 1; gpu={hw.profile} leaves {mem_budget / 2**30:.2f} GiB")
+        else:
+            why = (f"in {mode.target_hours} h gpu={hw.profile} processes about {best[8] / 1e6:.1f}M tokens: "
+                   f"under one token per parameter of mode={mode.name}'s smallest shape")
+        relaxed = score_candidates(relaxed=True)
+        if relaxed and not (cfg.model.num_layers and cfg.model.num_dims):
+            scored = relaxed
+            reasons["outside_mode"] = why + "; planned below the mode's bounds instead"
+    if not scored:
+        smallest = _candidates(cfg, relaxed=True)[0]
         need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True)).total
         raise ConfigError(
             f"even {smallest[0]} layer(s) of {smallest[1]} dims at micro-batch 1 needs about {need / 2**30:.2f} GiB "
@@ -214,7 +235,9 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
     if epochs > MAX_EPOCHS:
         binding = "data" if binding == "time" else binding
         reasons["data"] += f"; more than {MAX_EPOCHS} epochs: the data, not the time, limits this run"
-    if binding == "time" and not fixed and (L, d) == (cfg.mode.max_layers, cfg.mode.max_dims) and tokens > wanted:
+    if "outside_mode" in reasons:
+        binding = "memory" if "GiB" in reasons["outside_mode"] else "time"
+    elif binding == "time" and not fixed and (L, d) == (cfg.mode.max_layers, cfg.mode.max_dims) and tokens > wanted:
         binding = "mode"
         reasons["binding"] = f"the largest shape mode={mode.name} allows; the budget could train a bigger one"
     elif binding == "time" and ckpt and ckpt_policy == "auto":

@@ -1,0 +1,182 @@
+"""The resolver: memory terms by hand, monotonicity, fit, explanations, bad values."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pufferfish.errors import ConfigError
+from pufferfish.model import ModelConfig, build_model, count_parameters
+from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes
+from pufferfish.resolver.hardware import Hardware, known_profiles, load_profile, nearest_profile
+from pufferfish.resolver.plan import kv_heads_for
+from pufferfish.resolver.speed import flops_per_token
+from tests.conftest import compose
+
+GIB = 2**30
+
+
+def fake_gpu(profile: str, precision: str = "bf16") -> Hardware:
+    """The profile's own numbers, as if its card were present (this machine has no GPU)."""
+    p = load_profile(profile)
+    tensor = p.tflops_tensor if p.fast_fp16 and precision != "fp32" else p.tflops_fp32
+    return Hardware(profile, "cuda:0", profile, int(p.vram_gb * GIB), precision, tensor * 1e12, p.mfu, False, [])
+
+
+def small_shape(**kw) -> Shape:
+    base = dict(num_layers=2, num_dims=64, num_heads=4, num_kv_heads=2, ffn_dims=192, vocab_size=100, seq_len=8)
+    return Shape(**{**base, **kw})
+
+
+def test_param_count_formula_matches_the_model_on_meta():
+    for kw in [dict(), dict(num_kv_heads=1), dict(use_moe=True, moe_num_experts=4, moe_active_experts=2,
+                                                   moe_shared_expert=True)]:  # fmt: skip
+        mc = ModelConfig(num_layers=3, num_dims=128, num_heads=4, vocab_size=300, seq_len=16, **kw)
+        model = build_model(mc, "meta")
+        layers = sum(mc.is_moe_layer(i) for i in range(3))
+        s = Shape(3, 128, 4, mc.num_kv_heads, mc.ffn_dims, 300, 16, moe_layers=layers,
+                  moe_num_experts=mc.moe_num_experts if layers else 0, moe_active_experts=mc.moe_active_experts,
+                  moe_expert_ffn_dims=mc.moe_expert_ffn_dims, moe_shared_expert=mc.moe_shared_expert)  # fmt: skip
+        assert count_params(s) == count_parameters(model)
+
+
+def test_memory_terms_by_hand():
+    s = small_shape(micro_batch=2)
+    P = 100 * 64 + 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 + 3 * 64 * 192)
+    m = predict_peak_bytes(s)
+    assert (m.weights, m.gradients, m.optimizer, m.autocast_copies) == (4 * P, 4 * P, 8 * P, 0)
+    tokens = 16
+    per_layer = 4 * (7 * 64 + 2 * 32 + 4 * 192)
+    assert m.activations == tokens * (2 * per_layer + 2 * 4 * 64)
+    assert m.logits == tokens * 100 * 12
+    assert m.attention_scores == 0
+    bf = predict_peak_bytes(replace(s, precision="bf16"))
+    assert bf.autocast_copies == 2 * P and bf.activations < m.activations
+    ck = predict_peak_bytes(replace(s, grad_ckpt=True))
+    assert ck.activations == tokens * (2 * 4 * 64 + per_layer + 2 * 4 * 64)
+    math_attn = predict_peak_bytes(replace(s, attention_math=True))
+    assert math_attn.attention_scores == 2 * 2 * 4 * 8 * 8 * 4 * 2
+
+
+def test_chunked_loss_caps_logit_memory():
+    s = small_shape(micro_batch=64, seq_len=256, vocab_size=32000)
+    full, chunked = predict_peak_bytes(s), predict_peak_bytes(replace(s, chunked_loss=True, loss_chunk_tokens=1024))
+    assert chunked.logits < full.logits / 8
+
+
+def test_flops_per_token_convention():
+    s = small_shape()
+    assert flops_per_token(s) == 6 * count_params(s) + 12 * 2 * 64 * 8
+
+
+def test_profiles_are_known_and_complete():
+    names = known_profiles()
+    for n in ["cpu", "auto", "gtx1650", "gtx1060", "rtx2060", "rtx3060", "rtx3090", "rtx4060", "rtx4090",
+              "a100_40gb", "a100_80gb", "h100", "h200"]:  # fmt: skip
+        assert n in names
+    assert not load_profile("gtx1060").fast_fp16 and not load_profile("gtx1060").bf16
+    assert load_profile("rtx3060").bf16
+    assert nearest_profile("NVIDIA H200", 141 * GIB) == "h200"
+    assert nearest_profile("NVIDIA A100-SXM4-40GB", 40 * GIB) == "a100_40gb"
+    assert nearest_profile("Some Future Card", 12 * GIB) == "rtx3060"
+
+
+def test_bad_profile_names_the_known_ones():
+    with pytest.raises(ConfigError, match="gpu=gtx1070 is not a known profile; known: .*gtx1060"):
+        load_profile("gtx1070")
+
+
+def test_kv_heads_follow_the_attention_option():
+    cfg = compose("attention=gqa")
+    assert kv_heads_for(12, cfg.attention) == 3 and kv_heads_for(10, cfg.attention) == 2
+    assert kv_heads_for(12, compose("attention=mqa").attention) == 1
+    assert kv_heads_for(12, compose("attention=mha").attention) == 12
+
+
+@pytest.mark.parametrize("mode", ["ultra_fast", "quick_dev", "standard", "extended"])
+@pytest.mark.parametrize("gpu", ["gtx1650", "gtx1060", "rtx3060", "rtx4090", "h200"])
+def test_every_plan_fits_its_memory_and_respects_mode_bounds_or_says_why(gpu, mode):
+    cfg = compose(f"gpu={gpu}", f"mode={mode}")
+    hw = fake_gpu(gpu, "bf16" if cfg.gpu.bf16 else "fp16")
+    plan = make_plan(cfg, hw, 8192, 50_000_000)
+    assert plan.predicted_peak_bytes <= plan.vram_bytes
+    assert plan.model["num_layers"] <= cfg.mode.max_layers and plan.model["num_dims"] <= cfg.mode.max_dims
+    inside = plan.model["num_layers"] >= cfg.mode.min_layers and plan.model["num_dims"] >= cfg.mode.min_dims
+    assert inside or "below the mode's bounds" in plan.reasons["outside_mode"]
+    assert plan.micro_batch * plan.seq_len * plan.grad_accum == plan.batch_tokens
+    assert plan.binding_constraint in ("time", "memory", "data", "mode", "user")
+    for key in ("shape", "batch", "steps", "data", "lr", "memory"):
+        assert plan.reasons[key]
+
+
+def test_more_vram_never_gives_a_smaller_model():
+    cfg = compose("gpu=rtx4090", "mode=standard", "mode.target_hours=3")
+    sizes = []
+    for gib in [4, 6, 8, 12, 24, 48]:
+        hw = replace(fake_gpu("rtx4090"), vram_bytes=gib * GIB)
+        sizes.append(make_plan(cfg, hw, 8192, 10**9).params)
+    assert sizes == sorted(sizes)
+
+
+def test_more_hours_never_fewer_tokens():
+    tokens = []
+    for hours in [0.5, 1, 2, 3]:
+        cfg = compose("gpu=rtx3060", "mode=standard", f"mode.target_hours={hours}")
+        tokens.append(make_plan(cfg, fake_gpu("rtx3060"), 8192, 10**9).train_tokens)
+    assert tokens == sorted(tokens) and tokens[0] < tokens[-1]
+
+
+def test_small_data_is_named_as_the_binding_limit():
+    cfg = compose("gpu=h200", "mode=standard")
+    plan = make_plan(cfg, fake_gpu("h200"), 8192, 1_000_000)
+    assert plan.binding_constraint == "data" and plan.epochs > 4
+    assert "data, not the time" in plan.reasons["data"]
+
+
+def test_gradient_checkpointing_only_when_needed():
+    cfg = compose("gpu=gtx1650", "mode=standard", "optimizations=all", "model.num_layers=24", "model.num_dims=768")
+    plan = make_plan(cfg, fake_gpu("gtx1650", "fp16"), 8192, 10**9)
+    assert plan.grad_ckpt and "does not fit" in plan.reasons["grad_ckpt"]
+    big = make_plan(compose("gpu=h200", "mode=quick_dev"), fake_gpu("h200"), 8192, 10**9)
+    assert not big.grad_ckpt
+
+
+def test_physics_moves_the_plan_outside_mode_bounds_with_a_reason():
+    cfg = compose("gpu=gtx1650", "mode=extended", "optimizations=baseline")
+    plan = make_plan(cfg, fake_gpu("gtx1650", "fp32"), 8192, 10**9)
+    assert plan.model["num_layers"] * plan.model["num_dims"] < 30 * 768
+    assert "needs about" in plan.reasons["outside_mode"] and plan.binding_constraint == "memory"
+    slow = make_plan(compose("gpu=gtx1060", "mode=extended", "mode.target_hours=3"), fake_gpu("gtx1060", "fp16"),
+                     8192, 10**9)  # fmt: skip
+    assert "under one token per parameter" in slow.reasons["outside_mode"] and slow.binding_constraint == "time"
+
+
+def test_impossible_plan_says_what_to_change():
+    cfg = compose("gpu=gtx1650", "mode=extended", "optimizations=baseline", "model.seq_len=32768")
+    with pytest.raises(ConfigError, match="micro-batch 1 needs about"):
+        make_plan(cfg, fake_gpu("gtx1650", "fp32"), 8192, 10**9)
+
+
+@pytest.mark.parametrize("hours", [0, -1, 10**6])
+def test_absurd_budgets_are_refused(hours):
+    cfg = compose("gpu=cpu", f"mode.target_hours={hours}")
+    with pytest.raises(ConfigError, match="target_hours"):
+        make_plan(cfg, fake_gpu("rtx3060"), 8192, 10**6)
+
+
+def test_cpu_profile_measures_this_machine():
+    cfg = compose("gpu=cpu")
+    hw = detect_hardware(cfg.gpu, cfg.optimizations, "auto")
+    assert hw.device == "cpu" and hw.precision == "fp32" and hw.peak_flops > 1e8
+    assert hw.vram_bytes > 0
+    assert torch.get_num_threads() >= 1
+
+
+def test_pascal_gets_fp16_with_a_warning_that_it_saves_no_time():
+    from pufferfish.resolver.hardware import choose_precision
+
+    assert choose_precision("auto", bf16=False, fast_fp16=False, on_cpu=False)[0] == "fp16"
+    assert "not time" in choose_precision("auto", bf16=False, fast_fp16=False, on_cpu=False)[1]
+    assert choose_precision("auto", bf16=True, fast_fp16=True, on_cpu=False)[0] == "bf16"
+    with pytest.raises(ConfigError, match="8.0"):
+        choose_precision("bf16", bf16=False, fast_fp16=True, on_cpu=False)
