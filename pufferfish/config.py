@@ -7,7 +7,6 @@ of the wrong type fails at composition time with Hydra's message naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -45,13 +44,13 @@ class ModeConfig:
 @dataclass
 class ModelSpec:
     # null = the resolver decides from the gpu profile and the time budget
-    num_layers: Optional[int] = None
-    num_dims: Optional[int] = None
-    num_heads: Optional[int] = None
-    num_kv_heads: Optional[int] = None  # null = from the attention group
-    vocab_size: Optional[int] = None  # null = the tokenizer's size
-    ffn_dims: Optional[int] = None  # null = 8/3 * num_dims rounded up to a multiple of 64 (SwiGLU)
-    seq_len: Optional[int] = None  # null = the mode's seq_len
+    num_layers: int | None = None
+    num_dims: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None  # null = from the attention group
+    vocab_size: int | None = None  # null = the tokenizer's size
+    ffn_dims: int | None = None  # null = 8/3 * num_dims rounded up to a multiple of 64 (SwiGLU)
+    seq_len: int | None = None  # null = the mode's seq_len
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -78,7 +77,7 @@ class MoeConfig:
     every_n_layers: int = 1  # MoE in every N-th layer
     first_dense_layers: int = 0  # the first k layers stay dense
     score_func: str = "sigmoid"  # sigmoid | softmax
-    expert_ffn_dims: Optional[int] = None  # null = ffn_dims / active_experts (same active parameters as dense)
+    expert_ffn_dims: int | None = None  # null = ffn_dims / active_experts (same active parameters as dense)
 
 
 @dataclass
@@ -101,7 +100,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # text_files: files or folders (*.txt, *.md, *.py)
     val_paths: list[str] = field(default_factory=list)  # optional held-out files; else a hashed split
     hub_name: str = ""  # hub datasets: path for datasets.load_dataset
-    hub_config: Optional[str] = None
+    hub_config: str | None = None
     hub_split: str = "train"
     text_field: str = "text"
     max_hub_documents: int = 0  # 0 = all
@@ -117,13 +116,13 @@ class DataConfig:
 class LoggerConfig:
     name: str = MISSING  # jsonl | wandb
     wandb_project: str = "pufferfish"
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     wandb_mode: str = "auto"  # auto (offline without an API key) | online | offline | disabled
 
 
 @dataclass
 class OptimConfig:
-    lr: Optional[float] = None  # null = the resolver's choice for the model size
+    lr: float | None = None  # null = the resolver's choice for the model size
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     warmup_frac: float = 0.05
@@ -137,11 +136,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1337
-    batch_tokens: Optional[int] = None  # tokens per optimizer step; null = the resolver's choice
-    micro_batch: Optional[int] = None  # sequences per forward; null = the largest that fits
-    max_steps: Optional[int] = None  # fixes the number of steps (the schedule runs over it) instead of the budget
-    stop_at_step: Optional[int] = None  # stop early at this step, as an interruption would (for tests and demos)
-    eval_interval: Optional[int] = None  # steps between evaluations; null = about 10 per run
+    batch_tokens: int | None = None  # tokens per optimizer step; null = the resolver's choice
+    micro_batch: int | None = None  # sequences per forward; null = the largest that fits
+    max_steps: int | None = None  # fixes the number of steps (the schedule runs over it) instead of the budget
+    stop_at_step: int | None = None  # stop early at this step, as an interruption would (for tests and demos)
+    eval_interval: int | None = None  # steps between evaluations; null = about 10 per run
     eval_tokens: int = 65536  # validation tokens per evaluation
     log_interval: int = 10  # steps between train lines (reading the loss syncs the device)
     ckpt_interval_s: float = 600.0  # wall seconds between checkpoints (and one at the end)
@@ -164,7 +163,7 @@ class PufferfishConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dry_run: bool = False  # print and save the plan, train nothing
-    run_dir: Optional[str] = None  # null = Hydra's output directory
+    run_dir: str | None = None  # null = Hydra's output directory
 
 
 GROUPS = {

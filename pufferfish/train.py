@@ -16,7 +16,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from . import config as _schemas  # noqa: F401  (registers the schemas with Hydra)
-from .checkpoint import atomic_write_bytes, atomic_write_text, load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    atomic_write_bytes,
+    atomic_write_text,
+    load_latest,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .data import prepare_data
 from .data.loader import TrainBatches, val_batches
 from .data.tokenizer import Tokenizer
@@ -30,6 +37,8 @@ from .run import StopFlag, check_same_run, evaluate, plan_for, run_directory, sa
 from .runlog import MetricsLog, git_revision, peak_memory_bytes
 from .schedule import lr_at
 from .transforms import apply_speed_transforms, autocast, grad_scaler, sdpa_backend
+
+CALIBRATE_FROM = 2  # steps before this include compilation and allocator warm-up
 
 
 def train(cfg: DictConfig) -> dict:
@@ -84,8 +93,8 @@ def train(cfg: DictConfig) -> dict:
                           prefetch=cfg.optimizations.prefetch_batches)  # fmt: skip
     val_tokens = min(tc.eval_tokens, data.val_tokens)
 
-    def run_eval():
-        batches = val_batches(data.val_path, data.dtype, plan.seq_len, plan.micro_batch, val_tokens, device)
+    def run_eval(tokens: int):
+        batches = val_batches(data.val_path, data.dtype, plan.seq_len, plan.micro_batch, tokens, device)
         with sdpa_backend(cfg.attention.sdpa_backend):
             return evaluate(model, batches, ctx, data.val_bytes_per_token)
 
@@ -103,6 +112,9 @@ def train(cfg: DictConfig) -> dict:
     last_eval_s, window_t, window_tokens, window_steps = 0.0, time.perf_counter(), 0, 0
     loss_sum = torch.zeros((), device=device)
     stopped_by = "schedule"
+    # the budget, not a step count, ends the run: re-plan the steps from the measured speed as it settles
+    calibrate_at = [] if tc.max_steps or plan.measured_tokens_per_s else [0.03, 0.15, 0.4, 0.7]
+    calib_t0 = calib_overhead0 = overhead_s = 0.0
     model.train()
     while step < plan.steps:
         lr = lr_at(step, plan.steps, plan.lr, cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio,
@@ -111,12 +123,15 @@ def train(cfg: DictConfig) -> dict:
             group["lr"] = lr
         if step > 0 and step % eval_every == 0:
             t = time.perf_counter()
-            log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval()})
+            log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval(val_tokens)})
             last_eval_s = time.perf_counter() - t
+            overhead_s += last_eval_s
         if time.perf_counter() - last_ckpt > tc.ckpt_interval_s:
-            elapsed = time.perf_counter() - start
+            t = time.perf_counter()
+            elapsed = t - start
             save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
             last_ckpt = time.perf_counter()
+            overhead_s += last_ckpt - t
 
         with sdpa_backend(cfg.attention.sdpa_backend):
             for _ in range(plan.grad_accum):
@@ -153,6 +168,19 @@ def train(cfg: DictConfig) -> dict:
             log.log(record)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
         elapsed = time.perf_counter() - start
+        if step == CALIBRATE_FROM:
+            calib_t0, calib_overhead0 = elapsed, overhead_s
+        elif calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget:
+            calibrate_at.pop(0)
+            per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
+            evals_left = 10 * (1 - elapsed / budget) + 1
+            plan.recalibrate(step, per_step, budget - elapsed - evals_left * last_eval_s - 1.0)
+            atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
+            eval_every = tc.eval_interval or max(1, plan.steps // 10)
+            # ten evaluations should cost at most ~5 % of the budget (a forward is ~1/3 of a training step)
+            val_tokens = int(min(val_tokens, max(plan.seq_len, 0.005 * budget * 3 * plan.measured_tokens_per_s)))
+            bar.total = plan.steps
+            bar.refresh()
         if stop:
             stopped_by = f"signal {stop.signal}"
             break
@@ -171,7 +199,7 @@ def train(cfg: DictConfig) -> dict:
     result = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "stopped_by": stopped_by,
               "skipped_steps": skipped, **peak_memory_bytes(device)}  # fmt: skip
     if finished:
-        result.update(run_eval())
+        result.update(run_eval(min(tc.eval_tokens, data.val_tokens)))  # the final number: the full eval set
         log.log({"kind": "eval", "step": step, "tokens": tokens_seen, "final": True, **result})
         if tc.sample_tokens:
             tokenizer = Tokenizer.load(data.tokenizer_path)

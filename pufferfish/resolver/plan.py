@@ -47,6 +47,17 @@ class Plan:
     binding_constraint: str  # what limits the plan: time | memory | data | mode | user
     hardware: dict
     reasons: dict = field(default_factory=dict)
+    measured_tokens_per_s: float | None = None  # set once early in the run; steps re-planned from it
+
+    def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float) -> None:
+        """Fit the schedule to the measured speed, so the run ends on time with its schedule complete."""
+        self.measured_tokens_per_s = self.batch_tokens / seconds_per_step
+        steps = max(step + 1, step + int(seconds_left / seconds_per_step))
+        self.reasons["steps"] = (f"{steps} steps: re-planned at step {step} from the measured "
+                                 f"{self.measured_tokens_per_s:,.0f} tokens/s (predicted "
+                                 f"{self.predicted_tokens_per_s:,.0f})")  # fmt: skip
+        self.steps, self.train_tokens = steps, steps * self.batch_tokens
+        self.epochs = self.train_tokens / max(1, self.data_fraction * self.corpus_tokens)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
@@ -200,7 +211,6 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
         reasons["grad_ckpt"] = "on: " + ("optimizations asks for it always" if ckpt_policy == "always"
                                          else "the step does not fit in memory without it")  # fmt: skip
     # batch: big enough for a stable gradient, small enough for a few hundred optimizer steps at least
-    tokens_per_micro = mb * seq_len
     if train.batch_tokens:
         target = int(train.batch_tokens)
         reasons["batch"] = f"{target} tokens per step: set by you"

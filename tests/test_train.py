@@ -1,0 +1,117 @@
+"""End to end on real English text: the loss falls, resume is exact, the run directory is complete."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pufferfish.checkpoint import checkpoint_files
+from pufferfish.runlog import read_metrics
+from pufferfish.train import train
+from tests.conftest import compose, run_cli, tiny_overrides
+
+
+def unigram_entropy_nats(token_file: Path, dtype: str) -> float:
+    tokens = np.memmap(token_file, dtype=np.dtype(dtype), mode="r")
+    counts = np.bincount(tokens)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_loss_falls_far_below_unigram_entropy(tmp_path, cache_dir):
+    cfg = compose(*tiny_overrides(tmp_path / "run", cache_dir, "train.max_steps=150", "model.num_layers=2",
+                                  "model.num_dims=128", "train.batch_tokens=2048", "optim.lr=3e-3"))  # fmt: skip
+    result = train(cfg)
+    from pufferfish.data import prepare_data
+
+    data = prepare_data(cfg.data, progress=False)
+    entropy = unigram_entropy_nats(data.val_path, data.dtype)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert result["val_loss"] < entropy - 0.6, (result["val_loss"], entropy)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert result["val_bpb"] == pytest.approx(result["val_loss"] / math.log(2) / data.val_bytes_per_token)
+
+
+def test_run_directory_describes_itself(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    result = train(compose(*tiny_overrides(run, cache_dir, "train.max_steps=20", "train.log_interval=5")))
+    for name in ["config.yaml", "plan.json", "metrics.jsonl", "summary.json", "sample.txt", "tokenizer.model",
+                 "checkpoints/latest"]:  # fmt: skip
+        assert (run / name).exists(), name
+    plan = json.loads((run / "plan.json").read_text())
+    for key in ["params", "predicted_peak_bytes", "vram_bytes", "predicted_tokens_per_s", "train_tokens",
+                "time_budget_s", "binding_constraint", "reasons"]:  # fmt: skip
+        assert key in plan
+    lines = read_metrics(run / "metrics.jsonl")
+    train_lines = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train_lines] == [5, 10, 15, 20]
+    assert all({"step", "train_loss", "lr", "tokens_per_s"} <= r.keys() for r in train_lines)
+    assert any("val_loss" in r and "val_bpb" in r for r in lines if r["kind"] == "eval")
+    assert result["finished"] and result["step"] == 20
+    assert "peak_rss_bytes" in json.loads((run / "summary.json").read_text())
+
+
+def test_interrupted_and_resumed_run_reproduces_losses_exactly(tmp_path, cache_dir):
+    common = ("train.max_steps=16", "train.log_interval=1", "train.eval_interval=5", "model.num_layers=2",
+              "train.batch_tokens=1024", "train.micro_batch=4")  # two micro-steps: accumulation is resumed too
+    straight = tmp_path / "straight"
+    train(compose(*tiny_overrides(straight, cache_dir, *common)))
+    broken = tmp_path / "broken"
+    first = train(compose(*tiny_overrides(broken, cache_dir, *common, "train.stop_at_step=7")))
+    assert first["stopped_by"] == "stop_at_step" and not first["finished"]
+    second = train(compose(*tiny_overrides(broken, cache_dir, *common)))
+    assert second["finished"]
+
+    def losses(run):
+        return [(r["kind"], r["step"], r.get("train_loss"), r.get("val_loss"))
+                for r in read_metrics(run / "metrics.jsonl") if r["kind"] in ("train", "eval")]  # fmt: skip
+
+    assert losses(straight) == losses(broken)  # bit for bit on CPU, evaluations included
+    assert second["val_loss"] == pytest.approx(json.loads((straight / "summary.json").read_text())["val_loss"], abs=0)
+
+
+def test_dry_run_plans_and_trains_nothing(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    out = train(compose(*tiny_overrides(run, cache_dir, "dry_run=true")))
+    assert (run / "plan.json").exists() and not (run / "checkpoints").exists()
+    assert out["plan"]["model"]["num_layers"] == 1 and out["plan"]["model"]["num_dims"] == 64
+
+
+def test_checkpoints_keep_the_last_k(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    train(compose(*tiny_overrides(run, cache_dir, "train.max_steps=6", "train.ckpt_interval_s=0",
+                                  "train.keep_checkpoints=2")))  # fmt: skip
+    files = checkpoint_files(run / "checkpoints")
+    assert [f.name for f in files] == ["step_00000005.pt", "step_00000006.pt"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006.pt"
+
+
+def test_cli_contract_run_then_generate(tmp_path, cache_dir):
+    run = tmp_path / "cli"
+    proc = run_cli("pufferfish.train", *tiny_overrides(run, cache_dir, "train.max_steps=10")[:-1],
+                   f"hydra.run.dir={run}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / ".hydra" / "config.yaml").exists() and (run / "checkpoints" / "latest").exists()
+    gen = run_cli("pufferfish.generate", f"checkpoint={run}", "prompt=ROMEO:", "max_new_tokens=12")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("ROMEO:") and len(gen.stdout.strip()) > len("ROMEO:")
+
+
+def test_python_api_like_the_users_readme(tmp_path, cache_dir):
+    from pufferfish import ModelConfig, Trainer
+    from tests.conftest import shakespeare_file
+
+    trainer = Trainer(
+        config=ModelConfig(num_layers=1, num_dims=64, num_heads=2, vocab_size=512, seq_len=64),
+        dataset_path=str(shakespeare_file()), target_hours=0.002, run_dir=tmp_path / "api",
+        overrides=[f"data.cache_dir='{cache_dir}'", "data.tokenizer_train_mb=1", "train.progress=false",
+                   "train.sample_tokens=0", "train.eval_tokens=2048"],
+    )  # fmt: skip
+    result = trainer.train()
+    assert result["finished"] and result["step"] > 0 and math.isfinite(result["val_loss"])
+    plan = json.loads((tmp_path / "api" / "plan.json").read_text())
+    assert plan["model"]["num_heads"] == 2 and plan["model"]["vocab_size"] == 512
+    assert result["elapsed_s"] < 0.002 * 3600 + 5  # the time budget ends the run
+    assert isinstance(trainer.generate("To be", max_new_tokens=5), str)
