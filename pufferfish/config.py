@@ -162,6 +162,7 @@ class PufferfishConfig:
     logger: LoggerConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    job: str = "train"  # train | measure (a few steps at a fixed shape: peak memory, tokens/s, fits or not)
     dry_run: bool = False  # print and save the plan, train nothing
     run_dir: str | None = None  # null = Hydra's output directory
 

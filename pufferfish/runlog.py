@@ -21,17 +21,20 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._f = open(self.path, "a")
-        self.mirrors = []  # e.g. the W&B logger: called with every record
+        self.mirrors = []  # e.g. the W&B logger: objects with log(record) and close()
 
     def log(self, record: dict) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
         for mirror in self.mirrors:
-            mirror(record)
+            mirror.log(record)
 
     def close(self) -> None:
         self._f.close()
+        for mirror in self.mirrors:
+            mirror.close()
+        self.mirrors = []
 
 
 def _step(line: str) -> int:

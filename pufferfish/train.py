@@ -27,7 +27,8 @@ from .checkpoint import (
 from .data import prepare_data
 from .data.loader import TrainBatches, val_batches
 from .data.tokenizer import Tokenizer
-from .errors import CheckpointError, exit_on_user_error
+from .errors import CheckpointError, ConfigError, exit_on_user_error
+from .loggers import attach_loggers
 from .loss import lm_loss
 from .model import build_model
 from .model.moe import moe_aux_loss, moe_metrics, update_moe_biases
@@ -86,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
         sample_index, skipped = state["sample"], state.get("skipped_steps", 0)
         set_rng_state(state["rng"])
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if found else None)
+    attach_loggers(cfg, log, plan, run_dir)
     if not found:
         log.log({"kind": "start", "step": 0, "git": git_revision(), "transforms": applied, "params": plan.params})
     loader = TrainBatches(data.train_path, data.dtype, plan.seq_len, plan.micro_batch, tc.seed,
@@ -206,7 +208,7 @@ def train(cfg: DictConfig) -> dict:
             result["sample"] = write_sample(model, tokenizer, cfg.data.prompt, tc.sample_tokens, device, tc.seed,
                                             run_dir / "sample.txt")  # fmt: skip
             print(f"\nSample ({tc.sample_tokens} tokens):\n{result['sample']}\n")
-    log.close()
+    log.close()  # also finishes the mirrors (one W&B run per job, even in a multirun)
     result.update({"run_dir": str(run_dir), "params": plan.params, "git": git_revision(), "finished": finished,
                    "predicted_peak_bytes": plan.predicted_peak_bytes, "tokens_per_s": tokens_seen / max(1e-9, elapsed)})  # fmt: skip
     atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
@@ -220,7 +222,14 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    if cfg.job == "measure":
+        from .measure import measure
+
+        measure(cfg)
+    elif cfg.job == "train":
+        train(cfg)
+    else:
+        raise ConfigError(f"job={cfg.job!r}; allowed: train, measure")
 
 
 if __name__ == "__main__":
