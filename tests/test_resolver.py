@@ -9,6 +9,7 @@ from pufferfish.errors import ConfigError
 from pufferfish.model import ModelConfig, build_model, count_parameters
 from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes
 from pufferfish.resolver.hardware import Hardware, known_profiles, load_profile, nearest_profile
+from pufferfish.resolver.memory import ACTIVATION_CALIBRATION, COMPILED_ACTIVATIONS
 from pufferfish.resolver.plan import kv_heads_for
 from pufferfish.resolver.speed import flops_per_token
 from tests.conftest import compose
@@ -45,15 +46,17 @@ def test_memory_terms_by_hand():
     P = 100 * 64 + 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 + 3 * 64 * 192)
     m = predict_peak_bytes(s)
     assert (m.weights, m.gradients, m.optimizer, m.autocast_copies) == (4 * P, 4 * P, 8 * P, 0)
-    tokens = 16
+    tokens, k = 16, ACTIVATION_CALIBRATION["fp32"]  # the measured factor on the dynamic terms
     per_layer = 4 * (7 * 64 + 2 * 32 + 4 * 192)
-    assert m.activations == tokens * (2 * per_layer + 2 * 4 * 64)
-    assert m.logits == tokens * 100 * 12
+    assert m.activations == int(k * tokens * (2 * per_layer + 2 * 4 * 64))
+    assert m.logits == int(k * tokens * 100 * 12)
     assert m.attention_scores == 0
     bf = predict_peak_bytes(replace(s, precision="bf16"))
     assert bf.autocast_copies == 2 * P and bf.activations < m.activations
     ck = predict_peak_bytes(replace(s, grad_ckpt=True))
-    assert ck.activations == tokens * (2 * 4 * 64 + per_layer + 2 * 4 * 64)
+    assert ck.activations == int(k * tokens * (2 * 4 * 64 + per_layer + 2 * 4 * 64))
+    compiled = predict_peak_bytes(replace(s, compiled=True))
+    assert compiled.activations == pytest.approx(COMPILED_ACTIVATIONS * m.activations, rel=1e-6)
     math_attn = predict_peak_bytes(replace(s, attention_math=True))
     assert math_attn.attention_scores == 2 * 2 * 4 * 8 * 8 * 4 * 2
 
@@ -67,6 +70,17 @@ def test_chunked_loss_caps_logit_memory():
 def test_flops_per_token_convention():
     s = small_shape()
     assert flops_per_token(s) == 6 * count_params(s) + 12 * 2 * 64 * 8
+
+
+def test_speed_model_adds_launch_time_per_layer_on_gpu():
+    from pufferfish.resolver.speed import LAYER_OVERHEAD_S, STEP_OVERHEAD_S, step_seconds
+
+    s = small_shape(micro_batch=4)
+    math_only = flops_per_token(s) * 32 / (1e12 * 0.5)
+    assert step_seconds(s, 1e12, 0.5, on_gpu=False) == pytest.approx(math_only)
+    assert step_seconds(s, 1e12, 0.5, on_gpu=True) == pytest.approx(
+        math_only + STEP_OVERHEAD_S["eager"] + 2 * LAYER_OVERHEAD_S["eager"])
+    assert step_seconds(replace(s, compiled=True), 1e12, 0.5, True) < step_seconds(s, 1e12, 0.5, True)
 
 
 def test_profiles_are_known_and_complete():

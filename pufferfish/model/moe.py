@@ -43,12 +43,21 @@ def grouped_mm_usable(x: torch.Tensor, num_dims: int, hidden: int) -> bool:
     )
 
 
+def _cuda_autocast_dtype():
+    try:  # torch >= 2.4
+        return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    except (TypeError, AttributeError):
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def expert_swiglu(xs, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
     """SwiGLU of expert e on its slice of `xs`: rows are sorted by expert, `counts[e]` rows each.
 
     xs: (M, C) sorted token rows; counts: (E,) int; w1, w3: (E, hidden, C); w2: (E, C, hidden).
     Returns (M, C) in the same row order.
     """
+    if xs.is_cuda and xs.dtype == torch.float32 and (dtype := _cuda_autocast_dtype()) is not None:
+        xs = xs.to(dtype)  # autocast does not reach torch._grouped_mm and the norm hands us fp32
     if impl == "auto":
         impl = "grouped_mm" if grouped_mm_usable(xs, xs.shape[1], w1.shape[1]) else "loop"
     if impl == "grouped_mm":

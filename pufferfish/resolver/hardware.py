@@ -136,7 +136,12 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
         notes.append(f"cpu: measured fp32 matmul rate {peak / 1e9:.1f} GFLOP/s")
     else:
         tensor = float(prof.tflops_tensor)
-        peak = 1e12 * (tensor if precision != "fp32" and tensor > 0 and prof.fast_fp16 else float(prof.tflops_fp32))
+        if precision != "fp32" and tensor > 0 and prof.fast_fp16:
+            peak = 1e12 * tensor
+        elif float(prof.compute_capability) >= 8.0:  # fp32 matmuls run as TF32 on tensor cores (half rate)
+            peak = 1e12 * max(float(prof.tflops_fp32), tensor / 2)
+        else:
+            peak = 1e12 * float(prof.tflops_fp32)
         vram = int(float(prof.vram_gb) * GIB)
     emulated = False
     if not on_cpu:

@@ -2,7 +2,7 @@
 
 Counts what autograd keeps alive for the backward pass of our own blocks (pufferfish/model/llama.py),
 so each coefficient can be checked by hand; the calibration factors below were fitted against
-`torch.cuda.max_memory_allocated` (docs/benchmarks.md, scripts/calibrate_memory.py).
+`torch.cuda.max_memory_allocated` (docs/benchmarks.md, scripts/calibrate.py).
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# measured / predicted activation bytes, fitted on the H200 (scripts/calibrate_memory.py)
-ACTIVATION_CALIBRATION = {"fp32": 1.0, "bf16": 1.0, "fp16": 1.0}
+# measured / predicted bytes of the dynamic terms (activations, logits), fitted on the H200 over 22 shapes
+# (scripts/calibrate.py --grid fit, 2026-11-29; docs/benchmarks.md). fp16 is taken to match bf16.
+ACTIVATION_CALIBRATION = {"fp32": 1.04, "bf16": 1.11, "fp16": 1.11}
+COMPILED_ACTIVATIONS = 0.64  # torch.compile fuses elementwise chains, so far fewer tensors are kept
 ALLOCATOR_SLACK = 1.05  # fragmentation and rounding in the caching allocator
 FIXED_BYTES = 64 * 1024**2  # workspaces and small buffers inside the allocator
 
@@ -31,6 +33,7 @@ class Shape:
     chunked_loss: bool = False
     loss_chunk_tokens: int = 4096
     attention_math: bool = False  # the math SDPA kernel keeps (T x T) scores; flash/efficient do not
+    compiled: bool = False  # torch.compile of the training step (GPU)
     moe_layers: int = 0  # how many layers hold experts instead of the dense MLP
     moe_num_experts: int = 0
     moe_active_experts: int = 0
@@ -78,7 +81,7 @@ def activation_bytes_per_token(s: Shape, moe: bool = False) -> float:
     else:
         # fp32 residual into the norms, 16-bit copies of everything a matmul saves
         total = 4 * 2 * C + 2 * (2 * C + C + 2 * kv + 2 * C + 4 * F + extra)
-    return total * ACTIVATION_CALIBRATION[s.precision]
+    return total
 
 
 @dataclass
@@ -126,6 +129,8 @@ def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
     logits = logit_tokens * s.vocab_size * (BYTES[s.precision] + 8)
     if s.chunked_loss:
         logits += tokens * s.num_dims * 4  # the hidden states' gradient, gathered chunk by chunk
+    dynamic = ACTIVATION_CALIBRATION[s.precision] * (COMPILED_ACTIVATIONS if s.compiled else 1.0)
+    acts, logits = acts * dynamic, logits * dynamic
     core = weights + grads + optim + autocast + acts + scores + logits
     overhead = int(core * (ALLOCATOR_SLACK - 1)) + FIXED_BYTES
     return MemoryBreakdown(weights, grads, optim, autocast, int(acts), int(scores), int(logits), overhead)

@@ -78,6 +78,7 @@ def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool) -> Sh
         seq_len=mc["seq_len"], micro_batch=micro_batch, precision=hw.precision, grad_ckpt=grad_ckpt,
         chunked_loss=bool(cfg.optimizations.chunked_loss), loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
         attention_math=cfg.attention.sdpa_backend == "math", moe_layers=moe_layers,
+        compiled=bool(cfg.optimizations.compile) and hw.device != "cpu",
         moe_num_experts=mc["moe_num_experts"] if moe_layers else 0,
         moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,

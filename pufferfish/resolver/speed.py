@@ -1,12 +1,20 @@
-"""Speed model: FLOPs per token over (peak x achievable utilisation)."""
+"""Speed model: a step's matmul FLOPs at an achievable share of the peak, plus per-layer launch time.
+
+Small models do not fill a GPU: each layer costs kernel launches and memory-bound work that barely
+depends on its width. Both constants were fitted on the H200 (scripts/calibrate.py, docs/benchmarks.md);
+the CPU profile instead measures its own matmul rate at start-up, and every run re-plans its steps
+from the speed it measures (pufferfish/train.py), so a wrong prediction costs accuracy, not the budget.
+"""
 
 from __future__ import annotations
 
 from .memory import Shape, count_params
 
-# Small matrices cannot fill a GPU: utilisation grows with width until it saturates. Fitted on the H200
-# (scripts/calibrate_speed.py, docs/benchmarks.md); the CPU's probe already measures small matmuls.
-GPU_WIDTH_HALF_SATURATION = 256  # utilisation is half its plateau at this many dims
+# seconds per layer per micro-step (forward, backward and the optimizer's share), measured on the H200 host
+LAYER_OVERHEAD_S = {"eager": 2.2e-3, "compiled": 0.8e-3}
+STEP_OVERHEAD_S = {"eager": 5e-3, "compiled": 2e-3}  # embedding, loss, clipping, the optimizer's launch
+CHECKPOINT_OVERHEAD = 1.6  # recomputation launches the forward's kernels again
+MOE_LAYER_OVERHEAD_S = 4e-3  # routing, sorting and the per-expert dispatch
 
 
 def flops_per_token(s: Shape) -> float:
@@ -19,12 +27,15 @@ def flops_per_token(s: Shape) -> float:
     return per_token
 
 
-def utilisation(s: Shape, mfu: float, on_gpu: bool) -> float:
-    if not on_gpu:
-        return mfu
-    w = s.num_dims
-    return mfu * w / (w + GPU_WIDTH_HALF_SATURATION) * (1 + GPU_WIDTH_HALF_SATURATION / 768)  # = mfu at 768
+def step_seconds(s: Shape, peak_flops: float, mfu: float, on_gpu: bool) -> float:
+    tokens = s.micro_batch * s.seq_len
+    seconds = flops_per_token(s) * tokens / (peak_flops * mfu)
+    if on_gpu:
+        kind = "compiled" if s.compiled else "eager"
+        per_layer = LAYER_OVERHEAD_S[kind] * (CHECKPOINT_OVERHEAD if s.grad_ckpt else 1.0)
+        seconds += STEP_OVERHEAD_S[kind] + s.num_layers * per_layer + s.moe_layers * MOE_LAYER_OVERHEAD_S
+    return seconds
 
 
 def predict_tokens_per_s(s: Shape, peak_flops: float, mfu: float, on_gpu: bool) -> float:
-    return peak_flops * utilisation(s, mfu, on_gpu) / flops_per_token(s)
+    return s.micro_batch * s.seq_len / step_seconds(s, peak_flops, mfu, on_gpu)
