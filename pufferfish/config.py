@@ -117,6 +117,7 @@ class LoggerConfig:
     name: str = MISSING  # jsonl | wandb
     wandb_project: str = "pufferfish"
     wandb_entity: str | None = None
+    wandb_group: str | None = None  # None = the sweep directory's name (one group per multirun)
     wandb_mode: str = "auto"  # auto (offline without an API key) | online | offline | disabled
 
 
@@ -145,9 +146,12 @@ class TrainConfig:
     log_interval: int = 10  # steps between train lines (reading the loss syncs the device)
     ckpt_interval_s: float = 600.0  # wall seconds between checkpoints (and one at the end)
     keep_checkpoints: int = 3
+    max_bad_steps: int = 3  # NaN/Inf steps in a row (each skipped) before rolling back to the last checkpoint
     sample_tokens: int = 64  # tokens sampled at the end of the run; 0 = none
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    measure_steps: int = 2  # job=measure: training steps run (peak memory over all; tokens/s after warm-up)
+    measure_batches: str = "random"  # job=measure: random (tokens, no data preparation) | data (the real loader)
 
 
 @dataclass
