@@ -30,11 +30,15 @@ dry-run: ## print the plan for ARGS without training
 
 sweep: sweep-memory ## alias of sweep-memory
 
-sweep-memory: ## Hydra multirun: memory-impact table (needs a GPU for measured rows; ARGS to override)
-	$(PYTHON) -m pufferfish.train -m experiment=memory_table $(ARGS)
+sweep-memory: ## memory tables: multirun under 6 GB emulation, max layers by bisection, .md + .png (SWEEP_DIR=, ARGS=)
+	d="$(or $(SWEEP_DIR),multirun/memory_table/$$(date +%Y-%m-%d_%H-%M-%S))"; rc=0; \
+	$(PYTHON) -m pufferfish.train -m experiment=memory_table hydra.sweep.dir="$$d" $(ARGS) || rc=$$?; \
+	$(PYTHON) scripts/memory_table.py "$$d" --search-max-layers && exit $$rc
 
-sweep-speed: ## Hydra multirun: speed table
-	$(PYTHON) -m pufferfish.train -m experiment=speed_table $(ARGS)
+sweep-speed: ## speed table: multirun on the real GPU, then .md + .png (SWEEP_DIR=, ARGS=)
+	d="$(or $(SWEEP_DIR),multirun/speed_table/$$(date +%Y-%m-%d_%H-%M-%S))"; rc=0; \
+	$(PYTHON) -m pufferfish.train -m experiment=speed_table hydra.sweep.dir="$$d" $(ARGS) || rc=$$?; \
+	$(PYTHON) scripts/speed_table.py "$$d" && exit $$rc
 
 bench: ## throughput against transformers' Llama on this device (tiny shape on CPU)
 	$(PYTHON) scripts/bench_throughput.py $(ARGS)

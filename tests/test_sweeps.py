@@ -1,0 +1,184 @@
+"""Sweeps: CPU multiruns of tiny measuring jobs become tables; an out-of-memory is a result, not a crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, compose, run_cli
+
+# the table's experiment, shrunk: 8 heads of 8 dims so the rows' 4 kv heads really group
+TINY = ["gpu=cpu", "model.num_dims=64", "model.num_heads=8", "model.ffn_dims=128", "model.vocab_size=256",
+        "model.seq_len=32", "train.micro_batch=2"]  # fmt: skip
+ABSURD = 100_000  # layers: the memory model's peak is far over any machine's cap, so the job is never run
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def memory_sweep(tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("memory_sweep")
+    done = run_cli("pufferfish.train", "-m", "experiment=memory_table", *TINY, "experiment/memory@memory=baseline,all_three",
+                   f"model.num_layers=1,2,{ABSURD}", f"hydra.sweep.dir={sweep}", timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return sweep
+
+
+def test_multirun_writes_one_measure_json_per_job_and_out_of_memory_is_a_result(memory_sweep):
+    jobs = sorted(p for p in memory_sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 6
+    for job in jobs:
+        record = json.loads((job / "measure.json").read_text())
+        assert record["run_dir"] == str(job) and record["measured"] is False  # CPU: the memory model's peak
+        assert record["technique"] in ("baseline", "all_three") and record["overrides"]
+        if record["num_layers"] == ABSURD:
+            assert record["fits"] is False and "predicted out of memory" in record["oom"]
+            assert record["tokens_per_s"] is None and record["peak_bytes"] > record["cap_bytes"]
+        else:
+            assert record["fits"] is True and record["tokens_per_s"] > 0 and record["loss"] > 0
+            assert record["peak_bytes"] == record["predicted_peak_bytes"]
+            assert record["grad_ckpt"] is (record["technique"] == "all_three")
+            assert record["model"]["num_kv_heads"] == (4 if record["technique"] == "all_three" else 8)
+
+
+def test_memory_table_reads_only_the_jobs_own_files(memory_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(memory_sweep, sweep)
+    job = next(p for p in sweep.iterdir() if p.name.endswith("baseline_L1"))
+    stray = json.loads((job / "measure.json").read_text())
+    stray["technique"] = "stray_copy"
+    (sweep / "copied").mkdir()
+    (sweep / "copied" / "measure.json").write_text(json.dumps(stray))  # a copy: not where its job wrote it
+    (sweep / "measure.json").write_text("{not json")
+    (job / "notes.json").write_text(json.dumps({**stray, "technique": "notes"}))
+    (sweep / "9_crashed_L3" / ".hydra").mkdir(parents=True)  # a job that died before writing its result
+
+    done = run_script("memory_table.py", sweep)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "stray_copy" not in out and "notes" not in out
+    impact = out.split("## Memory Usage")[0]
+    assert [line.split("|")[1].strip() for line in impact.splitlines() if line.startswith("| ")][1:] == [
+        "baseline", "all_three"]  # fmt: skip
+    assert "(predicted)" in out and "does not fit" in out and "9_crashed_L3" in out
+    assert "30–40 %" not in impact and "60–70 %" in impact  # the user's claim beside our row
+    assert (sweep / "memory_table.md").read_text() == out.rstrip("\n") + "\n"
+    assert (sweep / "memory_table.png").stat().st_size > 10_000
+
+
+def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    # gqa's 4 kv heads do not divide 2 heads: a ConfigError would exit the whole multirun at once
+    done = run_cli("pufferfish.train", "-m", "experiment=memory_table", *TINY, "model.num_heads=2",
+                   "experiment/memory@memory=gqa,baseline", "model.num_layers=1", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = {r["technique"]: r for r in map(json.loads, map(lambda p: p.read_text(), tmp_path.glob("*/measure.json")))}
+    assert records["gqa"]["fits"] is None and "num_kv_heads=4" in records["gqa"]["error"]
+    assert records["baseline"]["fits"] is True
+
+
+def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypatch):
+    import pufferfish.measure as measure_module
+
+    cfg = compose("experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(measure_module, "lm_loss", out_of_memory)
+    record = measure_module.measure(cfg)
+    assert record["fits"] is False and record["oom"].startswith("CUDA out of memory")
+    assert json.loads((tmp_path / "measure.json").read_text())["fits"] is False
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")  # not memory: a bug, raised for Hydra to report
+
+    monkeypatch.setattr(measure_module, "lm_loss", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        measure_module.measure(cfg)
+
+
+def test_predicted_memory_table_has_one_row_per_technique():
+    done = run_script("memory_table.py", "--predicted", "--gpu", "gtx1060")
+    assert done.returncode == 0, done.stderr
+    impact = done.stdout.split("## Memory Usage")[0]
+    rows = [line.split("|")[1].strip() for line in impact.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["baseline", "grad_ckpt", "mixed_precision", "gqa", "all_three", "all"]
+    assert "Predicted by the memory model" in impact and "(predicted)" in impact and "6.00 GiB" in impact
+    assert "[fp16" in impact  # gtx1060 has no bf16: mixed precision is fp16 there
+
+
+def test_bisection_finds_the_largest_depth_that_fits_in_few_probes():
+    from pufferfish.sweep_tools import bisect_max_layers
+
+    probes = []
+
+    def fits(layers):
+        probes.append(layers)
+        return layers <= 17
+
+    known = {12: True, 24: False}  # the sweep's own jobs
+    assert bisect_max_layers(fits, known, guess=17) == 17 and probes == [17, 18]
+    probes.clear()
+    assert bisect_max_layers(fits, {}, guess=3) == 17 and len(probes) <= 10  # no bracket: gallop, then halve
+    assert bisect_max_layers(lambda L: False, {}, guess=5) == 0
+
+
+def test_speed_table_pairs_jobs_into_improvements(tmp_path):
+    done = run_cli("pufferfish.train", "-m", "experiment=speed_table", *TINY, "model.num_layers=1",
+                   "model.num_kv_heads=4", "train.measure_batches=random", "train.measure_steps=3",
+                   "experiment/speed@speed=reference,mixed_precision", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = run_script("speed_table.py", tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "| mixed precision |" in table.stdout and "x |" in table.stdout and "faster (no figure)" in table.stdout
+    assert (tmp_path / "speed_table.png").exists()
+
+
+def test_measured_sweep_gets_bisected_max_layers_from_probe_jobs(tmp_path, monkeypatch):
+    """The GPU side without a GPU: jobs' records as CUDA writes them, probes faked where they would run."""
+    import importlib.util
+
+    import pufferfish.sweep_tools as st
+
+    cap, fitting = 6 * st.GIB, {"baseline": 13, "grad_ckpt": 30}
+
+    def record(technique: str, layers: int, job_dir) -> dict:
+        job_dir.mkdir(parents=True)
+        peak = int(0.5 * st.GIB * (layers - fitting[technique]) + cap - 1)  # crosses the cap after `fitting`
+        r = {"schema": st.SCHEMA, "run_dir": str(job_dir), "technique": technique, "num_layers": layers,
+             "fits": peak <= cap, "measured": True, "peak_bytes": peak, "peak_uncapped": peak > cap,
+             "predicted_peak_bytes": peak, "predicted_max_layers": fitting[technique] - 2, "cap_bytes": cap,
+             "grad_ckpt": technique == "grad_ckpt", "precision": "fp32", "device_name": "NVIDIA H200",
+             "profile": "gtx1060", "micro_batch": 8, "choices": {}, "overrides": [f"experiment/memory@memory={technique}"],
+             "model": {"num_dims": 768, "num_heads": 12, "ffn_dims": 2048, "vocab_size": 32000, "seq_len": 512}}  # fmt: skip
+        (job_dir / "measure.json").write_text(json.dumps(r))
+        (job_dir / ".hydra").mkdir()
+        return r
+
+    for i, (t, L) in enumerate([(t, L) for t in fitting for L in (12, 24)]):
+        record(t, L, tmp_path / f"{i}_{t}_L{L}")
+    probed = []
+
+    def fake_probe(overrides, layers, job_dir, timeout=0):
+        probed.append((overrides[0].split("=")[1], layers))
+        return record(overrides[0].split("=")[1], layers, job_dir)
+
+    monkeypatch.setattr(st, "probe", fake_probe)
+    records, failed = st.read_jobs(tmp_path)
+    assert st.search_max_layers(tmp_path, records, workers=2) == fitting and not failed
+    assert len(probed) <= 8  # the linear guess from the 12- and 24-layer peaks lands next to the answer
+    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "scripts" / "memory_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    md, _ = table.render(*st.read_jobs(tmp_path))
+    assert "| 13 (bisected) | 8 | 11 |" in md and "| 30 (bisected) | 12 | 28 |" in md
+    assert "Measured on NVIDIA H200" in md and "does not fit; needed uncapped" in md
+    assert "max_layers/probe_baseline_L14" in {r["job_dir"] for r in st.read_jobs(tmp_path)[0]}
