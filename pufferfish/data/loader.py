@@ -48,9 +48,13 @@ class TrainBatches:
         start_sample: int = 0,
         device="cpu",
         prefetch: int = 2,
+        stride: int | None = None,
     ):
         self.tokens = np.memmap(token_path, dtype=np.dtype(dtype), mode="r")
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
+        # samples between successive batches: micro_batch alone, or world x micro_batch when each of
+        # `world` data-parallel ranks starts at rank x micro_batch and takes every world-th batch
+        self.stride = stride or micro_batch
         self.window = seq_len + 1  # inputs and the one extra target
         used = int(len(self.tokens) * fraction)  # the stream only ever reads this prefix
         self.windows_per_epoch = used // self.window
@@ -106,7 +110,7 @@ class TrainBatches:
     def _produce(self, first: int) -> None:
         try:
             while self._put(self._build(first)):
-                first += self.micro_batch
+                first += self.stride
         except BaseException as e:  # handed to the consumer, which re-raises it where it can be seen
             self._put(_Failure(e))
 
@@ -123,7 +127,7 @@ class TrainBatches:
             if isinstance(item, _Failure):
                 raise item.error
             x, y = item
-        self._sample += self.micro_batch
+        self._sample += self.stride
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _get(self):

@@ -1,0 +1,70 @@
+"""Data parallelism: `torchrun --nproc_per_node=N -m pufferfish.train ...` (or submitit's tasks).
+
+Every rank holds the whole model (DDP); rank r reads the micro-batches r, r+N, r+2N, ... of the one
+sample stream, so N ranks together see exactly the batches one process would, and the resolver plans
+the global batch across them. Rank 0 alone writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device_request: str) -> tuple[World, str]:
+    """Join the process group torchrun (or SLURM through submitit) describes; (world, device)."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size == 1:
+        return World(), device_request
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_request in ("auto", "cuda") or device_request.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = f"cuda:{local}" if use_cuda else "cpu"
+    return World(rank, size, local), device
+
+
+def barrier(world: World) -> None:
+    if world.enabled:
+        dist.barrier()
+
+
+def mean_across(world: World, value: torch.Tensor) -> torch.Tensor:
+    if world.enabled:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world.size
+    return value
+
+
+def wrap(model, world: World, device: str):
+    """DDP around the pure model; the pure model stays the one that is saved and evaluated."""
+    if not world.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[world.local_rank] if device.startswith("cuda") else None)
+
+
+def close(world: World) -> None:
+    if world.enabled and dist.is_initialized():
+        dist.destroy_process_group()
