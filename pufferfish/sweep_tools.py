@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -167,9 +168,15 @@ def probe(overrides: list[str], num_layers: int, job_dir: Path, timeout: int = 1
     return json.loads(out.read_text())
 
 
-def search_max_layers(sweep_dir: Path, records: list[dict], workers: int = 6) -> dict[str, int]:
+class OutOfTime(Exception):
+    pass
+
+
+def search_max_layers(sweep_dir: Path, records: list[dict], workers: int = 6, minutes: float | None = None) -> dict:
     """For each technique of a measured sweep, bisect num_layers with probes under sweep_dir/max_layers/.
-    The techniques run side by side: each probe is its own process with its own capped allocator."""
+    The techniques run side by side: each probe is its own process with its own capped allocator. After
+    `minutes` no probe starts: the technique's result is None and the table reports what was probed."""
+    stop_at = time.monotonic() + 60 * minutes if minutes else float("inf")
     by_technique: dict[str, list[dict]] = {}
     for r in records:
         if r.get("measured") and r.get("fits") is not None:
@@ -186,8 +193,16 @@ def search_max_layers(sweep_dir: Path, records: list[dict], workers: int = 6) ->
             (l0, p0), (l1, p1) = points[0], points[-1]
             slope = (p1 - p0) / max(1, l1 - l0)
             guess = int((runs[0]["cap_bytes"] - p0) / slope + l0) if slope > 0 else guess
-        fits = lambda L: probe(base, L, Path(sweep_dir) / "max_layers" / f"probe_{technique}_L{L}")["fits"]  # noqa: E731
-        return bisect_max_layers(fits, known, max(1, guess))
+
+        def fits(layers: int) -> bool:
+            if time.monotonic() > stop_at:
+                raise OutOfTime
+            return probe(base, layers, Path(sweep_dir) / "max_layers" / f"probe_{technique}_L{layers}")["fits"]
+
+        try:
+            return bisect_max_layers(fits, known, max(1, guess))
+        except OutOfTime:
+            return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return dict(zip(by_technique, pool.map(one, by_technique)))

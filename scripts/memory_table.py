@@ -185,6 +185,7 @@ def main() -> None:
     p.add_argument("--gpu", default="gtx1060", help="--predicted: the gpu profile (its precision support)")
     p.add_argument("--search-max-layers", action="store_true", help="GPU: bisect max layers with real runs")
     p.add_argument("--workers", type=int, default=6, help="techniques searched side by side (one GPU is enough)")
+    p.add_argument("--minutes", type=float, help="start no probe after this long (the table says 'at least')")
     p.add_argument("--out", type=Path, help="folder for memory_table.md/.png (default: the sweep folder)")
     p.add_argument("overrides", nargs="*", help="--predicted: extra config overrides, e.g. model.seq_len=1024")
     args = p.parse_args()
@@ -194,8 +195,8 @@ def main() -> None:
         records, failed = read_jobs(args.sweep_dir)
         if args.search_max_layers:
             if any(r.get("measured") for r in records):
-                found = search_max_layers(args.sweep_dir, records, args.workers)
-                print("max layers (bisected): " + ", ".join(f"{t} {n}" for t, n in found.items()), file=sys.stderr)
+                found = search_max_layers(args.sweep_dir, records, args.workers, args.minutes)
+                print("max layers (bisected): " + ", ".join(f"{t} {'unfinished' if n is None else n}" for t, n in found.items()), file=sys.stderr)
                 records, failed = read_jobs(args.sweep_dir)
             else:
                 print("no measured jobs (no GPU): max layers are the memory model's (predicted)", file=sys.stderr)

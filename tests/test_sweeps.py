@@ -173,6 +173,8 @@ def test_measured_sweep_gets_bisected_max_layers_from_probe_jobs(tmp_path, monke
 
     monkeypatch.setattr(st, "probe", fake_probe)
     records, failed = st.read_jobs(tmp_path)
+    assert st.search_max_layers(tmp_path, records, minutes=1e-9) == {"baseline": None, "grad_ckpt": None}
+    assert not probed  # past the deadline no probe starts
     assert st.search_max_layers(tmp_path, records, workers=2) == fitting and not failed
     assert len(probed) <= 8  # the linear guess from the 12- and 24-layer peaks lands next to the answer
     spec = importlib.util.spec_from_file_location("memory_table", ROOT / "scripts" / "memory_table.py")
