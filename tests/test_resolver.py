@@ -56,7 +56,7 @@ def test_memory_terms_by_hand():
     ck = predict_peak_bytes(replace(s, grad_ckpt=True))
     assert ck.activations == int(k * tokens * (2 * 4 * 64 + per_layer + 2 * 4 * 64))
     compiled = predict_peak_bytes(replace(s, compiled=True))
-    assert compiled.activations == pytest.approx(COMPILED_ACTIVATIONS * m.activations, rel=1e-6)
+    assert compiled.activations == pytest.approx(COMPILED_ACTIVATIONS * m.activations, abs=1)
     math_attn = predict_peak_bytes(replace(s, attention_math=True))
     assert math_attn.attention_scores == 2 * 2 * 4 * 8 * 8 * 4 * 2
 

@@ -15,8 +15,16 @@ from torch import nn
 
 from .config import ModelConfig
 
-# enable_gqa lets SDPA read grouped K/V without materialising repeated heads (torch 2.5+)
+# enable_gqa lets SDPA read grouped K/V without materialising repeated heads (torch 2.5+), but only the
+# flash and math kernels take it: where flash cannot run (fp32, GPUs before sm80) it would fall back to
+# the math kernel and its (T x T) scores, so there K/V heads are repeated for the efficient kernel instead
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _flash_can_run(q) -> bool:
+    if not q.is_cuda:
+        return True  # the CPU kernels take grouped K/V directly
+    return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
 class RMSNorm(nn.Module):
@@ -82,7 +90,7 @@ class Attention(nn.Module):
         if not causal and T > 1:  # a chunk after a cached prefix sees the whole prefix
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1 and _SDPA_HAS_GQA:
+        if groups > 1 and _SDPA_HAS_GQA and _flash_can_run(q):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         else:
             if groups > 1:

@@ -28,6 +28,7 @@ class Hardware:
     mfu: float  # achievable share of peak_flops
     emulated: bool  # the profile is smaller than the real device: memory is capped to it
     notes: list[str]
+    compute_capability: float = 0.0  # 0 on cpu
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,7 +155,8 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
         elif vram > free:
             notes.append(f"profile {profile} has {vram / GIB:.1f} GiB but only {free / GIB:.1f} GiB is free")
             vram = free
-    return Hardware(profile, device, device_name, vram, precision, peak, float(prof.mfu), emulated, notes)
+    return Hardware(profile, device, device_name, vram, precision, peak, float(prof.mfu), emulated, notes,
+                    float(prof.compute_capability))  # fmt: skip
 
 
 def apply_memory_cap(hw: Hardware) -> None:

@@ -34,6 +34,7 @@ class Shape:
     loss_chunk_tokens: int = 4096
     attention_math: bool = False  # the math SDPA kernel keeps (T x T) scores; flash/efficient do not
     compiled: bool = False  # torch.compile of the training step (GPU)
+    repeated_kv: bool = False  # GQA without flash (fp32, pre-sm80 GPUs): K/V heads are repeated and kept
     moe_layers: int = 0  # how many layers hold experts instead of the dense MLP
     moe_num_experts: int = 0
     moe_active_experts: int = 0
@@ -68,7 +69,8 @@ def count_params(s: Shape, active: bool = False) -> int:
 
 def activation_bytes_per_token(s: Shape, moe: bool = False) -> float:
     """Bytes one block keeps for backward per token, without checkpointing."""
-    C, kv, F = s.num_dims, s.kv_dims, s.ffn_dims
+    C, F = s.num_dims, s.ffn_dims
+    kv = C if s.repeated_kv else s.kv_dims
     if moe:  # k experts' SwiGLU intermediates per token, plus the gathered inputs and router scores
         F = s.moe_active_experts * s.moe_expert_ffn_dims + (s.moe_expert_ffn_dims if s.moe_shared_expert else 0)
         extra = s.moe_active_experts * C + 2 * s.moe_num_experts

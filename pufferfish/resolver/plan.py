@@ -78,7 +78,8 @@ def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool) -> Sh
         seq_len=mc["seq_len"], micro_batch=micro_batch, precision=hw.precision, grad_ckpt=grad_ckpt,
         chunked_loss=bool(cfg.optimizations.chunked_loss), loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
         attention_math=cfg.attention.sdpa_backend == "math", moe_layers=moe_layers,
-        compiled=bool(cfg.optimizations.compile) and hw.device != "cpu",
+        compiled=bool(cfg.optimizations.compile) and hw.profile != "cpu",
+        repeated_kv=hw.profile != "cpu" and (hw.precision == "fp32" or hw.compute_capability < 8.0),
         moe_num_experts=mc["moe_num_experts"] if moe_layers else 0,
         moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
@@ -148,7 +149,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
     budget_s = mode.target_hours * 3600
     vocab = cfg.model.vocab_size or vocab_size
     seq_len = cfg.model.seq_len or mode.seq_len
-    on_gpu = hw.device != "cpu"
+    on_gpu = hw.profile != "cpu"  # a GPU profile planned on a CPU-only machine is planned as that GPU
     mem_budget = int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if on_gpu else 0)) * USABLE_MEMORY)
     ckpt_policy = opt.grad_ckpt
     if ckpt_policy not in ("never", "auto", "always"):
