@@ -71,33 +71,59 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_training_state(state: dict, path: Path, model, optimizer, scaler) -> None:
+    """Model, optimizer, grad scaler and every RNG from a checkpoint (the loop restores its counters)."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); "
+                              f"start a new run directory") from None  # fmt: skip
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("step_*.pt"))
 
 
 def save_checkpoint(folder: Path, state: dict, step: int, keep: int = 3) -> Path:
+    """Write step_N.pt, its checksum, then the `latest` pointer; keep the newest `keep` (0 = all)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
     tmp = folder / f".{path.name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
-    atomic_write_text(folder / f"{path.name}.sha256", digest + "\n")
-    atomic_write_text(folder / POINTER, path.name + "\n")  # last: a crash before this keeps the old pointer
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".step_*.pt.tmp*"):  # left by a process that died while writing
+            stale.unlink(missing_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
+        atomic_write_text(folder / f"{path.name}.sha256", digest + "\n")
+        atomic_write_text(folder / POINTER, path.name + "\n")  # last: a crash before this keeps the old pointer
+    except OSError as e:  # a full disk, a vanished mount: the previous checkpoint and pointer are intact
+        tmp.unlink(missing_ok=True)
+        kept = [f.name for f in checkpoint_files(folder) if f != path] if folder.is_dir() else []
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({e.strerror or e}); "
+            + (f"the previous one, {kept[-1]}, is intact: " if kept else "")
+            + "free some disk space (or fix the folder) and run the same command again to resume"
+        ) from None
     for old in checkpoint_files(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         Path(f"{old}.sha256").unlink(missing_ok=True)
     return path
 
 
-def _verified_load(path: Path, map_location) -> dict:
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """One checkpoint, verified against its SHA-256 sidecar; CheckpointError says what is wrong."""
+    path = Path(path)
     sidecar = Path(f"{path}.sha256")
     if not sidecar.exists():
-        raise CheckpointError(f"{path} has no checksum file {sidecar.name}")
+        raise CheckpointError(f"{path} has no checksum file {sidecar.name} (its write did not finish)")
     if _sha256(path) != sidecar.read_text().strip():
         raise CheckpointError(f"{path} does not match its checksum (truncated or corrupt)")
     try:
@@ -107,7 +133,11 @@ def _verified_load(path: Path, map_location) -> dict:
 
 
 def load_latest(folder: Path, map_location="cpu") -> tuple[dict, Path] | None:
-    """The newest checkpoint that verifies, or None when the folder holds none at all."""
+    """The newest checkpoint that verifies, or None when the folder holds none at all.
+
+    The one `latest` names comes first: it is the newest whose write finished. A damaged one is skipped
+    with a warning (never deleted) and the next older one is used.
+    """
     folder = Path(folder)
     files = checkpoint_files(folder)
     if not files:
@@ -118,10 +148,14 @@ def load_latest(folder: Path, map_location="cpu") -> tuple[dict, Path] | None:
     problems = []
     for path in order:
         try:
-            return _verified_load(path, map_location), path
+            state = load_checkpoint(path, map_location)
         except CheckpointError as e:
             problems.append(str(e))
-            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+            continue
+        if problems:
+            warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(problems)}. Using {path.name} (step "
+                          f"{state.get('step')}) instead", stacklevel=2)  # fmt: skip
+        return state, path
     raise CheckpointError(
         f"no usable checkpoint in {folder}: " + "; ".join(problems)
         + ". Start a new run directory, or delete the damaged files to start this one afresh."

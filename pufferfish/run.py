@@ -7,17 +7,19 @@ import math
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import atomic_write_text
-from .errors import ConfigError
+from .checkpoint import atomic_write_text, checkpoint_files
+from .errors import CheckpointError, ConfigError
 from .loss import lm_loss
 from .resolver import Plan, detect_hardware, make_plan
 
 MIN_FREE_DISK = 256 * 1024**2
+CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights and AdamW's two fp32 moments; the rest is small
 # groups and keys that change the result: a run directory cannot be resumed with different ones
 RESULT_KEYS = ("mode", "model", "attention", "moe", "data", "optim", "train.seed", "train.batch_tokens",
                "train.micro_batch", "train.max_steps")  # fmt: skip
@@ -72,15 +74,45 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
-def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool) -> tuple[Plan, bool]:
-    """The frozen plan of a resumed run, or a new one. Returns (plan, reused)."""
+def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool, checkpoint_model: dict | None = None):
+    """The frozen plan of a resumed run, or a new one. Returns (plan, reused).
+
+    A new plan for a run directory that holds a checkpoint must plan the model in that checkpoint;
+    otherwise nothing is written and the error says so.
+    """
     path = run_dir / "plan.json"
     if resuming and path.exists():
-        return Plan.from_dict(json.loads(path.read_text())), True
+        try:
+            return Plan.from_dict(json.loads(path.read_text())), True
+        except (ValueError, TypeError) as e:  # edited or damaged by hand: it is written atomically
+            raise ConfigError(f"{path} cannot be read ({e}); restore it, or start a new run directory") from None
     hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
     plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens)
+    if checkpoint_model and checkpoint_model != plan.model:
+        changed = {k: (v, plan.model.get(k)) for k, v in checkpoint_model.items() if plan.model.get(k) != v}
+        raise CheckpointError(
+            f"the checkpoint in {run_dir} holds another model than these settings plan: "
+            + ", ".join(f"{k} {old} there, {new} here" for k, (old, new) in changed.items())
+            + ". Resume it with the settings that made it, or start a new run directory"
+        )
     atomic_write_text(path, json.dumps(plan.to_dict(), indent=2))
     return plan, False
+
+
+def check_disk_for_checkpoints(run_dir: Path, params: int, keep: int) -> None:
+    """Fail before training, not at the first checkpoint an hour in, when the checkpoints cannot fit."""
+    each = CHECKPOINT_BYTES_PER_PARAM * params
+    at_once = keep + 1 if keep > 0 else 3  # the kept ones and the one being written (keep=0: at least 3)
+    existing = sum(f.stat().st_size for f in checkpoint_files(run_dir / "checkpoints"))
+    need = max(0, each * at_once - existing)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(
+            f"checkpoints of this model take about {each / 2**20:,.0f} MiB each and {at_once} exist at once "
+            f"(train.keep_checkpoints={keep}, plus the one being written): {need / 2**20:,.0f} MiB more, but "
+            f"only {free / 2**20:,.0f} MiB is free on the disk of {run_dir}. Free some space, lower "
+            f"train.keep_checkpoints, or choose another run_dir"
+        )
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -102,16 +134,22 @@ def evaluate(model, batches, ctx, bytes_per_token: float) -> dict:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (preemption, submitit) ask the loop to checkpoint at the next step and exit."""
+    """A preemption notice asks the loop to checkpoint at the next step boundary and exit for a requeue.
 
-    REQUEUE_EXIT = 124  # what a requeueing launcher sees; our checkpoint makes the retry a resume
+    Slurm and Kubernetes send SIGTERM, many schedulers SIGUSR1, submitit SIGUSR2 (or the signal named by
+    SUBMITIT_PREEMPT_SIGNAL). A Python handler that was there before (submitit's) is called once our
+    checkpoint is written, so the launcher requeues the job its own way.
+    """
+
+    # submitit_local's controller restarts a task that exits with 144 (LOCAL_REQUEUE_RETURN_CODE in
+    # submitit/local/local.py); on Slurm submitit requeues with `scontrol requeue` from its handler instead.
+    REQUEUE_EXIT = 144
 
     def __init__(self):
         self.signal: int | None = None
         self._old = {}
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is None:
-                continue
+        names = ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+        for sig in dict.fromkeys(getattr(signal, n) for n in names if hasattr(signal, n)):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
@@ -126,6 +164,17 @@ class StopFlag:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def exit_for_requeue(self) -> None:
+        """Called after the checkpoint is written: hand the signal on, then exit with REQUEUE_EXIT."""
+        self.restore()
+        name = signal.Signals(self.signal).name
+        print(f"pufferfish: {name}: checkpoint saved; exiting with {self.REQUEUE_EXIT} so a launcher requeues "
+              f"the job (run the same command again to resume)", file=sys.stderr, flush=True)  # fmt: skip
+        previous = self._old.get(self.signal)
+        if callable(previous):  # submitit's: it requeues the job its own way, then exits
+            previous(self.signal, None)
+        raise SystemExit(self.REQUEUE_EXIT)
 
 
 def write_sample(model, tokenizer, prompt: str, tokens: int, device: str, seed: int, path: Path) -> str:

@@ -2,12 +2,16 @@
 
 `train(cfg)` is the one training function; the CLI, the Python API, sweeps and tests all call it.
 Order of one step: lr -> eval/checkpoint -> micro-steps -> clip -> optimizer step -> log -> stop checks.
+What goes wrong on the way is handled in place (pufferfish/reliability.py, docs/reliability.md): an
+out-of-memory retries the step with half the micro-batch; a NaN/Inf step makes no update, and a run of
+them rolls back to the last checkpoint; a preemption signal ends the step, saves and exits for a requeue.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import hydra
@@ -16,33 +20,54 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from . import config as _schemas  # noqa: F401  (registers the schemas with Hydra)
+from .api import CONF_DIR
 from .checkpoint import (
     atomic_write_bytes,
     atomic_write_text,
     load_latest,
+    restore_training_state,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from .data import prepare_data
 from .data.loader import TrainBatches, val_batches
 from .data.tokenizer import Tokenizer
-from .errors import CheckpointError, ConfigError, exit_on_user_error
+from .errors import ConfigError, exit_on_user_error
 from .loggers import attach_loggers
 from .loss import lm_loss
 from .model import build_model
 from .model.moe import moe_aux_loss, moe_metrics, update_moe_biases
 from .optim import build_optimizer
+from .reliability import (
+    NonFiniteGuard,
+    back_off,
+    divergence_advice,
+    free_memory,
+    is_out_of_memory,
+    reset_moe_counts,
+    step_is_finite,
+)
 from .resolver import apply_memory_cap, format_plan
-from .run import StopFlag, check_same_run, evaluate, plan_for, run_directory, save_config, write_sample
+from .run import (
+    StopFlag,
+    check_disk_for_checkpoints,
+    check_same_run,
+    evaluate,
+    plan_for,
+    run_directory,
+    save_config,
+    write_sample,
+)
 from .runlog import MetricsLog, git_revision, peak_memory_bytes
 from .schedule import lr_at
 from .transforms import apply_speed_transforms, autocast, grad_scaler, sdpa_backend
+from .validate import check_overrides, validate
 
 CALIBRATE_FROM = 2  # steps before this include compilation and allocator warm-up
 
 
 def train(cfg: DictConfig) -> dict:
+    validate(cfg)  # every value once, before anything is written or loaded
     run_dir = run_directory(cfg)
     ckpt_dir = run_dir / "checkpoints"
     tc = cfg.train
@@ -50,7 +75,9 @@ def train(cfg: DictConfig) -> dict:
     found = load_latest(ckpt_dir)
     if found:
         check_same_run(cfg, run_dir)
-    plan, reused = plan_for(cfg, run_dir, data, resuming=found is not None)
+    plan, reused = plan_for(cfg, run_dir, data, resuming=found is not None,
+                            checkpoint_model=found[0].get("model_config") if found else None)  # fmt: skip
+    check_disk_for_checkpoints(run_dir, plan.params, tc.keep_checkpoints)
     save_config(cfg, run_dir)
     atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())  # the run dir stands alone
     print(format_plan(plan) + (f"\n(resuming {found[1].name}: plan reused from plan.json)" if found else ""))
@@ -74,26 +101,26 @@ def train(cfg: DictConfig) -> dict:
     scaler = grad_scaler(precision, device)
     ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
+    val_tokens = min(tc.eval_tokens, data.val_tokens)
+    loss_sum, window_steps = 0.0, 0  # finite step losses since the last train line, and how many
     if found:
         state, path = found
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); "
-                                  f"start a new run directory") from None  # fmt: skip
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        restore_training_state(state, path, model, optimizer, scaler)
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         sample_index, skipped = state["sample"], state.get("skipped_steps", 0)
-        set_rng_state(state["rng"])
+        loss_sum, window_steps = state.get("window", (0.0, 0))
+        val_tokens = state.get("val_tokens", val_tokens)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if found else None)
     attach_loggers(cfg, log, plan, run_dir)
     if not found:
         log.log({"kind": "start", "step": 0, "git": git_revision(), "transforms": applied, "params": plan.params})
-    loader = TrainBatches(data.train_path, data.dtype, plan.seq_len, plan.micro_batch, tc.seed,
-                          fraction=plan.data_fraction, start_sample=sample_index, device=device,
-                          prefetch=cfg.optimizations.prefetch_batches)  # fmt: skip
-    val_tokens = min(tc.eval_tokens, data.val_tokens)
+
+    def train_batches(start_sample: int) -> TrainBatches:
+        return TrainBatches(data.train_path, data.dtype, plan.seq_len, plan.micro_batch, tc.seed,
+                            fraction=plan.data_fraction, start_sample=start_sample, device=device,
+                            prefetch=cfg.optimizations.prefetch_batches)  # fmt: skip
+
+    loader = train_batches(sample_index)
 
     def run_eval(tokens: int):
         batches = val_batches(data.val_path, data.dtype, plan.seq_len, plan.micro_batch, tokens, device)
@@ -103,98 +130,137 @@ def train(cfg: DictConfig) -> dict:
     def checkpoint_state():
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "sample": loader.sample,
-                "skipped_steps": skipped, "rng": rng_state(), "model_config": plan.model}  # fmt: skip
+                "skipped_steps": skipped, "rng": rng_state(), "model_config": plan.model,
+                "window": (loss_sum, window_steps), "val_tokens": val_tokens}  # fmt: skip
 
+    def forward_backward() -> torch.Tensor:
+        """The step's micro-batches; gradients land in .grad. Returns the step's mean loss (on the device)."""
+        total = torch.zeros((), device=device)
+        for _ in range(plan.grad_accum):
+            x, y = loader.next()
+            with ctx:
+                loss = lm_loss(model, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
+                loss = loss + moe_aux_loss(model)
+            scaler.scale(loss / plan.grad_accum).backward()
+            total += loss.detach()
+        return total / plan.grad_accum
+
+    if not found:  # a first checkpoint now: a disk that cannot hold one fails here, and a rollback has a target
+        save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
     eval_every = tc.eval_interval or max(1, plan.steps // 10)
+    guard = NonFiniteGuard(tc.max_bad_steps, divergence_advice(plan.lr, cfg.optim.grad_clip, precision, ckpt_dir))
     stop = StopFlag()
     budget = plan.time_budget_s
     bar = tqdm(total=plan.steps, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
     start = time.perf_counter() - elapsed
     last_ckpt = time.perf_counter()
-    last_eval_s, window_t, window_tokens, window_steps = 0.0, time.perf_counter(), 0, 0
-    loss_sum = torch.zeros((), device=device)
+    last_eval_s, window_t, window_tokens = 0.0, time.perf_counter(), 0
     stopped_by = "schedule"
     # the budget, not a step count, ends the run: re-plan the steps from the measured speed as it settles
     calibrate_at = [] if tc.max_steps or plan.measured_tokens_per_s else [0.03, 0.15, 0.4, 0.7]
     calib_t0 = calib_overhead0 = overhead_s = 0.0
     model.train()
-    while step < plan.steps:
-        lr = lr_at(step, plan.steps, plan.lr, cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio,
-                   cfg.optim.decay_frac)  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if step > 0 and step % eval_every == 0:
-            t = time.perf_counter()
-            log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval(val_tokens)})
-            last_eval_s = time.perf_counter() - t
-            overhead_s += last_eval_s
-        if time.perf_counter() - last_ckpt > tc.ckpt_interval_s:
-            t = time.perf_counter()
-            elapsed = t - start
-            save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
-            last_ckpt = time.perf_counter()
-            overhead_s += last_ckpt - t
+    try:
+        while step < plan.steps:
+            lr = lr_at(step, plan.steps, plan.lr, cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio,
+                       cfg.optim.decay_frac)  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if step > 0 and step % eval_every == 0:
+                t = time.perf_counter()
+                log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval(val_tokens)})
+                last_eval_s = time.perf_counter() - t
+                overhead_s += last_eval_s
+            if time.perf_counter() - last_ckpt > tc.ckpt_interval_s and not guard.in_a_row:  # never mid-streak
+                t = time.perf_counter()
+                elapsed = t - start
+                save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+                last_ckpt = time.perf_counter()
+                overhead_s += last_ckpt - t
 
-        with sdpa_backend(cfg.attention.sdpa_backend):
-            for _ in range(plan.grad_accum):
-                x, y = loader.next()
-                with ctx:
-                    loss = lm_loss(model, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
-                    loss = loss + moe_aux_loss(model)
-                scaler.scale(loss / plan.grad_accum).backward()
-                loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        update_moe_biases(model)
-        step += 1
-        tokens_seen += plan.batch_tokens
-        window_tokens += plan.batch_tokens
-        window_steps += 1
-        bar.update(1)
-
-        if step % tc.log_interval == 0 or step == plan.steps:
-            train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # mean over the window's micro-batches
-            loss_sum.zero_()
-            window_steps = 0
-            now = time.perf_counter()
-            tps = window_tokens / max(1e-9, now - window_t)
-            window_t, window_tokens = now, 0
-            if not math.isfinite(train_loss):
+            step_start = loader.sample
+            while True:  # out of memory: the same step again with half the micro-batch, twice as many of them
+                try:
+                    with sdpa_backend(cfg.attention.sdpa_backend):
+                        step_loss = forward_backward()
+                    break
+                except RuntimeError as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    error = str(e).splitlines()[0]
+                free_memory(model, optimizer, device)  # out here: the exception no longer holds the step's tensors
+                log.log(back_off(plan, step + 1, error))  # step + 1: the one in flight
+                atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))  # resumes keep it
+                loader.close()
+                loader = train_batches(step_start)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            finite, step_loss, grad_norm = step_is_finite(step_loss, grad_norm, scaler.is_enabled())
+            rollback = False
+            if finite:
+                scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
+                update_moe_biases(model)
+                guard.good(step)
+                loss_sum, window_steps = loss_sum + step_loss, window_steps + 1
+            else:  # no update from this batch
                 skipped += 1
-            record = {"kind": "train", "step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps,
-                      "tokens": tokens_seen, "elapsed_s": now - start, "grad_norm": float(grad_norm),
-                      "epoch": loader.epoch, **moe_metrics(model)}  # fmt: skip
-            log.log(record)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
-        elapsed = time.perf_counter() - start
-        if step == CALIBRATE_FROM:
-            calib_t0, calib_overhead0 = elapsed, overhead_s
-        elif calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget:
-            calibrate_at.pop(0)
-            per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
-            evals_left = 10 * (1 - elapsed / budget) + 1
-            plan.recalibrate(step, per_step, budget - elapsed - evals_left * last_eval_s - 1.0)
-            atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
-            eval_every = tc.eval_interval or max(1, plan.steps // 10)
-            # ten evaluations should cost at most ~5 % of the budget (a forward is ~1/3 of a training step)
-            val_tokens = int(min(val_tokens, max(plan.seq_len, 0.005 * budget * 3 * plan.measured_tokens_per_s)))
-            bar.total = plan.steps
-            bar.refresh()
-        if stop:
-            stopped_by = f"signal {stop.signal}"
-            break
-        if tc.stop_at_step and step >= tc.stop_at_step:
-            stopped_by = "stop_at_step"
-            break
-        if elapsed + last_eval_s > budget:
-            stopped_by = "time budget"
-            break
-    bar.close()
-    loader.close()
-    stop.restore()
+                reset_moe_counts(model)
+                log.log({"kind": "skip", "step": step + 1, "reason": f"loss={step_loss} grad_norm={grad_norm}",
+                         "in_a_row": guard.in_a_row + 1, "skipped_steps": skipped})  # fmt: skip
+                rollback = guard.bad(step)  # raises DivergedError when rolling back keeps failing
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += plan.batch_tokens
+            window_tokens += plan.batch_tokens
+            bar.update(1)
+
+            if step % tc.log_interval == 0 or step == plan.steps:
+                train_loss = loss_sum / window_steps if window_steps else math.nan  # mean over the window's steps
+                loss_sum, window_steps = 0.0, 0
+                now = time.perf_counter()
+                tps = window_tokens / max(1e-9, now - window_t)
+                window_t, window_tokens = now, 0
+                record = {"kind": "train", "step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps,
+                          "tokens": tokens_seen, "elapsed_s": now - start, "grad_norm": grad_norm,
+                          "epoch": loader.epoch, **moe_metrics(model)}  # fmt: skip
+                log.log(record)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
+            if rollback:  # the last good weights; the data stream goes on past the offending batches
+                state, path = load_latest(ckpt_dir)
+                restore_training_state(state, path, model, optimizer, scaler)
+                log.log({"kind": "rollback", "step": state["step"], "from_step": step, "checkpoint": path.name,
+                         "skipped_samples": loader.sample - state["sample"]})  # fmt: skip
+                step, tokens_seen = state["step"], state["tokens"]
+                loss_sum, window_steps = state.get("window", (0.0, 0))
+                bar.n = step
+            elapsed = time.perf_counter() - start
+            if step == CALIBRATE_FROM:
+                calib_t0, calib_overhead0 = elapsed, overhead_s
+            elif calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget:
+                calibrate_at.pop(0)
+                per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
+                evals_left = 10 * (1 - elapsed / budget) + 1
+                plan.recalibrate(step, per_step, budget - elapsed - evals_left * last_eval_s - 1.0)
+                atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
+                eval_every = tc.eval_interval or max(1, plan.steps // 10)
+                # ten evaluations should cost at most ~5 % of the budget (a forward is ~1/3 of a training step)
+                val_tokens = int(min(val_tokens, max(plan.seq_len, 0.005 * budget * 3 * plan.measured_tokens_per_s)))
+                bar.total = plan.steps
+                bar.refresh()
+            if stop:
+                stopped_by = f"signal {stop.signal}"
+                break
+            if tc.stop_at_step and step >= tc.stop_at_step:
+                stopped_by = "stop_at_step"
+                break
+            if elapsed + last_eval_s > budget:
+                stopped_by = "time budget"
+                break
+    finally:  # also on an error: no loader thread or signal handler outlives the loop
+        bar.close()
+        loader.close()
+        stop.restore()
     elapsed = time.perf_counter() - start
     save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
     finished = step >= plan.steps or stopped_by == "time budget"
@@ -215,11 +281,11 @@ def train(cfg: DictConfig) -> dict:
     print(f"{'done' if finished else 'stopped (' + stopped_by + ')'}: step {step}/{plan.steps}, "
           f"{elapsed:.1f} s, run directory {run_dir}")  # fmt: skip
     if stop:
-        raise SystemExit(StopFlag.REQUEUE_EXIT)
+        stop.exit_for_requeue()  # after the checkpoint: a launcher's own handler runs, then exit 144
     return result
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")  # absolute: see __main__ below
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     if cfg.job == "measure":
@@ -233,4 +299,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(check_overrides)(sys.argv[1:])  # the few mistakes Hydra answers with a traceback
+    # the importable module's main, not __main__'s: launchers (submitit) pickle the task function by name
+    from pufferfish.train import main as importable_main
+
+    importable_main()

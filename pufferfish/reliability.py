@@ -1,0 +1,119 @@
+"""What the training loop does when a step goes wrong, so that hours of training are not lost.
+
+Non-finite loss: a step whose loss or gradient norm is NaN or Inf makes no update (its gradients are
+dropped); it is counted and logged. After train.max_bad_steps such steps in a row the weights themselves
+are suspect, so the loop rolls back to the last good checkpoint and carries on past the offending batches
+(PaLM's remedy for loss spikes). If that keeps happening the run stops with a message. With fp16 the
+GradScaler already skips a step whose gradients overflowed and lowers its scale: that is routine and not
+counted here; a non-finite loss is.
+
+Out of memory: the micro-batch is halved and accumulation doubled, and the same step is tried again. The
+loader serves the same sequences in the same order in smaller pieces, so the global batch and the loss
+curve stay the same (up to the order of summation).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import torch
+
+from .errors import PufferfishError
+from .model.moe import moe_layers
+
+MAX_ROLLBACKS = 3  # rollbacks that do not get past the failing step before the run gives up
+
+
+class DivergedError(PufferfishError):
+    pass
+
+
+class OutOfMemoryError(PufferfishError):
+    pass
+
+
+def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaler_enabled: bool) -> tuple[bool, float, float]:
+    """(update?, loss, grad norm). One device sync a step: skipping optimizer.step needs the answer now."""
+    loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
+    # with fp16 an overflowed gradient is the scaler's business: scaler.step skips that step by itself
+    finite = math.isfinite(loss_value) and (scaler_enabled or math.isfinite(norm_value))
+    return finite, loss_value, norm_value
+
+
+def divergence_advice(lr: float, grad_clip: float, precision: str, ckpt_dir) -> str:
+    fp16 = ", or optimizations.precision=bf16 (or fp32) instead of fp16" if precision == "fp16" else ""
+    return (f"Lower optim.lr (now {lr:.2e}) or optim.grad_clip (now {grad_clip}){fp16}, and check the data; "
+            f"the checkpoints in {ckpt_dir} are kept")  # fmt: skip
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps in a row and says when to roll back; gives up after MAX_ROLLBACKS."""
+
+    def __init__(self, max_bad_steps: int, advice: str):
+        self.max_bad_steps, self.advice = max_bad_steps, advice
+        self.in_a_row = 0  # bad steps since the last good one
+        self.rollbacks = 0  # rollbacks since training last got past the step where it failed
+        self.failed_at = -1
+
+    def good(self, step: int) -> None:
+        self.in_a_row = 0
+        if step > self.failed_at:
+            self.rollbacks = 0
+
+    def bad(self, step: int) -> bool:
+        """Count one skipped step; True when it is time to roll back."""
+        self.in_a_row += 1
+        if self.in_a_row < self.max_bad_steps:
+            return False
+        if self.rollbacks >= MAX_ROLLBACKS:
+            raise DivergedError(
+                f"training diverged: the loss or gradient norm was NaN or Inf for {self.max_bad_steps} steps in "
+                f"a row (train.max_bad_steps) at step {step}, after {self.rollbacks} rollbacks to the last good "
+                f"checkpoint that each skipped the batches in between. {self.advice}"
+            )
+        self.in_a_row = 0
+        self.rollbacks += 1
+        self.failed_at = max(self.failed_at, step)
+        return True
+
+
+def reset_moe_counts(model) -> None:
+    """Forget the expert loads of a step that made no update (skipped, or retried after an OOM)."""
+    for layer in moe_layers(model):
+        layer.tokens_per_expert.zero_()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory(model, optimizer, device: str) -> None:
+    """After an OOM (and after the exception, which holds the step's tensors, has been let go)."""
+    optimizer.zero_grad(set_to_none=True)
+    reset_moe_counts(model)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def back_off(plan, step: int, error: str) -> dict:
+    """Halve plan.micro_batch and double plan.grad_accum (the same global batch); the record to log."""
+    old = plan.micro_batch
+    if old <= 1:
+        raise OutOfMemoryError(
+            f"out of memory at step {step} even at micro_batch=1 ({plan.seq_len} tokens per forward pass; "
+            f"{plan.params / 1e6:.1f}M parameters): this model does not fit here. Use optimizations.grad_ckpt="
+            f"always, a shorter model.seq_len, a smaller model (model.num_layers, model.num_dims, or a shorter "
+            f"mode), or the gpu profile of a smaller card so the plan leaves more room. ({error})"
+        )
+    new = max(d for d in range(1, old // 2 + 1) if old % d == 0)  # half, for the planner's powers of two
+    plan.grad_accum *= old // new
+    plan.micro_batch = new
+    plan.reasons["micro_batch"] = (plan.reasons.get("micro_batch", "") + f"; out of memory at step {step}: {new} "
+                                   f"per forward x {plan.grad_accum} accumulation steps from then on")  # fmt: skip
+    return {"kind": "oom_backoff", "step": step, "micro_batch": new, "grad_accum": plan.grad_accum,
+            "error": error}  # fmt: skip
