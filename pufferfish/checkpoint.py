@@ -118,62 +118,70 @@ def save_checkpoint(folder: Path, state: dict, step: int, keep: int = 3) -> Path
     return path
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """One checkpoint, verified against its SHA-256 sidecar; CheckpointError says what is wrong."""
-    path = Path(path)
+def verify(path: Path) -> None:
+    """CheckpointError unless the file matches its SHA-256 sidecar."""
     sidecar = Path(f"{path}.sha256")
     if not sidecar.exists():
         raise CheckpointError(f"{path} has no checksum file {sidecar.name} (its write did not finish)")
     if _sha256(path) != sidecar.read_text().strip():
         raise CheckpointError(f"{path} does not match its checksum (truncated or corrupt)")
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """One checkpoint, verified against its SHA-256 sidecar; CheckpointError says what is wrong."""
+    verify(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a file that passes its checksum but still fails to unpickle
         raise CheckpointError(f"{path} could not be read: {e}") from e
 
 
-def load_latest(folder: Path, map_location="cpu") -> tuple[dict, Path] | None:
-    """The newest checkpoint that verifies, or None when the folder holds none at all.
-
-    The one `latest` names comes first: it is the newest whose write finished. A damaged one is skipped
-    with a warning (never deleted) and the next older one is used.
-    """
-    folder = Path(folder)
+def _newest_first(folder: Path) -> list[Path]:
+    """The one `latest` names (the newest whose write finished), then the others, newest first."""
     files = checkpoint_files(folder)
-    if not files:
-        return None
     pointer = folder / POINTER
     named = folder / pointer.read_text().strip() if pointer.exists() else None
-    order = ([named] if named in files else []) + [f for f in reversed(files) if f != named]
+    return ([named] if named in files else []) + [f for f in reversed(files) if f != named]
+
+
+def _first_good(folder: Path, check) -> tuple:
+    """(check(path), path) for the first checkpoint that passes; warns about the ones skipped."""
     problems = []
-    for path in order:
+    for path in _newest_first(folder):
         try:
-            state = load_checkpoint(path, map_location)
+            result = check(path)
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        if problems:
-            warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(problems)}. Using {path.name} (step "
-                          f"{state.get('step')}) instead", stacklevel=2)  # fmt: skip
-        return state, path
+        if problems:  # a damaged one is skipped with a warning, never deleted
+            warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(problems)}. Using {path.name} instead",
+                          stacklevel=3)  # fmt: skip
+        return result, path
     raise CheckpointError(
         f"no usable checkpoint in {folder}: " + "; ".join(problems)
         + ". Start a new run directory, or delete the damaged files to start this one afresh."
     )
 
 
+def load_latest(folder: Path, map_location="cpu") -> tuple[dict, Path] | None:
+    """The newest checkpoint that verifies, or None when the folder holds none at all."""
+    folder = Path(folder)
+    if not checkpoint_files(folder):
+        return None
+    return _first_good(folder, lambda path: load_checkpoint(path, map_location))
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A run directory, its checkpoints folder, or one checkpoint file -> the file to load."""
+    """A run directory, its checkpoints folder, or one checkpoint file -> the file to load.
+
+    In a folder, the newest checkpoint that matches its checksum (as a resumed run would pick).
+    """
     p = Path(path)
     if p.is_dir():
         folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        pointer = folder / POINTER
-        if pointer.exists():
-            return folder / pointer.read_text().strip()
-        files = checkpoint_files(folder)
-        if files:
-            return files[-1]
-        raise CheckpointError(f"checkpoint={path}: no checkpoints in {folder}")
+        if not checkpoint_files(folder):
+            raise CheckpointError(f"checkpoint={path}: no checkpoints in {folder}")
+        return _first_good(folder, verify)[1]
     if p.is_file():
         return p
     raise CheckpointError(f"checkpoint={path} does not exist; give a run directory or a .pt file")

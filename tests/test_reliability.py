@@ -93,6 +93,8 @@ def test_damaged_newest_checkpoint_is_detected_and_the_previous_one_used(tmp_pat
         state, path = ckpt.load_latest(tmp_path)
     assert path.name == "step_00000002.pt" and state["step"] == 2
     assert (tmp_path / "step_00000003.pt").exists()  # evidence is kept, never deleted
+    with pytest.warns(UserWarning, match="Using step_00000002.pt"):  # what `generate checkpoint=RUN_DIR` loads
+        assert ckpt.resolve_checkpoint_path(tmp_path) == tmp_path / "step_00000002.pt"
 
 
 def test_no_usable_checkpoint_is_one_clear_error_and_the_files_stay(tmp_path):
@@ -271,7 +273,16 @@ PREEMPT = ("train.max_steps=150", "train.log_interval=1", "train.eval_interval=5
            "train.micro_batch=2", "train.sample_tokens=0")  # fmt: skip
 
 
-def test_sigterm_mid_run_exits_for_requeue_and_the_same_command_resumes_exactly(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def preempt_reference(tmp_path_factory, cache_dir) -> Path:
+    """The uninterrupted PREEMPT run that the signalled subprocess and submitit job are compared with."""
+    run = tmp_path_factory.mktemp("preempt") / "whole"
+    train(compose(*tiny_overrides(run, cache_dir, *PREEMPT)))
+    return run
+
+
+def test_sigterm_mid_run_exits_for_requeue_and_the_same_command_resumes_exactly(tmp_path, cache_dir,
+                                                                              preempt_reference):  # fmt: skip
     run = tmp_path / "cli"
     args = [sys.executable, "-m", "pufferfish.train", *tiny_overrides(run, cache_dir, *PREEMPT), f"hydra.run.dir={run}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -284,9 +295,7 @@ def test_sigterm_mid_run_exits_for_requeue_and_the_same_command_resumes_exactly(
     assert 3 <= stopped_at < 150
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    whole = tmp_path / "whole"
-    train(compose(*tiny_overrides(whole, cache_dir, *PREEMPT)))
-    assert losses(run) == losses(whole)
+    assert losses(run) == losses(preempt_reference)
 
 
 try:
@@ -308,7 +317,8 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.mark.skipif(submitit is None or not Path("/proc/self/stat").exists(), reason="needs submitit and /proc")
-def test_submitit_local_job_is_preempted_requeued_by_submitit_and_resumed_exactly(tmp_path, cache_dir):
+def test_submitit_local_job_is_preempted_requeued_by_submitit_and_resumed_exactly(tmp_path, cache_dir,
+                                                                                 preempt_reference):  # fmt: skip
     run = tmp_path / "job"
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(timeout_min=10)
@@ -320,9 +330,7 @@ def test_submitit_local_job_is_preempted_requeued_by_submitit_and_resumed_exactl
     log = job.stdout() + (job.stderr() or "")
     assert "SIGUSR2: checkpoint saved; exiting with 144" in log and "Requeued job" in log, log[-3000:]
     assert log.count("resuming step_") == 1
-    whole = tmp_path / "whole"
-    train(compose(*tiny_overrides(whole, cache_dir, *PREEMPT)))
-    assert losses(run) == losses(whole)
+    assert losses(run) == losses(preempt_reference)
 
 
 # ---------------------------------------------------------------- 4. non-finite loss
