@@ -74,7 +74,8 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
-def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool, checkpoint_model: dict | None = None):
+def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool,
+             checkpoint_model: dict | None = None) -> tuple[Plan, bool]:  # fmt: skip
     """The frozen plan of a resumed run, or a new one. Returns (plan, reused).
 
     A new plan for a run directory that holds a checkpoint must plan the model in that checkpoint;
