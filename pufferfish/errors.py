@@ -26,6 +26,16 @@ def one_of(what: str, value, allowed) -> ConfigError:
     return ConfigError(f"{what}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # no Hydra, or not under @hydra.main
+        return False
+
+
 def exit_on_user_error(fn):
     """Wrap an entry point: a PufferfishError becomes one line on stderr and exit status 2."""
 
@@ -35,6 +45,8 @@ def exit_on_user_error(fn):
             return fn(*args, **kwargs)
         except PufferfishError as e:
             print(f"pufferfish: error: {e}", file=sys.stderr)
+            if _in_multirun():  # one bad job of a sweep must not stop the others
+                return None
             sys.exit(2)
         except KeyboardInterrupt:
             print("pufferfish: interrupted; run the same command again to resume", file=sys.stderr)

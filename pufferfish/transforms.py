@@ -1,6 +1,6 @@
 """Speed transforms, applied to a pure model from outside, in one order: checkpointing -> compile.
 
-Compilation covers the whole forward pass and the loss (`make_loss_fn`): on the H200 that measured
+Compilation covers the whole forward pass and the loss (`compile_step`): on the H200 that measured
 519k tokens/s against 374k for compiling block by block (docs/benchmarks.md).
 
 None of them changes the maths beyond floating-point rounding (tests/test_parity.py).
@@ -31,7 +31,7 @@ def apply_compile(model) -> None:
 
 def apply_speed_transforms(model, grad_ckpt: bool, compile: bool, device: str) -> list[str]:
     """Module-level transforms. `compile` here compiles block by block; training compiles the whole
-    step instead through make_loss_fn, and passes compile=False."""
+    step instead through compile_step, and passes compile=False."""
     applied = []
     if grad_ckpt:
         apply_activation_checkpointing(model)
@@ -42,16 +42,11 @@ def apply_speed_transforms(model, grad_ckpt: bool, compile: bool, device: str) -
     return applied
 
 
-def make_loss_fn(model, chunked: bool, chunk_tokens: int, compile: bool, device: str):
-    """loss_fn(x, y) -> mean cross-entropy; compiled as one graph (forward + loss) on a GPU."""
-    from .loss import lm_loss
-
-    def loss_fn(x, y):
-        return lm_loss(model, x, y, chunked, chunk_tokens)
-
+def compile_step(fn, compile: bool, device: str):
+    """The forward pass and loss as one compiled graph on a GPU; unchanged on CPU."""
     if compile and not str(device).startswith("cpu"):
-        return torch.compile(loss_fn)
-    return loss_fn
+        return torch.compile(fn)
+    return fn
 
 
 def autocast(precision: str, device: str):

@@ -7,7 +7,7 @@ from pufferfish.loss import lm_loss
 from pufferfish.model import ModelConfig, build_model
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
-from pufferfish.transforms import apply_activation_checkpointing, make_loss_fn
+from pufferfish.transforms import apply_activation_checkpointing, compile_step
 from tests.conftest import compose, tiny_overrides
 
 
@@ -35,7 +35,7 @@ def test_loss_fn_on_cpu_is_the_plain_loss():
     torch.manual_seed(0)
     model = build_model(ModelConfig(num_layers=1, num_dims=64, num_heads=2, vocab_size=97, seq_len=16))
     x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
-    fn = make_loss_fn(model, chunked=False, chunk_tokens=8, compile=True, device="cpu")  # compile is GPU-only
+    fn = compile_step(lambda x, y: lm_loss(model, x, y), compile=True, device="cpu")  # compile is GPU-only
     assert fn(x, y).item() == lm_loss(model, x, y).item()
 
 
