@@ -14,7 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# the shared corpora beside the repo; PUFFERFISH_SHARED_DATA points elsewhere (the GPU machine's copy)
+SHARED_DATA = Path(os.environ.get("PUFFERFISH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def compose(*overrides: str):
