@@ -46,7 +46,7 @@ def grid(name: str) -> list[tuple[dict, int, Technique]]:
     out = []
     for i, (L, d, B, T, t) in enumerate(rows):
         heads = d // 64
-        kv = heads if i % 2 == kvs.get(0, 0) else max(1, heads // 4)  # alternate MHA and GQA
+        kv = heads if i % 2 == kvs.get(0, 0) else max(k for k in range(1, heads // 4 + 1) if heads % k == 0)
         out.append((dict(num_layers=L, num_dims=d, num_heads=heads, num_kv_heads=kv, vocab_size=32000, seq_len=T), B, t))
     moe = dict(use_moe=True, moe_num_experts=8, moe_active_experts=2)
     out += [(dict(num_layers=8, num_dims=512, num_heads=8, num_kv_heads=2, vocab_size=32000, seq_len=512, **moe), 8, bf16),
