@@ -68,6 +68,9 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
+MAX_LINE_CHARS = 4000  # at most 16,000 UTF-8 bytes: under sentencepiece's 16,384-byte line limit
+
+
 def sample_lines(train: Dataset, max_mb: float, seed: int = 0) -> list[str]:
     # Sentencepiece trains on lines, so documents are cut at newlines (indentation kept); the documents
     # are taken in a fixed pseudo-random order so a budget smaller than the corpus still sees all of it.
@@ -77,11 +80,14 @@ def sample_lines(train: Dataset, max_mb: float, seed: int = 0) -> list[str]:
     for texts in iter_texts(train.select(order), batch_size=256):
         for text in texts:
             for line in text.split("\n"):
-                if line.strip():
-                    lines.append(line)
-                    budget -= len(line.encode("utf-8")) + 1
-                    if budget <= 0:
-                        return lines
+                # sentencepiece drops lines over its max_sentence_length (16,384 bytes): feed pieces instead
+                for start in range(0, len(line), MAX_LINE_CHARS):
+                    piece = line[start : start + MAX_LINE_CHARS]
+                    if piece.strip():
+                        lines.append(piece)
+                        budget -= len(piece.encode("utf-8")) + 1
+                        if budget <= 0:
+                            return lines
     return lines
 
 

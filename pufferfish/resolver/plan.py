@@ -238,7 +238,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
     train_tokens = steps * batch_tokens
 
     # data: the share of the corpus the run draws from
-    want_fraction = train_tokens / max(1, corpus_tokens)
+    # the loader cuts windows of seq_len + 1 tokens and needs at least one micro-batch of them
+    want_fraction = max(train_tokens, micro * (seq_len + 1) + 1) / max(1, corpus_tokens)
     fraction = min(1.0, max(mode.min_data_fraction, want_fraction))
     epochs = train_tokens / max(1, fraction * corpus_tokens)
     reasons["data"] = f"{fraction:.1%} of {corpus_tokens / 1e6:.1f}M corpus tokens, {epochs:.2f} epoch(s)"
