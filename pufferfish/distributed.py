@@ -65,6 +65,23 @@ def wrap(model, world: World, device: str):
     return DDP(model, device_ids=[world.local_rank] if device.startswith("cuda") else None)
 
 
+def same_on_all(world: World, value):
+    """Rank 0's value of a picklable object on every rank (a run directory, a decision)."""
+    if not world.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree_to_stop(world: World, why: str | None, steps: int, device: str) -> tuple[str | None, int]:
+    """Rank 0 decides when to stop and how many steps the plan has (its clock and its speed
+    measurement), so every rank leaves the loop at the same step and no collective is left waiting."""
+    if not world.enabled:
+        return why, steps
+    return same_on_all(world, (why, steps))
+
+
 def close(world: World) -> None:
     if world.enabled and dist.is_initialized():
         dist.destroy_process_group()

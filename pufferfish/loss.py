@@ -13,13 +13,14 @@ def _chunk_loss_sum(hidden, weight, targets):
 
 
 def lm_loss(model, x, y, chunked: bool = False, chunk_tokens: int = 4096):
-    """Mean cross-entropy of predicting y from x; x, y: (B, T)."""
+    """Mean cross-entropy of predicting y from x; x, y: (B, T). `model` may be wrapped (DDP): every
+    path goes through its forward, so data-parallel gradient hooks see it."""
     if not chunked:
         logits = model(x)  # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    hidden = model.hidden_states(x).flatten(0, 1)  # (B*T, C)
+    hidden = model(x, hidden_only=True).flatten(0, 1)  # (B*T, C)
     targets = y.flatten()
-    weight = model.output.weight
+    weight = getattr(model, "module", model).output.weight
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]

@@ -37,7 +37,7 @@ def run_directory(cfg: DictConfig) -> Path:
             raise ConfigError("run_dir is not set; pass run_dir=PATH") from None
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{os.getpid()}"  # per process: data-parallel ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -75,7 +75,7 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool,
-             checkpoint_model: dict | None = None) -> tuple[Plan, bool]:  # fmt: skip
+             checkpoint_model: dict | None = None, world_size: int = 1) -> tuple[Plan, bool]:  # fmt: skip
     """The frozen plan of a resumed run, or a new one. Returns (plan, reused).
 
     A new plan for a run directory that holds a checkpoint must plan the model in that checkpoint;
@@ -88,7 +88,7 @@ def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool,
         except (ValueError, TypeError) as e:  # edited or damaged by hand: it is written atomically
             raise ConfigError(f"{path} cannot be read ({e}); restore it, or start a new run directory") from None
     hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
-    plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens)
+    plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens, world_size)
     if checkpoint_model and checkpoint_model != plan.model:
         changed = {k: (v, plan.model.get(k)) for k, v in checkpoint_model.items() if plan.model.get(k) != v}
         raise CheckpointError(

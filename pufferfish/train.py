@@ -9,8 +9,10 @@ them rolls back to the last checkpoint; a preemption signal ends the step, saves
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -32,6 +34,8 @@ from .checkpoint import (
 from .data import prepare_data
 from .data.loader import TrainBatches, val_batches
 from .data.tokenizer import Tokenizer
+from .distributed import agree_to_stop, barrier, init_world, mean_across, same_on_all, wrap
+from .distributed import close as close_world
 from .errors import ConfigError, exit_on_user_error
 from .loggers import attach_loggers
 from .loss import lm_loss
@@ -47,7 +51,7 @@ from .reliability import (
     reset_moe_counts,
     step_is_finite,
 )
-from .resolver import apply_memory_cap, format_plan
+from .resolver import Plan, apply_memory_cap, format_plan
 from .run import (
     StopFlag,
     check_disk_for_checkpoints,
@@ -68,24 +72,33 @@ CALIBRATE_FROM = 2  # steps before this include compilation and allocator warm-u
 
 def train(cfg: DictConfig) -> dict:
     validate(cfg)  # every value once, before anything is written or loaded
-    run_dir = run_directory(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     tc = cfg.train
-    data = prepare_data(cfg.data, progress=tc.progress)
+    world, _ = init_world(tc.device)  # torchrun / SLURM: one process per GPU; otherwise a world of one
+    run_dir = same_on_all(world, run_directory(cfg))  # rank 0's: Hydra's clock may differ by a second
+    ckpt_dir = run_dir / "checkpoints"
+    if not world.is_main:
+        barrier(world)  # rank 0 prepares the data cache and the plan first
+    data = prepare_data(cfg.data, progress=tc.progress and world.is_main)
     found = load_latest(ckpt_dir)
-    if found:
-        check_same_run(cfg, run_dir)
-    plan, reused = plan_for(cfg, run_dir, data, resuming=found is not None,
-                            checkpoint_model=found[0].get("model_config") if found else None)  # fmt: skip
-    check_disk_for_checkpoints(run_dir, plan.params, tc.keep_checkpoints)
-    save_config(cfg, run_dir)
-    atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())  # the run dir stands alone
-    print(format_plan(plan) + (f"\n(resuming {found[1].name}: plan reused from plan.json)" if found else ""))
+    if world.is_main:
+        if found:
+            check_same_run(cfg, run_dir)
+        plan, reused = plan_for(cfg, run_dir, data, resuming=found is not None, world_size=world.size,
+                                checkpoint_model=found[0].get("model_config") if found else None)  # fmt: skip
+        check_disk_for_checkpoints(run_dir, plan.params, tc.keep_checkpoints)
+        save_config(cfg, run_dir)
+        atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())  # the run dir stands alone
+        print(format_plan(plan) + (f"\n(resuming {found[1].name}: plan reused from plan.json)" if found else ""))
+        barrier(world)
+    else:
+        plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
     if cfg.dry_run:
         return {"plan": plan.to_dict(), "run_dir": str(run_dir)}
 
     hw = plan.hardware
     device, precision = hw["device"], plan.precision
+    if world.enabled and device.startswith("cuda"):
+        device = f"cuda:{world.local_rank}"  # the plan was made on rank 0's GPU; each rank has its own
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -97,6 +110,7 @@ def train(cfg: DictConfig) -> dict:
     torch.manual_seed(tc.seed)
     model = build_model(plan.model_config(), device)  # the pure model: checkpoints save its state
     applied = apply_speed_transforms(model, plan.grad_ckpt, False, device)  # compile: the whole step, below
+    parallel = wrap(model, world, device)  # DDP when there are several ranks; the same model otherwise
     optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw, device)
     scaler = grad_scaler(precision, device)
     ctx = autocast(precision, device)
@@ -110,15 +124,19 @@ def train(cfg: DictConfig) -> dict:
         sample_index, skipped = state["sample"], state.get("skipped_steps", 0)
         loss_sum, window_steps = state.get("window", (0.0, 0))
         val_tokens = state.get("val_tokens", val_tokens)
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if found else None)
-    attach_loggers(cfg, log, plan, run_dir)
+    if world.is_main:  # rank 0 alone writes the run directory
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if found else None)
+        attach_loggers(cfg, log, plan, run_dir)
+    else:
+        log = MetricsLog(os.devnull)
     if not found:
         log.log({"kind": "start", "step": 0, "git": git_revision(), "transforms": applied, "params": plan.params})
 
-    def train_batches(start_sample: int) -> TrainBatches:
+    def train_batches(start_sample: int) -> TrainBatches:  # rank r reads micro-batches r, r+N, ... of one stream
         return TrainBatches(data.train_path, data.dtype, plan.seq_len, plan.micro_batch, tc.seed,
-                            fraction=plan.data_fraction, start_sample=start_sample, device=device,
-                            prefetch=cfg.optimizations.prefetch_batches)  # fmt: skip
+                            fraction=plan.data_fraction, start_sample=start_sample + world.rank * plan.micro_batch,
+                            device=device, prefetch=cfg.optimizations.prefetch_batches,
+                            stride=world.size * plan.micro_batch)  # fmt: skip
 
     loader = train_batches(sample_index)
 
@@ -129,13 +147,14 @@ def train(cfg: DictConfig) -> dict:
 
     def checkpoint_state():
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "sample": loader.sample,
+                "step": step, "tokens": tokens_seen, "elapsed_s": elapsed,
+                "sample": loader.sample - world.rank * plan.micro_batch,  # the stream's position, rank 0's
                 "skipped_steps": skipped, "rng": rng_state(), "model_config": plan.model,
                 "window": (loss_sum, window_steps), "val_tokens": val_tokens}  # fmt: skip
 
     def micro_loss(x, y):  # forward and loss: one graph when compiled (1.4x faster than per block on the H200)
         with ctx:
-            loss = lm_loss(model, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
+            loss = lm_loss(parallel, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
             return loss + moe_aux_loss(model)
 
     micro_loss = compile_step(micro_loss, cfg.optimizations.compile, device)
@@ -145,15 +164,21 @@ def train(cfg: DictConfig) -> dict:
     def forward_backward() -> torch.Tensor:
         """The step's micro-batches; gradients land in .grad. Returns the step's mean loss (on the device)."""
         total = torch.zeros((), device=device)
-        for _ in range(plan.grad_accum):
+        for i in range(plan.grad_accum):
             x, y = loader.next()
-            loss = micro_loss(x, y)
-            scaler.scale(loss / plan.grad_accum).backward()
+            last = i == plan.grad_accum - 1
+            with contextlib.nullcontext() if last or not world.enabled else parallel.no_sync():  # sync once a step
+                loss = micro_loss(x, y)
+                scaler.scale(loss / plan.grad_accum).backward()
             total += loss.detach()
         return total / plan.grad_accum
 
+    def save() -> None:
+        if world.is_main:
+            save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+
     if not found:  # a first checkpoint now: a disk that cannot hold one fails here, and a rollback has a target
-        save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+        save()
     eval_every = tc.eval_interval or max(1, plan.steps // 10)
     guard = NonFiniteGuard(tc.max_bad_steps, divergence_advice(plan.lr, cfg.optim.grad_clip, precision, ckpt_dir))
     stop = StopFlag()
@@ -181,7 +206,7 @@ def train(cfg: DictConfig) -> dict:
             if time.perf_counter() - last_ckpt > tc.ckpt_interval_s and not guard.in_a_row:  # never mid-streak
                 t = time.perf_counter()
                 elapsed = t - start
-                save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+                save()
                 last_ckpt = time.perf_counter()
                 overhead_s += last_ckpt - t
 
@@ -192,7 +217,7 @@ def train(cfg: DictConfig) -> dict:
                         step_loss = forward_backward()
                     break
                 except RuntimeError as e:
-                    if not is_out_of_memory(e):
+                    if not is_out_of_memory(e) or world.enabled:  # ranks cannot back off one alone
                         raise
                     error = str(e).splitlines()[0]
                 free_memory(model, optimizer, device)  # out here: the exception no longer holds the step's tensors
@@ -202,6 +227,7 @@ def train(cfg: DictConfig) -> dict:
                 loader = train_batches(step_start)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            step_loss = mean_across(world, step_loss)  # every rank sees the same loss, so all skip or none
             finite, step_loss, grad_norm = step_is_finite(step_loss, grad_norm, scaler.is_enabled())
             rollback = False
             if finite:
@@ -244,7 +270,7 @@ def train(cfg: DictConfig) -> dict:
             elapsed = time.perf_counter() - start
             if step == CALIBRATE_FROM:
                 calib_t0, calib_overhead0 = elapsed, overhead_s
-            elif calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget:
+            elif world.is_main and calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget:
                 calibrate_at.pop(0)
                 per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
                 evals_left = 10 * (1 - elapsed / budget) + 1
@@ -255,28 +281,33 @@ def train(cfg: DictConfig) -> dict:
                 val_tokens = int(min(val_tokens, max(plan.seq_len, 0.005 * budget * 3 * plan.measured_tokens_per_s)))
                 bar.total = plan.steps
                 bar.refresh()
+            why = None
             if stop:
-                stopped_by = f"signal {stop.signal}"
-                break
-            if tc.stop_at_step and step >= tc.stop_at_step:
-                stopped_by = "stop_at_step"
-                break
-            if elapsed + last_eval_s > budget:
-                stopped_by = "time budget"
+                why = f"signal {stop.signal}"
+            elif tc.stop_at_step and step >= tc.stop_at_step:
+                why = "stop_at_step"
+            elif elapsed + last_eval_s > budget:
+                why = "time budget"
+            if world.enabled:
+                why, steps = agree_to_stop(world, why, plan.steps, device)
+                if steps != plan.steps:  # rank 0 re-planned from its measured speed
+                    plan.steps, eval_every = steps, tc.eval_interval or max(1, steps // 10)
+            if why:
+                stopped_by = why
                 break
     finally:  # also on an error: no loader thread or signal handler outlives the loop
         bar.close()
         loader.close()
         stop.restore()
     elapsed = time.perf_counter() - start
-    save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+    save()
     finished = step >= plan.steps or stopped_by == "time budget"
     result = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "stopped_by": stopped_by,
               "skipped_steps": skipped, **peak_memory_bytes(device)}  # fmt: skip
     if finished:
         result.update(run_eval(min(tc.eval_tokens, data.val_tokens)))  # the final number: the full eval set
         log.log({"kind": "eval", "step": step, "tokens": tokens_seen, "final": True, **result})
-        if tc.sample_tokens:
+        if tc.sample_tokens and world.is_main:
             tokenizer = Tokenizer.load(data.tokenizer_path)
             result["sample"] = write_sample(model, tokenizer, cfg.data.prompt, tc.sample_tokens, device, tc.seed,
                                             run_dir / "sample.txt")  # fmt: skip
@@ -284,9 +315,12 @@ def train(cfg: DictConfig) -> dict:
     log.close()  # also finishes the mirrors (one W&B run per job, even in a multirun)
     result.update({"run_dir": str(run_dir), "params": plan.params, "git": git_revision(), "finished": finished,
                    "predicted_peak_bytes": plan.predicted_peak_bytes, "tokens_per_s": tokens_seen / max(1e-9, elapsed)})  # fmt: skip
-    atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
-    print(f"{'done' if finished else 'stopped (' + stopped_by + ')'}: step {step}/{plan.steps}, "
-          f"{elapsed:.1f} s, run directory {run_dir}")  # fmt: skip
+    if world.is_main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
+    close_world(world)
+    if world.is_main:
+        print(f"{'done' if finished else 'stopped (' + stopped_by + ')'}: step {step}/{plan.steps}, "
+              f"{elapsed:.1f} s, run directory {run_dir}")  # fmt: skip
     if stop:
         stop.exit_for_requeue()  # after the checkpoint: a launcher's own handler runs, then exit 144
     return result

@@ -90,8 +90,8 @@ def test_checkpoints_keep_the_last_k(tmp_path, cache_dir):
 
 def test_cli_contract_run_then_generate(tmp_path, cache_dir):
     run = tmp_path / "cli"
-    proc = run_cli("pufferfish.train", *tiny_overrides(run, cache_dir, "train.max_steps=10")[:-1],
-                   f"hydra.run.dir={run}")  # fmt: skip
+    overrides = [o for o in tiny_overrides(run, cache_dir, "train.max_steps=10") if not o.startswith("run_dir=")]
+    proc = run_cli("pufferfish.train", *overrides, f"hydra.run.dir={run}")  # the contract's way to name the dir
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (run / ".hydra" / "config.yaml").exists() and (run / "checkpoints" / "latest").exists()
     gen = run_cli("pufferfish.generate", f"checkpoint={run}", "prompt=ROMEO:", "max_new_tokens=12")

@@ -170,8 +170,9 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, pos)
         return self.norm(x)
 
-    def forward(self, idx, cache: KVCache | None = None, pos: int = 0):
-        return self.output(self.hidden_states(idx, cache, pos))  # (B, T, V)
+    def forward(self, idx, cache: KVCache | None = None, pos: int = 0, hidden_only: bool = False):
+        h = self.hidden_states(idx, cache, pos)  # (B, T, C)
+        return h if hidden_only else self.output(h)  # (B, T, V) logits
 
 
 def count_parameters(model: nn.Module) -> int:

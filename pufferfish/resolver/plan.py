@@ -48,6 +48,7 @@ class Plan:
     hardware: dict
     reasons: dict = field(default_factory=dict)
     measured_tokens_per_s: float | None = None  # set once early in the run; steps re-planned from it
+    world_size: int = 1  # data-parallel processes; batch_tokens and the speeds are totals over them
 
     def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float) -> None:
         """Fit the schedule to the measured speed, so the run ends on time with its schedule complete."""
@@ -136,7 +137,7 @@ def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int) 
     return best
 
 
-def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
+def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1) -> Plan:
     mode, train, opt = cfg.mode, cfg.train, cfg.optimizations
     reasons: dict[str, str] = {}
     if mode.target_hours <= 0:
@@ -165,7 +166,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
                 if mb == 0:
                     continue
                 shape = _shape(mc, cfg, hw, mb, ckpt)
-                tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu)
+                tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu) * world_size
                 tokens = tps * compute_s
                 n = count_params(shape)
                 wanted = min(TOKENS_PER_PARAM * n, MAX_EPOCHS * corpus_tokens)  # data-limited: grow the model
@@ -221,9 +222,9 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
         target = 2 ** int(math.log2(max(tokens / 300, seq_len)))
         target = max(seq_len, min(cap, target))
         reasons["batch"] = f"{target} tokens per step: about {tokens / 300:.0f} gives >= 300 steps (capped at {cap})"
-    micro = min(mb, max(1, target // seq_len))
-    accum = max(1, round(target / (micro * seq_len)))
-    batch_tokens = micro * seq_len * accum
+    micro = min(mb, max(1, target // (seq_len * world_size)))
+    accum = max(1, round(target / (micro * seq_len * world_size)))
+    batch_tokens = micro * seq_len * accum * world_size  # over all data-parallel ranks
     reasons["micro_batch"] = (f"{micro} x {seq_len} tokens per forward"
                               f"{' (the largest that fits)' if micro == mb else ''}, {accum} accumulation step(s)")  # fmt: skip
 
@@ -266,4 +267,5 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int) -> Plan:
         lr=lr, time_budget_s=budget_s, predicted_tokens_per_s=tps, predicted_peak_bytes=peak.total,
         memory_breakdown=peak.to_dict(), vram_bytes=hw.vram_bytes, corpus_tokens=corpus_tokens,
         data_fraction=fraction, epochs=epochs, binding_constraint=binding, hardware=hw.to_dict(), reasons=reasons,
+        world_size=world_size,
     )  # fmt: skip
