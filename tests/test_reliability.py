@@ -269,7 +269,7 @@ def wait_for_train_lines(run: Path, count: int, alive, timeout: float = 120) -> 
         time.sleep(0.02)
 
 
-PREEMPT = ("train.max_steps=150", "train.log_interval=1", "train.eval_interval=50", "train.batch_tokens=256",
+PREEMPT = ("mode.target_hours=1", "train.max_steps=150", "train.log_interval=1", "train.eval_interval=50", "train.batch_tokens=256",
            "train.micro_batch=2", "train.sample_tokens=0")  # fmt: skip
 
 

@@ -21,7 +21,7 @@ def unigram_entropy_nats(token_file: Path, dtype: str) -> float:
 
 
 def test_loss_falls_far_below_unigram_entropy(tmp_path, cache_dir):
-    cfg = compose(*tiny_overrides(tmp_path / "run", cache_dir, "train.max_steps=150", "model.num_layers=2",
+    cfg = compose(*tiny_overrides(tmp_path / "run", cache_dir, "train.max_steps=150", "mode.target_hours=1", "model.num_layers=2",
                                   "model.num_dims=128", "train.batch_tokens=2048", "optim.lr=3e-3"))  # fmt: skip
     result = train(cfg)
     from pufferfish.data import prepare_data
