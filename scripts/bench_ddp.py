@@ -44,7 +44,7 @@ def main():
     rows = [{"gpus": 1, "tokens_per_s": steady(one), "losses": [r["train_loss"] for r in one]},
             {"gpus": n, "tokens_per_s": steady(many), "losses": [r["train_loss"] for r in many]}]  # fmt: skip
     worst = max(abs(a - b) / a for a, b in zip(rows[0]["losses"], rows[1]["losses"]))
-    print(f"\n| GPUs | tokens/s (median after compile) | scaling | losses every 10 steps |\n|---|---|---|---|")
+    print("\n| GPUs | tokens/s (median after compile) | scaling | losses every 10 steps |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | "
               f"{', '.join(f'{x:.3f}' for x in r['losses'])} |")  # fmt: skip
