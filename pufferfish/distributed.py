@@ -37,6 +37,8 @@ def init_world(device_request: str) -> tuple[World, str]:
     rank = int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and device_request in ("auto", "cuda") or device_request.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)  # before the first collective: NCCL maps each rank to its current GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = f"cuda:{local}" if use_cuda else "cpu"
