@@ -115,3 +115,21 @@ def test_python_api_like_the_users_readme(tmp_path, cache_dir):
     assert plan["model"]["num_heads"] == 2 and plan["model"]["vocab_size"] == 512
     assert result["elapsed_s"] < 0.002 * 3600 + 5  # the time budget ends the run
     assert isinstance(trainer.generate("To be", max_new_tokens=5), str)
+
+
+@pytest.mark.slow
+def test_contract_default_corpus_ultra_fast(tmp_path):
+    """The issue's contract, as written: the embedded default corpus, nothing but gpu, mode and the dir."""
+    import time
+
+    run = tmp_path / "contract"
+    start = time.perf_counter()
+    proc = run_cli("pufferfish.train", "gpu=cpu", "mode=ultra_fast", f"hydra.run.dir={run}", "train.progress=false",
+                   timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.perf_counter() - start < 120 or "cached" in proc.stderr  # corpus preparation may be first-time
+    for name in [".hydra/config.yaml", "plan.json", "metrics.jsonl", "checkpoints/latest"]:
+        assert (run / name).exists(), name
+    gen = run_cli("pufferfish.generate", f"checkpoint={run}", "prompt=def ", "max_new_tokens=32")
+    assert gen.returncode == 0 and gen.stdout.startswith("def")  # Hydra trims an unquoted trailing space
+    assert len(gen.stdout.strip()) > len("def")
