@@ -109,9 +109,13 @@ def prepare_data(cfg, progress: bool = True) -> PreparedData:
         started = time.perf_counter()
         with _datasets_progress(progress):
             corpus = source.load(cfg, root / "hf_datasets")
-        tokenizer = train_tokenizer(
-            sample_lines(corpus.train, cfg.tokenizer_train_mb), folder / "tokenizer.model", cfg.vocab_size
-        )
+        lines = sample_lines(corpus.train, cfg.tokenizer_train_mb)
+        t = time.perf_counter()
+        if progress:  # sentencepiece has no progress callback: say what is happening and how long it took
+            print(f"training a {cfg.vocab_size}-piece BPE tokenizer on {len(lines):,} lines ...", file=sys.stderr)
+        tokenizer = train_tokenizer(lines, folder / "tokenizer.model", cfg.vocab_size)
+        if progress:
+            print(f"tokenizer trained in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         dtype = token_dtype(tokenizer.vocab_size)
         train = encode_split(corpus.train, tokenizer, folder / "train.bin", dtype, progress, "encode train")
         val = encode_split(corpus.val, tokenizer, folder / "val.bin", dtype, progress, "encode val")
