@@ -37,7 +37,7 @@ from .sweep_tools import (
     predicted_max_layers,
     target_hardware,
 )
-from .transforms import apply_speed_transforms, autocast, grad_scaler, sdpa_backend
+from .transforms import apply_speed_transforms, autocast, compile_step, grad_scaler, sdpa_backend
 
 WARMUP_STEPS = 8  # the peer's: steps left out of the timing (compilation, autotuning, allocator growth)
 NOMINAL_CORPUS_TOKENS = 10**9  # random tokens have no corpus; the resolver sizes unset fields as if it were large
@@ -57,9 +57,17 @@ def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: 
     torch.manual_seed(cfg.train.seed)
     opt, seq_len, cuda = cfg.optimizations, mc["seq_len"], device.startswith("cuda")
     model = build_model(ModelConfig.from_dict(mc), device)
-    applied = apply_speed_transforms(model, ckpt, opt.compile, device)
+    applied = apply_speed_transforms(model, ckpt, False, device)
+
+    def micro_loss(x, y):  # as train() does: forward and loss compiled as one graph on a GPU
+        with ctx:
+            return lm_loss(model, x, y, opt.chunked_loss, opt.loss_chunk_tokens) + moe_aux_loss(model)
+
     optimizer = build_optimizer(model, cfg.optim, 1e-4, opt.fused_adamw, device)
     scaler, ctx = grad_scaler(precision, device), autocast(precision, device)
+    micro_loss = compile_step(micro_loss, opt.compile, device)
+    if opt.compile and cuda:
+        applied.append("torch.compile (forward + loss)")
     loader = (TrainBatches(data.train_path, data.dtype, seq_len, micro, cfg.train.seed, device=device,
                            prefetch=opt.prefetch_batches) if data else None)  # fmt: skip
     tokens = torch.randint(mc["vocab_size"], (micro, seq_len + 1), device=device)  # (B, T+1)
@@ -72,8 +80,7 @@ def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: 
             start = time.perf_counter()
             x, y = loader.next() if loader else (tokens[:, :-1], tokens[:, 1:])
             with sdpa_backend(cfg.attention.sdpa_backend):
-                with ctx:
-                    loss = lm_loss(model, x, y, opt.chunked_loss, opt.loss_chunk_tokens) + moe_aux_loss(model)
+                loss = micro_loss(x, y)
                 scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -189,7 +189,3 @@ def write_sample(model, tokenizer, prompt: str, tokens: int, device: str, seed: 
     text = tokenizer.decode(out[0].tolist())
     atomic_write_text(path, text)
     return text
-
-
-def world_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
