@@ -112,6 +112,9 @@ def main():
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
+    if args.device == "cpu" and not args.tiny:
+        print("# no GPU: running the tiny shape (--tiny); throughput figures need a GPU", flush=True)
+        args.tiny = True
     if args.tiny:
         args.shape, args.batch, args.seq, args.warmup, args.steps = "tiny", 2, 64, 1, 3
     device, shape = args.device, SHAPES[args.shape]
