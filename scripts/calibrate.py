@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pufferfish.bench import Technique, make_train_step, peak_bytes_of_two_steps, time_steps  # noqa: E402
 from pufferfish.model import ModelConfig  # noqa: E402
 from pufferfish.resolver import Shape, predict_peak_bytes, predict_tokens_per_s  # noqa: E402
-from pufferfish.resolver.hardware import load_profile  # noqa: E402
+from pufferfish.resolver.hardware import load_profile, profile_peak_flops  # noqa: E402
 
 
 def grid(name: str) -> list[tuple[dict, int, Technique]]:
@@ -77,7 +77,7 @@ def main():
         mc = ModelConfig(**fields)
         s = shape_of(mc, batch, t)
         pred = predict_peak_bytes(s)
-        peak_flops = 1e12 * (prof.tflops_tensor if t.precision != "fp32" else prof.tflops_fp32)
+        peak_flops = profile_peak_flops(prof, t.precision)  # as the resolver sees it (TF32 for fp32)
         try:
             step, n = make_train_step(mc, batch, device, t)
             measured = peak_bytes_of_two_steps(step, device)

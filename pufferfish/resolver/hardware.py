@@ -107,6 +107,16 @@ def choose_precision(requested: str, bf16: bool, fast_fp16: bool, on_cpu: bool) 
     return requested, ""
 
 
+def profile_peak_flops(prof, precision: str) -> float:
+    """The matmul peak a GPU profile offers at a precision (datasheet, dense)."""
+    tensor = float(prof.tflops_tensor)
+    if precision != "fp32" and tensor > 0 and prof.fast_fp16:
+        return 1e12 * tensor
+    if float(prof.compute_capability) >= 8.0:  # fp32 matmuls run as TF32 on tensor cores (half rate)
+        return 1e12 * max(float(prof.tflops_fp32), tensor / 2)
+    return 1e12 * float(prof.tflops_fp32)
+
+
 def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") -> Hardware:
     device = pick_device("cpu" if gpu_cfg.name == "cpu" and requested_device == "auto" else requested_device)
     on_cpu = device == "cpu"
@@ -136,13 +146,7 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
         vram = int(float(prof.vram_gb) * GIB) or system_memory_bytes() // 4
         notes.append(f"cpu: measured fp32 matmul rate {peak / 1e9:.1f} GFLOP/s")
     else:
-        tensor = float(prof.tflops_tensor)
-        if precision != "fp32" and tensor > 0 and prof.fast_fp16:
-            peak = 1e12 * tensor
-        elif float(prof.compute_capability) >= 8.0:  # fp32 matmuls run as TF32 on tensor cores (half rate)
-            peak = 1e12 * max(float(prof.tflops_fp32), tensor / 2)
-        else:
-            peak = 1e12 * float(prof.tflops_fp32)
+        peak = profile_peak_flops(prof, precision)
         vram = int(float(prof.vram_gb) * GIB)
     emulated = False
     if not on_cpu:
