@@ -200,6 +200,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
             f"model.seq_len, or optimizations=lean"
         )
     _, L, d, ckpt, mb, mc, shape, tps, tokens, wanted = min(scored, key=lambda r: r[0])
+    if L >= cfg.mode.min_layers and d >= cfg.mode.min_dims:  # the relaxed search chose a shape inside the bounds
+        reasons.pop("outside_mode", None)
     n, n_active = count_params(shape), count_params(shape, active=True)
 
     fixed = [k for k in ("num_layers", "num_dims") if cfg.model[k]]
