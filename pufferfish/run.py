@@ -150,13 +150,18 @@ class StopFlag:
         self.signal: int | None = None
         self._old = {}
         names = ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
-        for sig in dict.fromkeys(getattr(signal, n) for n in names if hasattr(signal, n)):
+        for sig in dict.fromkeys(getattr(signal, n) for n in [*names, "SIGINT"] if hasattr(signal, n)):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
                 pass
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:  # Ctrl-C: save at the step boundary; a second one quits at once
+            if self.signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            print("\npufferfish: stopping at the end of this step to save a checkpoint (Ctrl-C again to quit now)",
+                  file=sys.stderr, flush=True)  # fmt: skip
         self.signal = signum
 
     def __bool__(self) -> bool:
@@ -170,6 +175,10 @@ class StopFlag:
         """Called after the checkpoint is written: hand the signal on, then exit with REQUEUE_EXIT."""
         self.restore()
         name = signal.Signals(self.signal).name
+        if self.signal == signal.SIGINT:  # a person stopped it: no launcher to hand over to
+            print("pufferfish: interrupted: checkpoint saved; run the same command again to resume",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            raise SystemExit(130)
         print(f"pufferfish: {name}: checkpoint saved; exiting with {self.REQUEUE_EXIT} so a launcher requeues "
               f"the job (run the same command again to resume)", file=sys.stderr, flush=True)  # fmt: skip
         previous = self._old.get(self.signal)
