@@ -193,11 +193,13 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
             reasons["outside_mode"] = why + "; planned below the mode's bounds instead"
     if not scored:
         smallest = _candidates(cfg, relaxed=True)[0]
-        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True)).total
+        micro = train.micro_batch or 1
+        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, micro, True)).total
+        fix = "a smaller train.micro_batch (or null: the largest that fits)" if train.micro_batch else \
+            "a smaller mode, a shorter model.seq_len, or optimizations=lean"  # fmt: skip
         raise ConfigError(
-            f"even {smallest[0]} layer(s) of {smallest[1]} dims at micro-batch 1 needs about {need / 2**30:.2f} GiB "
-            f"but gpu={hw.profile} leaves {mem_budget / 2**30:.2f} GiB; choose a smaller mode, a shorter "
-            f"model.seq_len, or optimizations=lean"
+            f"even {smallest[0]} layer(s) of {smallest[1]} dims at micro-batch {micro} needs about "
+            f"{need / 2**30:.2f} GiB but gpu={hw.profile} leaves {mem_budget / 2**30:.2f} GiB; choose {fix}"
         )
     _, L, d, ckpt, mb, mc, shape, tps, tokens, wanted = min(scored, key=lambda r: r[0])
     if L >= cfg.mode.min_layers and d >= cfg.mode.min_dims:  # the relaxed search chose a shape inside the bounds
