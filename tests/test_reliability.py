@@ -281,21 +281,26 @@ def preempt_reference(tmp_path_factory, cache_dir) -> Path:
     return run
 
 
-def test_sigterm_mid_run_exits_for_requeue_and_the_same_command_resumes_exactly(tmp_path, cache_dir,
-                                                                              preempt_reference):  # fmt: skip
+@pytest.mark.parametrize("sig, exit_code, message", [
+    (signal.SIGTERM, StopFlag.REQUEUE_EXIT, "SIGTERM: checkpoint saved"),  # preemption: exit for a requeue
+    (signal.SIGINT, 130, "checkpoint saved; run the same command again to resume"),  # the first Ctrl-C
+])  # fmt: skip
+def test_signal_mid_run_saves_at_the_step_boundary_and_the_same_command_resumes_exactly(
+    tmp_path, cache_dir, preempt_reference, sig, exit_code, message
+):
     run = tmp_path / "cli"
     args = [sys.executable, "-m", "pufferfish.train", *tiny_overrides(run, cache_dir, *PREEMPT), f"hydra.run.dir={run}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_train_lines(run, 3, alive=lambda: proc.poll() is None)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == StopFlag.REQUEUE_EXIT, err[-2000:]
-    assert "Traceback" not in err and "SIGTERM: checkpoint saved" in err
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == exit_code, err[-2000:]
+    assert "Traceback" not in err and message in err
     stopped_at = last_checkpoint(run)["step"]
-    assert 3 <= stopped_at < 150
+    assert 3 <= stopped_at < 150  # saved past the start, before the end
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert losses(run) == losses(preempt_reference)
+    assert losses(run) == losses(preempt_reference)  # nothing lost, nothing repeated
 
 
 try:
@@ -532,19 +537,3 @@ def test_gpu_interrupted_run_resumes_within_tolerance(tmp_path, cache_dir):
     for x, y in zip(a, b):
         value_a, value_b = x[2] if x[0] == "train" else x[3], y[2] if y[0] == "train" else y[3]
         assert value_b == pytest.approx(value_a, rel=1e-3)
-
-
-def test_ctrl_c_saves_at_the_step_boundary_and_the_same_command_resumes(tmp_path, cache_dir, preempt_reference):
-    """The first Ctrl-C (SIGINT) is a request to stop: the step finishes, a checkpoint is written, exit 130."""
-    run = tmp_path / "cli"
-    args = [sys.executable, "-m", "pufferfish.train", *tiny_overrides(run, cache_dir, *PREEMPT), f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_train_lines(run, 3, alive=lambda: proc.poll() is None)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "checkpoint saved; run the same command again to resume" in err and "Traceback" not in err
-    assert (run / "checkpoints" / "latest").read_text().strip() != "step_00000000.pt"  # saved past the start
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert losses(run) == losses(preempt_reference)  # nothing lost, nothing repeated
