@@ -24,6 +24,7 @@ from .loss import lm_loss
 from .model import ModelConfig, build_model
 from .model.moe import moe_aux_loss, update_moe_biases
 from .optim import build_optimizer
+from .reliability import is_out_of_memory
 from .resolver import apply_memory_cap, count_params, detect_hardware, make_plan, predict_peak_bytes
 from .resolver.hardware import GIB
 from .resolver.speed import flops_per_token, predict_tokens_per_s
@@ -41,15 +42,6 @@ from .transforms import apply_speed_transforms, autocast, compile_step, grad_sca
 
 WARMUP_STEPS = 8  # the peer's: steps left out of the timing (compilation, autotuning, allocator growth)
 NOMINAL_CORPUS_TOKENS = 10**9  # random tokens have no corpus; the resolver sizes unset fields as if it were large
-
-
-def is_oom(e: BaseException | None) -> bool:
-    """A CUDA out-of-memory, also when raised inside compiled code and wrapped by the compiler's error."""
-    while e is not None:
-        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e):
-            return True
-        e = e.__cause__
-    return False
 
 
 def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: str, data) -> dict:
@@ -108,7 +100,7 @@ def _attempt(*args) -> tuple[dict | None, str | None]:
     try:
         return _train_steps(*args), None
     except Exception as e:
-        if not is_oom(e):
+        if not is_out_of_memory(e):
             raise
         message = str(e).splitlines()[0]
     gc.collect()  # the traceback's frames held the model, its optimizer state and activations

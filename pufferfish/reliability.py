@@ -84,11 +84,17 @@ def reset_moe_counts(model) -> None:
         layer.tokens_per_expert.zero_()
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+def is_out_of_memory(error: BaseException | None) -> bool:
+    """A CUDA or CPU allocator out-of-memory, also when raised inside compiled code and wrapped by the
+    compiler's own error (so the cause chain is followed)."""
+    while error is not None:
+        text = str(error).lower()
+        if isinstance(error, torch.cuda.OutOfMemoryError) or (
+            isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+        ):
+            return True
+        error = error.__cause__
+    return False
 
 
 def free_memory(model, optimizer, device: str) -> None:
