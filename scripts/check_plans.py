@@ -1,0 +1,415 @@
+"""Does every gpu profile x mode plan run under its emulated memory cap, and fill it? (issue 3)
+
+    python scripts/check_plans.py --out outputs/check_plans          # 11 profiles x 4 modes on every GPU here
+    python scripts/check_plans.py --profiles gtx1060,rtx3060 --modes standard --gpus 1 --jobs-per-gpu 4
+    python scripts/check_plans.py --max-minutes 7 -- data=text_files data.paths=[corpus.txt]   # extra overrides
+    python scripts/check_plans.py --device cpu --profiles cpu --modes ultra_fast       # the machinery, on CPU
+
+Each job is `python -m pufferfish.train gpu=P mode=M train.max_steps=20` (no evaluation until the end, no
+sample) in its own run directory OUT/P-M; a profile smaller than the card caps the process's allocator at
+the profile's memory (apply_memory_cap in pufferfish/resolver/hardware.py). A dry run first builds the
+tokenizer/token cache alone. Jobs then run several at once: a GPU takes up to --jobs-per-gpu of them while
+their memory (the plan's predicted peak x 1.3 + the CUDA context, at most the profile's) fits on the card;
+the biggest go first, a profile of (nearly) the card's size runs alone, and a job that failed beside others
+is run again alone before it counts as a failure.
+
+Per job: use = peak allocated (CPU: peak RSS) / the allocator's cap (sweep_tools.allocator_cap: the limit
+apply_memory_cap sets, or the memory the plan was given when not emulated). Verdicts: ok (>= 70 %), OOM (an
+oom_backoff record or an out-of-memory exit), crash, timeout, below 70 %, or not memory-bound: the micro-batch
+holds the whole target batch, or twice it would still fit, so memory did not limit the plan. The binding
+constraint is that of the same plan without train.max_steps (which makes it "user" and changes neither the
+model nor the micro-batch; a row says so if they differ). OUT/check_plans.md and .json are rewritten as each
+job ends. Exit status 1 when any job OOMs, crashes, times out or does not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pufferfish.api import compose_config  # noqa: E402
+from pufferfish.resolver import Hardware, make_plan, predict_peak_bytes  # noqa: E402
+from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, choose_precision, profile_peak_flops  # noqa: E402
+from pufferfish.resolver.plan import USABLE_MEMORY, _shape  # noqa: E402
+from pufferfish.sweep_tools import allocator_cap  # noqa: E402
+
+PROFILES = "gtx1650 gtx1060 rtx2060 rtx3060 rtx4060 rtx3090 rtx4090 a100_40gb a100_80gb h100 h200".split()
+MODES = "ultra_fast quick_dev standard extended".split()
+TARGET_USE = 0.70
+NEED_MARGIN = 1.3  # a job's memory on a shared card: its predicted peak x this (the model misses by up to ~30 %)
+CONTEXT_GIB = 1.0  # per process, outside the allocator's cap: CUDA context, cuBLAS workspaces, kernels
+WHOLE_CARD = 0.9  # a profile with this share of the card's memory or more (h200 on an H200) runs alone
+FAILED = ("OOM", "crash", "timeout", "not run")
+
+
+@dataclass
+class Job:
+    profile: str
+    mode: str
+    run_dir: Path
+    need_gib: float = 0.0  # memory it is expected to hold on its card
+    gpu: str = ""
+    shared: bool = False  # another job ran on the same card at the same time
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    rc: int | None = None
+    wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    label: str = ""  # the name of its logs, when not profile-mode
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.profile}-{self.mode}"
+
+
+class Cards:
+    """Which jobs run where: a card takes a job while it has a slot and the memory for it."""
+
+    def __init__(self, ids: list[str], capacity_gib: float, per_card: int):
+        self.ids, self.capacity, self.per_card = ids, capacity_gib, per_card
+        self.running: dict[str, list[Job]] = {i: [] for i in ids}
+
+    def free_gib(self, card: str) -> float:
+        return self.capacity - sum(j.need_gib for j in self.running[card])
+
+    def fits(self, card: str, job: Job) -> bool:
+        jobs = self.running[card]
+        return not jobs or (len(jobs) < self.per_card and job.need_gib <= self.free_gib(card))
+
+
+def config_overrides(extra: list[str]) -> list[str]:
+    """The extra overrides that shape the plan (Hydra's own settings and the run directory do not)."""
+    skip = ("hydra.", "hydra/", "run_dir=", "train.max_steps=", "dry_run=")
+    return [o for o in extra if not o.lstrip("+~").startswith(skip)]
+
+
+def estimated_need_gib(profile: str, mode: str, extra: list[str], card_gib: float) -> float:
+    """Memory a job will hold on a card, for packing jobs only (each run makes its own plan)."""
+    from pufferfish.data import prepare_data
+
+    cfg = compose_config([f"gpu={profile}", f"mode={mode}", *config_overrides(extra)])
+    prof, vram_gib = cfg.gpu, float(cfg.gpu.vram_gb)
+    if vram_gib >= WHOLE_CARD * card_gib or not prof.get("emulate", True):
+        return card_gib  # (nearly) the card's own memory: it may use all of it
+    try:  # the plan detect_hardware would make on a GPU
+        data = prepare_data(cfg.data, progress=False)  # built by the warm-up run: only read here
+        precision, _ = choose_precision(cfg.optimizations.precision, bool(prof.bf16), bool(prof.fast_fp16), False)
+        hw = Hardware(profile, "cuda:0", "", int(vram_gib * GIB), precision, profile_peak_flops(prof, precision),
+                      float(prof.mfu), True, [], float(prof.compute_capability))  # fmt: skip
+        predicted = make_plan(cfg, hw, data.vocab_size, data.train_tokens).predicted_peak_bytes / GIB
+    except Exception:  # noqa: BLE001 - the job itself will say what is wrong; assume it fills its profile
+        predicted = vram_gib
+    return min(vram_gib, NEED_MARGIN * predicted) + CONTEXT_GIB
+
+
+def job_command(job: Job, args, extra: list[str]) -> list[str]:
+    device = "cpu" if args.device == "cpu" else "cuda:0"  # each job sees its one GPU (CUDA_VISIBLE_DEVICES)
+    return [sys.executable, "-m", "pufferfish.train", f"gpu={job.profile}", f"mode={job.mode}",
+            f"train.max_steps={args.steps}", "train.eval_interval=1000000000", "train.sample_tokens=0",
+            "train.progress=false", "train.keep_checkpoints=1", f"train.device={device}", *extra,
+            f"run_dir='{job.run_dir}'", f"hydra.run.dir='{job.run_dir}'"]  # fmt: skip
+
+
+def fresh_run_dir(path: Path) -> None:
+    """A job must not resume an old run: clear the run directory an earlier check left."""
+    if path.exists():
+        if not any((path / marker).exists() for marker in ("plan.json", "config.yaml", ".hydra", "checkpoints")):
+            sys.exit(f"{path} exists and is not a run directory; choose another --out")
+        shutil.rmtree(path)
+
+
+def start(job: Job, card: str, cards: Cards, args, extra: list[str], logs: Path) -> None:
+    fresh_run_dir(job.run_dir)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "" if args.device == "cpu" else card}
+    share = max(1, (os.cpu_count() or 1) // (len(cards.ids) * cards.per_card))
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(share))  # the jobs' compiles share the cores
+    env.setdefault("OMP_NUM_THREADS", str(share))
+    with open(logs / f"{job.name}.out", "w") as out, open(logs / f"{job.name}.err", "w") as err:
+        job.proc = subprocess.Popen(job_command(job, args, extra), cwd=ROOT, env=env, stdout=out, stderr=err,
+                                    start_new_session=True)  # fmt: skip  # its own group, ended as one
+    job.gpu, job.started = card, time.perf_counter()
+    for other in cards.running[card]:
+        job.shared = other.shared = True
+    cards.running[card].append(job)
+    where = "cpu" if args.device == "cpu" else f"GPU {card}"
+    print(f"[{time.strftime('%H:%M:%S')}] start {job.name} on {where} (~{job.need_gib:.1f} GiB)", file=sys.stderr)
+
+
+def stop_group(job: Job) -> None:
+    try:
+        os.killpg(job.proc.pid, signal.SIGKILL)  # the job's own process group (start_new_session)
+    except ProcessLookupError:
+        pass
+    job.proc.wait()
+
+
+def run_jobs(jobs: list[Job], cards: Cards, args, extra: list[str], logs: Path, deadline: float, on_done=None):
+    """Biggest first, on the fullest card that takes it; the emptiest card is held for the biggest job
+    that cannot start yet. Returns the jobs never started (--max-minutes)."""
+    pending = sorted(jobs, key=lambda j: -j.need_gib)
+    try:
+        while any(cards.running.values()) or (pending and time.perf_counter() < deadline):
+            now = time.perf_counter()
+            for running in cards.running.values():
+                for job in list(running):
+                    if job.proc.poll() is None:
+                        if now - job.started < args.timeout and now < deadline:
+                            continue
+                        stop_group(job)
+                        job.notes.append("killed at --max-minutes" if now >= deadline else f"killed after "
+                                         f"--timeout {args.timeout:.0f} s")  # fmt: skip
+                    job.rc, job.wall_s = job.proc.returncode, now - job.started
+                    running.remove(job)
+                    print(f"[{time.strftime('%H:%M:%S')}] done  {job.name}: exit {job.rc}, {job.wall_s:.0f} s",
+                          file=sys.stderr)  # fmt: skip
+                    if on_done:
+                        on_done(job)
+            held: set[str] = set()
+            for job in list(pending) if now < deadline else []:
+                open_cards = [c for c in cards.ids if c not in held and cards.fits(c, job)]
+                if open_cards:
+                    start(job, min(open_cards, key=cards.free_gib), cards, args, extra, logs)
+                    pending.remove(job)
+                elif not held:
+                    held.add(max(cards.ids, key=cards.free_gib))
+            time.sleep(0.5)
+    finally:  # Ctrl-C or an error here: no job outlives the check
+        for running in cards.running.values():
+            for job in running:
+                stop_group(job)
+    return pending
+
+
+def read_json(path: Path, default=None):
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def read_row(job: Job, extra: list[str], logs: Path, steps: int) -> dict:
+    d, err_log = job.run_dir, logs / f"{job.name}.err"
+    row = {"profile": job.profile, "mode": job.mode, "run_dir": str(d), "exit": job.rc, "wall_s": round(job.wall_s, 1),
+           "gpu": job.gpu, "shared_card": job.shared, "notes": list(job.notes)}  # fmt: skip
+    err = err_log.read_text(errors="replace") if err_log.exists() else ""
+    plan, summary = read_json(d / "plan.json"), read_json(d / "summary.json", {})
+    lines = (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").exists() else []
+    metrics = []
+    for line in lines:
+        try:
+            metrics.append(json.loads(line))
+        except ValueError:  # a line torn by a killed job
+            pass
+    row["oom_backoffs"] = [m for m in metrics if m.get("kind") == "oom_backoff"]
+    row["oom"] = bool(row["oom_backoffs"]) or (job.rc != 0 and "out of memory" in err.lower())
+    row["steps"] = summary.get("step", max((m["step"] for m in metrics if m.get("kind") == "train"), default=0))
+    row["stopped_by"] = summary.get("stopped_by")
+    if job.rc != 0 or not summary:
+        row["stderr_tail"] = "\n".join(err.splitlines()[-25:])
+    if plan:
+        hw = Hardware(**{k: v for k, v in plan["hardware"].items() if k in {f.name for f in fields(Hardware)}})
+        row.update(num_layers=plan["model"]["num_layers"], num_dims=plan["model"]["num_dims"],
+                   micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"], seq_len=plan["seq_len"],
+                   precision=plan["precision"], grad_ckpt=plan["grad_ckpt"], emulated=hw.emulated,
+                   predicted_peak_bytes=plan["predicted_peak_bytes"], vram_bytes=plan["vram_bytes"],
+                   cap_bytes=allocator_cap(hw), binding_in_run=plan["binding_constraint"])  # fmt: skip
+        row.update(plan_without_max_steps(job, extra, plan, hw, row))
+    peak = summary.get("peak_mem_bytes", summary.get("peak_rss_bytes"))  # allocated on a GPU, RSS on the CPU
+    row.update(peak_allocated_bytes=summary.get("peak_mem_bytes"), peak_reserved_bytes=summary.get("peak_reserved_bytes"),
+               peak_rss_bytes=summary.get("peak_rss_bytes"), measured_peak_bytes=peak)  # fmt: skip
+    if peak and plan:
+        row["use"] = peak / row["cap_bytes"]
+        row["predicted_over_measured"] = plan["predicted_peak_bytes"] / peak
+    row["verdict"] = verdict(row, steps)
+    return row
+
+
+def plan_without_max_steps(job: Job, extra: list[str], plan: dict, hw: Hardware, row: dict) -> dict:
+    """The run's plan made again without train.max_steps: its binding constraint, the micro-batch as planned
+    (before any out-of-memory back-off), and whether twice that micro-batch would fit the plan's budget."""
+    try:
+        cfg = compose_config([f"gpu={job.profile}", f"mode={job.mode}", *config_overrides(extra)])
+        free = make_plan(cfg, hw, plan["model"]["vocab_size"], plan["corpus_tokens"])
+    except Exception as e:  # noqa: BLE001 - the row still stands on the run's own plan
+        row["notes"].append(f"binding is the run's: planning without max_steps failed ({str(e).splitlines()[0]})")
+        return {"binding_constraint": plan["binding_constraint"]}
+    out = {"binding_constraint": free.binding_constraint, "micro_batch": free.micro_batch, "grad_accum": free.grad_accum,
+           "micro_batch_set_by_user": bool(cfg.train.micro_batch)}  # fmt: skip
+    same = free.model == plan["model"] and free.grad_ckpt == plan["grad_ckpt"] and \
+        free.micro_batch * free.grad_accum == plan["micro_batch"] * plan["grad_accum"]  # fmt: skip
+    if not same or (not row["oom_backoffs"] and free.micro_batch != plan["micro_batch"]):
+        row["notes"].append("train.max_steps changed the plan: the run's shape is shown")
+        out.update(micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"])
+    budget = int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)) * USABLE_MEMORY)  # make_plan's
+    doubled = _shape(plan["model"], cfg, hw, 2 * out["micro_batch"], plan["grad_ckpt"])
+    out["double_micro_batch_fits"] = predict_peak_bytes(doubled).total <= budget
+    return out
+
+
+def verdict(row: dict, steps: int) -> str:
+    if row["oom"]:
+        return "OOM"
+    if any(n.startswith("killed") for n in row.get("notes", [])):
+        return "timeout"
+    if row["exit"] != 0 or row.get("measured_peak_bytes") is None or "use" not in row:
+        return "crash"
+    if row["steps"] < min(2, steps):  # step 2 is the first with AdamW's state and the activations at once
+        return f"incomplete ({row['steps']} step, {row['stopped_by']})"
+    if row["use"] >= TARGET_USE:
+        return "ok"
+    if row["binding_constraint"] != "memory":
+        if row.get("micro_batch_set_by_user"):
+            return "not memory-bound (micro-batch set by you)"
+        if row["grad_accum"] == 1:
+            return "not memory-bound (batch at target)"
+        if row.get("double_micro_batch_fits"):
+            return "not memory-bound (micro-batch cap)"
+    return f"below {TARGET_USE * 100:.0f} %"
+
+
+def gib(x) -> str:
+    return "" if x is None else f"{x / GIB:.2f}"
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    peak = "measured peak GiB" if device != "cpu" else "measured peak RSS GiB"
+    lines = [f"| profile | mode | layers x dims | micro x accum x seq | precision | ckpt | steps | predicted GiB | {peak} "
+             "| reserved GiB | cap GiB | use % | predicted/measured | OOM? | binding (without max_steps) | verdict |",
+             "|" + "---|" * 16]  # fmt: skip
+    for r in rows:
+        shape = f"{r['num_layers']} x {r['num_dims']}" if "num_layers" in r else ""
+        batch = f"{r['micro_batch']} x {r['grad_accum']} x {r['seq_len']}" if "micro_batch" in r else ""
+        steps = str(r.get("steps", "")) + ("" if r.get("stopped_by") in ("schedule", None) else f" ({r['stopped_by']})")
+        use = f"{100 * r['use']:.0f}" if "use" in r else ""
+        ratio = f"{r['predicted_over_measured']:.2f}" if "predicted_over_measured" in r else ""
+        cap = gib(r.get("cap_bytes")) + (" (emulated)" if r.get("emulated") else "")
+        ckpt = {True: "yes", False: "no"}.get(r.get("grad_ckpt"), "")
+        lines.append(f"| {r['profile']} | {r['mode']} | {shape} | {batch} | {r.get('precision', '')} | {ckpt} | "
+                     f"{steps} | {gib(r.get('predicted_peak_bytes'))} | {gib(r.get('measured_peak_bytes'))} | "
+                     f"{gib(r.get('peak_reserved_bytes'))} | {cap} | {use} | {ratio} | {'yes' if r.get('oom') else 'no'} "
+                     f"| {r.get('binding_constraint', '')} | {r['verdict']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def visible_gpus(count: int | None) -> list[str]:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        ids = [i.strip() for i in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if i.strip()]
+    else:
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+            ids = [str(i) for i, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
+        except (OSError, subprocess.SubprocessError):
+            ids = []
+    if not ids:
+        sys.exit("no GPU is visible; use --device cpu --profiles cpu to check the machinery on the CPU")
+    return ids[:count] if count else ids
+
+
+def card_gib(card: str) -> float:
+    """The card's memory, asked of nvidia-smi: a CUDA context here would take memory from the jobs."""
+    query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", card]
+    try:
+        return float(subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout.split()[0]) / 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        sys.exit("nvidia-smi could not tell the GPU's memory; pass --gpu-mem-gib")
+
+
+def parse_args(argv: list[str]):
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Hydra overrides after -- go to every job, e.g. -- data=text_files ...")  # fmt: skip
+    p.add_argument("--profiles", nargs="+", default=PROFILES, help="gpu profiles (comma or space separated)")
+    p.add_argument("--modes", nargs="+", default=MODES, help="modes (comma or space separated)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gpu=cpu only, no emulation")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to spread the jobs over (default: all visible)")
+    p.add_argument("--jobs-per-gpu", type=int, default=6, help="jobs at once on one GPU, memory permitting")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, help="one card's memory (default: nvidia-smi's)")
+    p.add_argument("--steps", type=int, default=20, help="training steps per job")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before one job is killed")
+    p.add_argument("--max-minutes", type=float, default=None, help="start no job after this; kill those left")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "check_plans", help="run directories go here")
+    p.add_argument("--json", type=Path, default=None, help="rows as JSON (default OUT/check_plans.json)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the runs' checkpoints (deleted once read)")
+    args = p.parse_args(argv)
+    args.profiles = [v for value in args.profiles for v in value.split(",") if v]
+    args.modes = [v for value in args.modes for v in value.split(",") if v]
+    if args.device == "cpu" and args.profiles != ["cpu"]:
+        p.error("--device cpu runs gpu=cpu only: pass --profiles cpu")
+    return args, extra
+
+
+def main(argv: list[str]) -> int:
+    args, extra = parse_args(argv)
+    t0 = time.perf_counter()
+    deadline = t0 + args.max_minutes * 60 if args.max_minutes else float("inf")
+    out = args.out.resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    json_path = args.json or out / "check_plans.json"
+    if args.device == "cpu":
+        cards = Cards(["cpu"], float("inf"), args.jobs_per_gpu)
+    else:
+        ids = visible_gpus(args.gpus)
+        cards = Cards(ids, args.gpu_mem_gib or card_gib(ids[0]), args.jobs_per_gpu)
+    jobs = [Job(pr, m, out / f"{pr}-{m}") for pr in args.profiles for m in args.modes]
+    rows: dict[str, dict] = {}
+
+    def record(job: Job) -> None:  # as each job ends: a check cut short still leaves its table
+        first = rows.get(job.name)
+        rows[job.name] = read_row(job, extra, logs, args.steps)
+        if first:
+            rows[job.name]["notes"].append(f"{first['verdict']} beside other jobs; this is the run alone")
+        if not args.keep_checkpoints:
+            shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)
+        ordered = [rows[j.name] for j in jobs if j.name in rows]
+        (out / "check_plans.md").write_text(markdown(ordered, args.device) + "\n")
+        json_path.write_text(json.dumps({"steps": args.steps, "device": args.device, "extra_overrides": extra,
+                                         "rows": ordered}, indent=2) + "\n")  # fmt: skip
+
+    if len(jobs) > 1:  # one process builds the tokenizer and token cache; the rest would queue on its lock
+        warm = Job(jobs[0].profile, jobs[0].mode, out / "_warmup", label="_warmup")
+        print("warm-up: a dry run prepares the data cache ...", file=sys.stderr)
+        run_jobs([warm], cards, args, [*extra, "dry_run=true"], logs, deadline)
+        if warm.rc != 0:
+            print((logs / f"{warm.name}.err").read_text(errors="replace")[-3000:], file=sys.stderr)
+            sys.exit(f"the warm-up dry run failed (exit {warm.rc}); see {logs / (warm.name + '.err')}")
+        if args.device != "cpu":
+            for job in jobs:
+                job.need_gib = estimated_need_gib(job.profile, job.mode, extra, cards.capacity)
+    not_run = run_jobs(jobs, cards, args, extra, logs, deadline, record)
+    again = [Job(j.profile, j.mode, j.run_dir, need_gib=cards.capacity) for j in jobs
+             if j.name in rows and rows[j.name]["verdict"] in ("OOM", "crash") and j.shared]  # fmt: skip
+    if again and time.perf_counter() < deadline:  # a neighbour may have taken the memory: run it alone
+        print(f"running {len(again)} failed job(s) again, each alone on a card ...", file=sys.stderr)
+        for job in again:  # the first attempt's logs stay beside the second's
+            for suffix in (".out", ".err"):
+                if (logs / f"{job.name}{suffix}").exists():
+                    (logs / f"{job.name}{suffix}").rename(logs / f"{job.name}.beside-others{suffix}")
+        run_jobs(again, cards, args, extra, logs, deadline, record)
+    for job in not_run:
+        rows[job.name] = {"profile": job.profile, "mode": job.mode, "oom": False, "verdict": "not run",
+                          "notes": ["--max-minutes passed before it could start"]}  # fmt: skip
+    ordered = [rows[j.name] for j in jobs if j.name in rows]
+    table = markdown(ordered, args.device)
+    print(table)
+    (out / "check_plans.md").write_text(table + "\n")
+    json_path.write_text(json.dumps({"steps": args.steps, "device": args.device, "extra_overrides": extra,
+                                     "wall_s": round(time.perf_counter() - t0), "rows": ordered}, indent=2) + "\n")  # fmt: skip
+    failed = [r for r in ordered if r["verdict"] in FAILED]
+    for r in failed:
+        print(f"\n{r['profile']}-{r['mode']}: {r['verdict']}\n{r.get('stderr_tail', '')}", file=sys.stderr)
+    print(f"\n{len(ordered)} plans, {len(failed)} failed (OOM, crash, timeout, not run); rows in {json_path}",
+          file=sys.stderr)  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
