@@ -6,7 +6,7 @@ TORCH_CPU ?= torch==2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench lint clean
+.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ sweep-speed: ## speed table: multirun on the real GPU, then .md + .png (SWEEP_DI
 
 bench: ## throughput against transformers' Llama on this device (tiny shape on CPU)
 	$(PYTHON) scripts/bench_throughput.py $(ARGS)
+
+check-plans: ## every gpu profile x mode plan, 20 steps under its memory cap: OOM? share of the cap used (GPU; ARGS=)
+	$(PYTHON) scripts/check_plans.py $(ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check pufferfish tests scripts
