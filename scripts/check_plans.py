@@ -9,9 +9,9 @@ Each job is `python -m pufferfish.train gpu=P mode=M train.max_steps=20` (no eva
 sample) in its own run directory OUT/P-M; a profile smaller than the card caps the process's allocator at
 the profile's memory (apply_memory_cap in pufferfish/resolver/hardware.py). A dry run first builds the
 tokenizer/token cache alone. Jobs then run several at once: a GPU takes up to --jobs-per-gpu of them while
-their memory (the plan's predicted peak x 1.3 + the CUDA context, at most the profile's) fits on the card;
-the biggest go first, a profile of (nearly) the card's size runs alone, and a job that failed beside others
-is run again alone before it counts as a failure.
+their memory (the profile's, which the cap bounds, + the CUDA context) fits on the card; the biggest (and
+the longest modes) go first, a profile of (nearly) the card's size runs alone, and a job that failed beside
+others is run again alone before it counts as a failure.
 
 Per job: use = peak allocated (CPU: peak RSS) / the allocator's cap (sweep_tools.allocator_cap: the limit
 apply_memory_cap sets, or the memory the plan was given when not emulated). Verdicts: ok (>= 70 %), OOM (an
@@ -39,14 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pufferfish.api import compose_config  # noqa: E402
 from pufferfish.resolver import Hardware, make_plan, predict_peak_bytes  # noqa: E402
-from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, choose_precision, profile_peak_flops  # noqa: E402
+from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB  # noqa: E402
 from pufferfish.resolver.plan import USABLE_MEMORY, _shape  # noqa: E402
 from pufferfish.sweep_tools import allocator_cap  # noqa: E402
 
 PROFILES = "gtx1650 gtx1060 rtx2060 rtx3060 rtx4060 rtx3090 rtx4090 a100_40gb a100_80gb h100 h200".split()
 MODES = "ultra_fast quick_dev standard extended".split()
 TARGET_USE = 0.70
-NEED_MARGIN = 1.3  # a job's memory on a shared card: its predicted peak x this (the model misses by up to ~30 %)
 CONTEXT_GIB = 1.0  # per process, outside the allocator's cap: CUDA context, cuBLAS workspaces, kernels
 WHOLE_CARD = 0.9  # a profile with this share of the card's memory or more (h200 on an H200) runs alone
 FAILED = ("OOM", "crash", "timeout", "not run")
@@ -93,23 +92,12 @@ def config_overrides(extra: list[str]) -> list[str]:
     return [o for o in extra if not o.lstrip("+~").startswith(skip)]
 
 
-def estimated_need_gib(profile: str, mode: str, extra: list[str], card_gib: float) -> float:
-    """Memory a job will hold on a card, for packing jobs only (each run makes its own plan)."""
-    from pufferfish.data import prepare_data
-
-    cfg = compose_config([f"gpu={profile}", f"mode={mode}", *config_overrides(extra)])
-    prof, vram_gib = cfg.gpu, float(cfg.gpu.vram_gb)
-    if vram_gib >= WHOLE_CARD * card_gib or not prof.get("emulate", True):
+def need_gib(profile: str, extra: list[str], card_gib: float) -> float:
+    """Memory a job can hold on its card: its cap bounds the allocator, and the CUDA context comes on top."""
+    gpu = compose_config([f"gpu={profile}", *config_overrides(extra)]).gpu
+    if float(gpu.vram_gb) >= WHOLE_CARD * card_gib or not gpu.get("emulate", True):
         return card_gib  # (nearly) the card's own memory: it may use all of it
-    try:  # the plan detect_hardware would make on a GPU
-        data = prepare_data(cfg.data, progress=False)  # built by the warm-up run: only read here
-        precision, _ = choose_precision(cfg.optimizations.precision, bool(prof.bf16), bool(prof.fast_fp16), False)
-        hw = Hardware(profile, "cuda:0", "", int(vram_gib * GIB), precision, profile_peak_flops(prof, precision),
-                      float(prof.mfu), True, [], float(prof.compute_capability))  # fmt: skip
-        predicted = make_plan(cfg, hw, data.vocab_size, data.train_tokens).predicted_peak_bytes / GIB
-    except Exception:  # noqa: BLE001 - the job itself will say what is wrong; assume it fills its profile
-        predicted = vram_gib
-    return min(vram_gib, NEED_MARGIN * predicted) + CONTEXT_GIB
+    return float(gpu.vram_gb) + CONTEXT_GIB
 
 
 def job_command(job: Job, args, extra: list[str]) -> list[str]:
@@ -156,7 +144,7 @@ def stop_group(job: Job) -> None:
 def run_jobs(jobs: list[Job], cards: Cards, args, extra: list[str], logs: Path, deadline: float, on_done=None):
     """Biggest first, on the fullest card that takes it; the emptiest card is held for the biggest job
     that cannot start yet. Returns the jobs never started (--max-minutes)."""
-    pending = sorted(jobs, key=lambda j: -j.need_gib)
+    pending = sorted(jobs, key=lambda j: (-j.need_gib, -MODES.index(j.mode) if j.mode in MODES else 0))
     try:
         while any(cards.running.values()) or (pending and time.perf_counter() < deadline):
             now = time.perf_counter()
@@ -381,9 +369,10 @@ def main(argv: list[str]) -> int:
         if warm.rc != 0:
             print((logs / f"{warm.name}.err").read_text(errors="replace")[-3000:], file=sys.stderr)
             sys.exit(f"the warm-up dry run failed (exit {warm.rc}); see {logs / (warm.name + '.err')}")
-        if args.device != "cpu":
-            for job in jobs:
-                job.need_gib = estimated_need_gib(job.profile, job.mode, extra, cards.capacity)
+    if args.device != "cpu":
+        needs = {profile: need_gib(profile, extra, cards.capacity) for profile in args.profiles}
+        for job in jobs:
+            job.need_gib = needs[job.profile]
     not_run = run_jobs(jobs, cards, args, extra, logs, deadline, record)
     again = [Job(j.profile, j.mode, j.run_dir, need_gib=cards.capacity) for j in jobs
              if j.name in rows and rows[j.name]["verdict"] in ("OOM", "crash") and j.shared]  # fmt: skip
