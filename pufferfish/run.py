@@ -84,9 +84,13 @@ def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool,
     path = run_dir / "plan.json"
     if resuming and path.exists():
         try:
-            return Plan.from_dict(json.loads(path.read_text())), True
+            plan = Plan.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError) as e:  # edited or damaged by hand: it is written atomically
             raise ConfigError(f"{path} cannot be read ({e}); restore it, or start a new run directory") from None
+        if plan.world_size != world_size:
+            regroup(plan, world_size)
+            atomic_write_text(path, json.dumps(plan.to_dict(), indent=2))  # the other ranks read it from here
+        return plan, True
     hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
     plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens, world_size)
     if checkpoint_model and checkpoint_model != plan.model:
@@ -98,6 +102,21 @@ def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool,
         )
     atomic_write_text(path, json.dumps(plan.to_dict(), indent=2))
     return plan, False
+
+
+def regroup(plan: Plan, world_size: int) -> None:
+    """A run resumed on another number of ranks keeps its global batch, so the same samples make each
+    step: the sequences of a step are split anew into micro-batches and accumulation steps per rank."""
+    per_step = plan.micro_batch * plan.grad_accum * plan.world_size  # sequences per optimizer step
+    micro = next((m for m in range(plan.micro_batch, 0, -1) if per_step % (m * world_size) == 0), None)
+    if micro is None:
+        raise ConfigError(f"this run takes {per_step} sequences a step, which {world_size} ranks cannot share "
+                          f"evenly; resume it on {plan.world_size} rank(s), or on a number that divides "
+                          f"{per_step}")  # fmt: skip
+    old = plan.world_size
+    plan.micro_batch, plan.grad_accum, plan.world_size = micro, per_step // (micro * world_size), world_size
+    plan.reasons["micro_batch"] += (f"; resumed on {world_size} rank(s) instead of {old}: {micro} x "
+                                    f"{plan.seq_len} tokens per forward, {plan.grad_accum} accumulation step(s)")  # fmt: skip
 
 
 def check_disk_for_checkpoints(run_dir: Path, params: int, keep: int) -> None:
