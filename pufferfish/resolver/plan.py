@@ -17,6 +17,7 @@ from .speed import predict_tokens_per_s
 
 TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
 MAX_EPOCHS = 4  # repeated data is almost as good as fresh up to ~4 epochs (Muennighoff et al. 2023)
+MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long before
 USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up
 ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
@@ -125,16 +126,18 @@ def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
 
 
 def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int) -> int:
-    """Largest micro-batch (a power of two, at most `cap`) whose predicted peak fits; train.micro_batch is kept."""
+    """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of 4 (8
+    from 32 up) so an out-of-memory back-off can halve it; train.micro_batch is kept as given."""
+    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt)).total <= budget_bytes  # noqa: E731
     if cfg.train.micro_batch:
-        fits = predict_peak_bytes(_shape(mc, cfg, hw, cap, grad_ckpt)).total <= budget_bytes
-        return cap if fits else 0
-    best, mb = 0, 1
-    while mb <= cap:
-        if predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt)).total > budget_bytes:
-            break
-        best, mb = mb, mb * 2
-    return best
+        return cap if fits(cap) else 0
+    if not fits(1):
+        return 0
+    lo, hi = 1, cap  # fits(lo); peak memory grows with the micro-batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo if lo < 8 else lo - lo % (4 if lo < 32 else 8)
 
 
 def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1) -> Plan:
@@ -162,7 +165,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         for L, d in _candidates(cfg, relaxed):
             mc = model_dict(cfg, L, d, vocab, seq_len)
             for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
-                mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap=train.micro_batch or 1024)
+                mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap=train.micro_batch or MAX_MICRO_BATCH)
                 if mb == 0:
                     continue
                 shape = _shape(mc, cfg, hw, mb, ckpt)
