@@ -4,7 +4,9 @@
     python scripts/calibrate.py --grid check --out check.json  # a different grid: the errors we report
 
 Memory is `torch.cuda.max_memory_allocated` over two steps from a clean start; speed is the median of
-timed steps after warm-up. Needs a CUDA device (the CPU profile is calibrated at run time instead).
+timed steps after warm-up. Every shape compiles afresh (static shapes, as a run compiles once): reusing
+dynamo's cache would recompile later shapes with dynamic sizes. Needs a CUDA device (the CPU profile is
+calibrated at run time instead). `scripts/fit_speed_model.py` re-predicts and refits from the JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -23,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pufferfish.bench import Technique, make_train_step, peak_bytes_of_two_steps, time_steps  # noqa: E402
 from pufferfish.model import ModelConfig  # noqa: E402
 from pufferfish.resolver import Shape, predict_peak_bytes, predict_tokens_per_s  # noqa: E402
-from pufferfish.resolver.hardware import load_profile, profile_peak_flops  # noqa: E402
+from pufferfish.resolver.hardware import GIB, Hardware, load_profile, profile_peak_flops  # noqa: E402
+from pufferfish.resolver.plan import _shape  # noqa: E402
+from pufferfish.runlog import git_revision  # noqa: E402
 
 
 def grid(name: str) -> list[tuple[dict, int, Technique]]:
@@ -54,13 +59,15 @@ def grid(name: str) -> list[tuple[dict, int, Technique]]:
     return out
 
 
-def shape_of(mc: ModelConfig, batch: int, t: Technique) -> Shape:
-    moe_layers = sum(mc.is_moe_layer(i) for i in range(mc.num_layers))
-    return Shape(mc.num_layers, mc.num_dims, mc.num_heads, mc.num_kv_heads, mc.ffn_dims, mc.vocab_size, mc.seq_len,
-                 micro_batch=batch, precision=t.precision, grad_ckpt=t.ckpt, chunked_loss=t.chunked,
-                 moe_layers=moe_layers, moe_num_experts=mc.moe_num_experts if moe_layers else 0,
-                 moe_active_experts=mc.moe_active_experts if moe_layers else 0,
-                 moe_expert_ffn_dims=mc.moe_expert_ffn_dims if moe_layers else 0)  # fmt: skip
+def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -> Shape:
+    """The Shape the resolver builds for this model, micro-batch and technique on the profile's GPU."""
+    prof = load_profile(profile)
+    hw = Hardware(profile, "cuda:0", profile, int(float(prof.vram_gb) * GIB), t.precision,
+                  profile_peak_flops(prof, t.precision), float(prof.mfu), False, [], float(prof.compute_capability))  # fmt: skip
+    cfg = SimpleNamespace(attention=SimpleNamespace(sdpa_backend="auto"),
+                          optimizations=SimpleNamespace(chunked_loss=t.chunked, loss_chunk_tokens=4096,
+                                                        compile=bool(t.compile)))  # fmt: skip
+    return _shape(mc.to_dict(), cfg, hw, batch, t.ckpt)
 
 
 def main():
@@ -75,15 +82,19 @@ def main():
     rows = []
     for fields, batch, t in grid(args.grid):
         mc = ModelConfig(**fields)
-        s = shape_of(mc, batch, t)
+        s = shape_of(mc, batch, t, args.profile)
         pred = predict_peak_bytes(s)
         peak_flops = profile_peak_flops(prof, t.precision)  # as the resolver sees it (TF32 for fp32)
+        torch._dynamo.reset()  # compile this shape afresh and static, as a run does
         try:
             step, n = make_train_step(mc, batch, device, t)
             measured = peak_bytes_of_two_steps(step, device)
             timing = time_steps(step, device, warmup=3, steps=6)
         except torch.cuda.OutOfMemoryError:
             print(f"skip (OOM): {fields} B{batch} {t}", flush=True)
+            continue
+        except Exception as e:  # one shape failing to compile must not lose the whole grid
+            print(f"skip ({type(e).__name__}: {str(e)[:300]}): {fields} B{batch} {t}", flush=True)
             continue
         finally:
             step = None
@@ -126,8 +137,8 @@ def main():
     print("\n" + json.dumps({"summary": summary, "suggested": fits}, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary, "suggested": fits,
-                                              "device": torch.cuda.get_device_name(), "torch": torch.__version__},
-                                             indent=2))  # fmt: skip
+                                              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "git": git_revision(), "grid": args.grid}, indent=2))  # fmt: skip
     return 0 if math.isfinite(summary["memory_median_abs_err"]) else 1
 
 
