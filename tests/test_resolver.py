@@ -11,7 +11,7 @@ from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan,
 from pufferfish.resolver.hardware import Hardware, known_profiles, load_profile, nearest_profile
 from pufferfish.resolver.memory import ACTIVATION_CALIBRATION, COMPILED_ACTIVATIONS
 from pufferfish.resolver.plan import kv_heads_for
-from pufferfish.resolver.speed import flops_per_token
+from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
 
 GIB = 2**30
@@ -72,15 +72,36 @@ def test_flops_per_token_convention():
     assert flops_per_token(s) == 6 * count_params(s) + 12 * 2 * 64 * 8
 
 
-def test_speed_model_adds_launch_time_per_layer_on_gpu():
-    from pufferfish.resolver.speed import LAYER_OVERHEAD_S, STEP_OVERHEAD_S, step_seconds
+def test_small_gpu_steps_cost_their_kernel_launches():
+    """A tiny model on a GPU: the host launching kernels binds, whatever the FLOPs; on a CPU the FLOPs do."""
+    s = small_shape(micro_batch=4)  # 2 layers, 32 tokens
+    assert step_seconds(s, 1e12, 0.5, on_gpu=False) == pytest.approx(flops_per_token(s) * 32 / (1e12 * 0.5))
+    assert step_seconds(s, 1e12, 0.5, on_gpu=True) == pytest.approx(3.8e-3 + 2 * 2.6e-3)  # per step + per layer
+    assert step_seconds(replace(s, micro_batch=64), 1e12, 0.5, True) == pytest.approx(9.0e-3)  # batch is free
+    assert step_seconds(replace(s, compiled=True), 1e12, 0.5, True) == pytest.approx(3.8e-3 + 2 * 1.2e-3)
+    assert step_seconds(replace(s, grad_ckpt=True), 1e12, 0.5, True) == pytest.approx(3.8e-3 + 2 * 2.6e-3 * 2.1)
+    moe = replace(s, moe_layers=2, moe_num_experts=4, moe_active_experts=2, moe_expert_ffn_dims=96)
+    assert step_seconds(moe, 1e12, 0.5, True) == pytest.approx(3.8e-3 + 2 * 1.27 * 2.6e-3)
 
-    s = small_shape(micro_batch=4)
-    math_only = flops_per_token(s) * 32 / (1e12 * 0.5)
-    assert step_seconds(s, 1e12, 0.5, on_gpu=False) == pytest.approx(math_only)
-    assert step_seconds(s, 1e12, 0.5, on_gpu=True) == pytest.approx(
-        math_only + STEP_OVERHEAD_S["eager"] + 2 * LAYER_OVERHEAD_S["eager"])
-    assert step_seconds(replace(s, compiled=True), 1e12, 0.5, True) < step_seconds(s, 1e12, 0.5, True)
+
+def test_big_gpu_steps_cost_their_flops_at_a_share_that_grows_with_width():
+    big = Shape(2, 1024, 16, 4, 2816, 32000, 1024, micro_batch=64, precision="bf16", compiled=True)
+    flops, h200 = flops_per_token(big) * 64 * 1024, (989e12, 0.55)
+    assert step_seconds(big, *h200, True) == pytest.approx(flops / (989e12 * 0.55 * 1024 / (1024 + 400)))
+    assert step_seconds(replace(big, compiled=False), *h200, True) == pytest.approx(  # unfused kernels
+        1.7 * flops / (989e12 * 0.55 * 1024 / (1024 + 400)))
+    # with the bandwidth, the roofline's ridge: 2 bytes x 989 TFLOP/s / 4.8 TB/s = 412 dims (4 bytes at TF32's half rate)
+    ridge = 2 * 989e12 / 4.8e12
+    assert step_seconds(big, *h200, True, bandwidth=4.8e12) == pytest.approx(flops / (989e12 * 0.55 * 1024 / (1024 + ridge)))
+    fp32 = replace(big, precision="fp32")
+    assert step_seconds(fp32, 494.5e12, 0.55, True, 4.8e12) == pytest.approx(2 * step_seconds(big, *h200, True, 4.8e12))
+    # FLOP-bound: twice the tokens take twice the time; wider layers reach a larger share of the peak
+    assert step_seconds(replace(big, micro_batch=128), *h200, True) == pytest.approx(2 * step_seconds(big, *h200, True))
+    per_flop = [step_seconds(replace(big, num_dims=d, num_heads=d // 64), *h200, True)
+                / flops_per_token(replace(big, num_dims=d, num_heads=d // 64)) for d in (512, 1024, 2048)]  # fmt: skip
+    assert per_flop[0] > per_flop[1] > per_flop[2]
+    slow_gpu = step_seconds(big, 25.4e12, 0.33, True, 360e9)  # an RTX 3060: its own ridge, 141 dims
+    assert slow_gpu == pytest.approx(flops / (25.4e12 * 0.33 * 1024 / (1024 + 2 * 25.4e12 / 360e9)))
 
 
 def test_profiles_are_known_and_complete():
@@ -133,8 +154,10 @@ def test_more_vram_never_gives_a_smaller_model():
 
 
 def test_more_hours_never_fewer_tokens():
+    # from 1 h: at 0.5 h this card's smallest standard shape gets under one token per parameter, and the plan
+    # leaves the mode's bounds for a smaller model that processes more tokens (a different regime)
     tokens = []
-    for hours in [0.5, 1, 2, 3]:
+    for hours in [1, 1.5, 2, 3]:
         cfg = compose("gpu=rtx3060", "mode=standard", f"mode.target_hours={hours}")
         tokens.append(make_plan(cfg, fake_gpu("rtx3060"), 8192, 10**9).train_tokens)
     assert tokens == sorted(tokens) and tokens[0] < tokens[-1]

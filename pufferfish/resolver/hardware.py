@@ -29,6 +29,7 @@ class Hardware:
     emulated: bool  # the profile is smaller than the real device: memory is capped to it
     notes: list[str]
     compute_capability: float = 0.0  # 0 on cpu
+    bandwidth: float = 0.0  # datasheet memory bandwidth, bytes/s (0 on cpu): the speed model's roofline
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,7 +161,7 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
             notes.append(f"profile {profile} has {vram / GIB:.1f} GiB but only {free / GIB:.1f} GiB is free")
             vram = free
     return Hardware(profile, device, device_name, vram, precision, peak, float(prof.mfu), emulated, notes,
-                    float(prof.compute_capability))  # fmt: skip
+                    float(prof.compute_capability), 1e9 * float(prof.get("bandwidth_gbs", 0) or 0))  # fmt: skip
 
 
 def apply_memory_cap(hw: Hardware) -> None:
