@@ -9,7 +9,7 @@ from pufferfish.errors import ConfigError
 from pufferfish.model import ModelConfig, build_model, count_parameters
 from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes
 from pufferfish.resolver.hardware import Hardware, known_profiles, load_profile, nearest_profile
-from pufferfish.resolver.memory import ACTIVATION_CALIBRATION, COMPILED_ACTIVATIONS
+from pufferfish.resolver.memory import ACTIVATION_CALIBRATION
 from pufferfish.resolver.plan import kv_heads_for
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
@@ -55,8 +55,9 @@ def test_memory_terms_by_hand():
     assert bf.autocast_copies == 2 * P and bf.activations < m.activations
     ck = predict_peak_bytes(replace(s, grad_ckpt=True))
     assert ck.activations == int(k * tokens * (2 * 4 * 64 + per_layer + 2 * 4 * 64))
-    compiled = predict_peak_bytes(replace(s, compiled=True))
-    assert compiled.activations == pytest.approx(COMPILED_ACTIVATIONS * m.activations, abs=1)
+    compiled = predict_peak_bytes(replace(s, compiled=True))  # 0.55 of the eager step's: measured on the H200
+    assert compiled.activations == int(0.55 * k * tokens * (2 * per_layer + 2 * 4 * 64))
+    assert compiled.logits == int(0.55 * k * tokens * 100 * 12)
     math_attn = predict_peak_bytes(replace(s, attention_math=True))
     assert math_attn.attention_scores == 2 * 2 * 4 * 8 * 8 * 4 * 2
 
