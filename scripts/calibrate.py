@@ -2,6 +2,8 @@
 
     python scripts/calibrate.py --grid fit --out fit.json      # measure; print the constants that fit
     python scripts/calibrate.py --grid check --out check.json  # a different grid: the errors we report
+    python scripts/calibrate.py --grid check2 --out check2.json  # a third, weighted to what plans use
+    python scripts/calibrate.py --grid check2 --list            # the grid and its predictions, no GPU
 
 Memory is `torch.cuda.max_memory_allocated` over two steps from a clean start; speed is the median of
 timed steps after warm-up. Every shape compiles afresh (static shapes, as a run compiles once): reusing
@@ -27,7 +29,7 @@ from pufferfish.bench import Technique, make_train_step, peak_bytes_of_two_steps
 from pufferfish.model import ModelConfig  # noqa: E402
 from pufferfish.resolver import Shape, predict_peak_bytes, predict_tokens_per_s  # noqa: E402
 from pufferfish.resolver.hardware import GIB, Hardware, load_profile, profile_peak_flops  # noqa: E402
-from pufferfish.resolver.plan import _shape  # noqa: E402
+from pufferfish.resolver.plan import _shape, kv_heads_for  # noqa: E402
 from pufferfish.runlog import git_revision  # noqa: E402
 
 
@@ -35,6 +37,8 @@ def grid(name: str) -> list[tuple[dict, int, Technique]]:
     """(model fields, micro-batch, technique): depth, width, batch, length, precision, ckpt, GQA, MoE, compile."""
     fp32, bf16 = Technique("fp32", fused=True), Technique("bf16", fused=True)
     ck, comp = replace(bf16, ckpt=True), replace(bf16, compile="step", chunked=True)
+    if name == "check2":
+        return check2_grid()
     if name == "fit":
         rows = [(L, d, B, T, t) for (L, d, B, T) in [(4, 256, 16, 512), (12, 768, 8, 512), (8, 512, 8, 1024),
                                                      (24, 768, 4, 1024), (6, 1024, 8, 512), (12, 512, 32, 256)]
@@ -59,6 +63,36 @@ def grid(name: str) -> list[tuple[dict, int, Technique]]:
     return out
 
 
+def check2_grid() -> list[tuple[dict, int, Technique]]:
+    """A third grid, none of its shapes in the other two, weighted to what the planner runs on Ampere/Hopper:
+    bf16 with the whole step compiled (`optimizations=all`), some with checkpointing (`lean`); a few eager
+    bf16 and bf16+checkpointing steps, two fp32 and two MoE. GQA as `attention=gqa` gives it. Compilation
+    dominates the time (~2.5 s per compiled layer on the H200 host: ~3-4 minutes), so ten shapes compile."""
+    bf16 = Technique("bf16", fused=True)
+    comp = replace(bf16, compile="step")  # optimizations=all
+    lean = replace(comp, ckpt=True, chunked=True)  # optimizations=lean
+    ck, fp32 = replace(bf16, ckpt=True), Technique("fp32", fused=True)
+    rows = [  # layers, dims, batch, seq, technique
+        (2, 1280, 8, 2048, comp), (3, 256, 64, 256, comp), (5, 640, 32, 512, comp), (8, 1152, 16, 1024, comp),
+        (12, 384, 64, 256, comp), (16, 768, 8, 1024, comp),
+        (4, 1024, 4, 2048, lean), (6, 512, 32, 512, lean), (14, 896, 16, 1024, lean),
+        (3, 1280, 16, 1024, bf16), (7, 896, 2, 2048, bf16), (10, 256, 32, 512, bf16), (18, 640, 4, 1024, bf16),
+        (26, 512, 64, 256, bf16), (30, 640, 8, 512, bf16),
+        (2, 1024, 64, 256, ck), (5, 1152, 8, 1024, ck), (9, 768, 2, 2048, ck), (22, 384, 16, 512, ck),
+        (28, 1024, 8, 512, ck),
+        (16, 1280, 16, 512, fp32), (24, 256, 16, 1024, fp32),
+    ]  # fmt: skip
+    out = []
+    for L, d, B, T, t in rows:
+        heads = d // 64
+        kv = kv_heads_for(heads, SimpleNamespace(heads_per_kv_head=4))
+        out.append((dict(num_layers=L, num_dims=d, num_heads=heads, num_kv_heads=kv, vocab_size=32000, seq_len=T), B, t))
+    moe = dict(use_moe=True, moe_num_experts=8, moe_active_experts=2)
+    out += [(dict(num_layers=4, num_dims=640, num_heads=10, num_kv_heads=2, vocab_size=32000, seq_len=1024, **moe), 16, comp),
+            (dict(num_layers=10, num_dims=512, num_heads=8, num_kv_heads=2, vocab_size=32000, seq_len=512, **moe), 16, bf16)]  # fmt: skip
+    return out
+
+
 def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -> Shape:
     """The Shape the resolver builds for this model, micro-batch and technique on the profile's GPU."""
     prof = load_profile(profile)
@@ -72,13 +106,16 @@ def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=["fit", "check"], default="check")
+    p.add_argument("--grid", choices=["fit", "check", "check2"], default="check")
     p.add_argument("--profile", default="h200")
     p.add_argument("--out")
+    p.add_argument("--list", action="store_true", help="print the grid with predicted GiB and tokens/s; run nothing")
     args = p.parse_args()
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     prof = load_profile(args.profile)
+    if args.list:
+        return list_grid(args.grid, args.profile)
     rows = []
     for fields, batch, t in grid(args.grid):
         mc = ModelConfig(**fields)
@@ -140,6 +177,22 @@ def main():
                                               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "git": git_revision(), "grid": args.grid}, indent=2))  # fmt: skip
     return 0 if math.isfinite(summary["memory_median_abs_err"]) else 1
+
+
+def list_grid(name: str, profile: str) -> int:
+    prof = load_profile(profile)
+    print("| layers | dims | heads/kv | batch x seq | technique | MoE | predicted GiB | predicted tokens/s |")
+    print("|" + "---|" * 8)
+    largest = compiled_layers = 0
+    for fields, batch, t in grid(name):
+        s = shape_of(ModelConfig(**fields), batch, t, profile)
+        gib = predict_peak_bytes(s).total / GIB
+        tps = predict_tokens_per_s(s, profile_peak_flops(prof, t.precision), float(prof.mfu), True)
+        largest, compiled_layers = max(largest, gib), compiled_layers + (s.num_layers if t.compile else 0)
+        print(f"| {s.num_layers} | {s.num_dims} | {s.num_heads}/{s.num_kv_heads} | {batch} x {s.seq_len} | "
+              f"{_key(asdict(t))} | {'8e top-2' if s.moe_layers else ''} | {gib:.2f} | {tps:,.0f} |")  # fmt: skip
+    print(f"\n{len(grid(name))} shapes, largest {largest:.1f} GiB, {compiled_layers} compiled layers")
+    return 0
 
 
 def _key(t: dict) -> str:

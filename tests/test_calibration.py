@@ -1,0 +1,50 @@
+"""The calibration scripts: the check2 grid is new and fits its memory; the refit script re-predicts rows."""
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pufferfish.model import ModelConfig
+from pufferfish.resolver import predict_peak_bytes, speed
+from pufferfish.resolver.hardware import load_profile, profile_peak_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import calibrate  # noqa: E402
+import fit_speed_model  # noqa: E402
+
+
+def key(fields: dict, batch: int, t) -> tuple:
+    return (fields["num_layers"], fields["num_dims"], batch, fields["seq_len"], t.ckpt, bool(t.compile))
+
+
+def test_check2_grid_is_new_planner_like_and_fits_40_gib():
+    rows = calibrate.grid("check2")
+    old = {key(*r)[:4] for name in ("fit", "check") for r in calibrate.grid(name)}
+    assert len(rows) == 24 and not old & {key(*r)[:4] for r in rows}
+    assert sum(bool(t.compile) for _, _, t in rows) == 10  # compilation dominates the grid's time
+    assert sum(t.precision == "fp32" for _, _, t in rows) == 2 and sum("use_moe" in f for f, _, _ in rows) == 2
+    for fields, batch, t in rows:
+        assert 2 <= fields["num_layers"] <= 30 and 256 <= fields["num_dims"] <= 1280
+        assert 2 * 2048 <= batch * fields["seq_len"] <= 64 * 256 and 256 <= fields["seq_len"] <= 2048
+        s = calibrate.shape_of(ModelConfig(**fields), batch, t)
+        assert s.compiled == bool(t.compile) and predict_peak_bytes(s).total < 40 * 2**30
+
+
+def test_fit_script_reprints_rows_the_model_predicts_exactly(tmp_path, capsys):
+    prof = load_profile("h200")
+    rows = []
+    for fields, batch, t in calibrate.grid("check2")[:4]:
+        s = calibrate.shape_of(ModelConfig(**fields), batch, t)
+        tps = speed.predict_tokens_per_s(s, profile_peak_flops(prof, t.precision), prof.mfu, True)
+        rows.append({**fields, "batch": batch, "technique": asdict(t), "measured_peak": predict_peak_bytes(s).total,
+                     "measured_tps": tps})  # fmt: skip
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"rows": rows, "git": "test"}))
+    before = dict(speed.HOST_LAYER_S), speed.HALF_SHARE_DIMS
+    assert fit_speed_model.main(["--fit", str(path), "--check", str(path), "--refit"]) == 0
+    out = capsys.readouterr().out
+    assert "check grid (held out)                         median  0.0%, worst  0.0% (4 rows)" in out
+    assert "memory  fit and check grids together" in out and "refit on 4 fit-grid rows" in out
+    assert (dict(speed.HOST_LAYER_S), speed.HALF_SHARE_DIMS) == before  # the refit is undone on return
+
