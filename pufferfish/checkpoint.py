@@ -72,13 +72,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def restore_training_state(state: dict, path: Path, model, optimizer, scaler) -> None:
-    """Model, optimizer, grad scaler and every RNG from a checkpoint (the loop restores its counters)."""
+    """Model, optimizer, grad scaler and every RNG from a checkpoint (the loop restores its counters).
+    A sharded model (FSDP2) takes its shards of the full state dict: every rank calls this."""
+    from .sharding import load_full_state
+
     try:
-        model.load_state_dict(state["model"])
+        load_full_state(model, optimizer, state["model"], state["optimizer"])
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); "
                               f"start a new run directory") from None  # fmt: skip
-    optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
 

@@ -149,6 +149,7 @@ class TrainConfig:
     max_bad_steps: int = 3  # NaN/Inf steps in a row (each skipped) before rolling back to the last checkpoint
     sample_tokens: int = 64  # tokens sampled at the end of the run; 0 = none
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: str = "ddp"  # torchrun: ddp (a whole model per rank) | fsdp2 (weights, grads, optimizer sharded)
     progress: bool = True
     measure_steps: int = 2  # job=measure: training steps run (peak memory over all; tokens/s after warm-up)
     measure_batches: str = "random"  # job=measure: random (tokens, no data preparation) | data (the real loader)

@@ -1,12 +1,14 @@
 """Data parallelism: `torchrun --nproc_per_node=N -m pufferfish.train ...` (or submitit's tasks).
 
-Every rank holds the whole model (DDP); rank r reads the micro-batches r, r+N, r+2N, ... of the one
-sample stream, so N ranks together see exactly the batches one process would, and the resolver plans
-the global batch across them. Rank 0 alone writes the run directory.
+Every rank holds the whole model (DDP), or 1/N of it (FSDP2, `train.parallel=fsdp2`: sharding.py);
+rank r reads the micro-batches r, r+N, r+2N, ... of the one sample stream, so N ranks together see
+exactly the batches one process would, and the resolver plans the global batch across them. Rank 0
+alone writes the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -58,13 +60,26 @@ def mean_across(world: World, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def wrap(model, world: World, device: str):
-    """DDP around the pure model; the pure model stays the one that is saved and evaluated."""
+def wrap(model, world: World, device: str, parallel: str = "ddp", precision: str = "fp32"):
+    """DDP around the pure model, which stays the one that is saved and evaluated; or, with
+    parallel="fsdp2", the model itself sharded in place (pufferfish/sharding.py)."""
     if not world.enabled:
         return model
+    if parallel == "fsdp2":
+        from .sharding import shard
+
+        return shard(model, world.size, device, precision)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[world.local_rank] if device.startswith("cuda") else None)
+
+
+def gradient_sync(parallel, last: bool):
+    """DDP all-reduces once a step, after the last micro-batch. FSDP2 reduce-scatters after every one:
+    keeping the full gradients across micro-batches would cost the memory that sharding saves."""
+    if last or not hasattr(parallel, "no_sync"):  # one process, or FSDP2
+        return contextlib.nullcontext()
+    return parallel.no_sync()
 
 
 def same_on_all(world: World, value):

@@ -9,7 +9,6 @@ them rolls back to the last checkpoint; a preemption signal ends the step, saves
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from .checkpoint import (
 from .data import prepare_data
 from .data.loader import TrainBatches, val_batches
 from .data.tokenizer import Tokenizer
-from .distributed import agree_to_stop, barrier, init_world, mean_across, same_on_all, wrap
+from .distributed import agree_to_stop, barrier, gradient_sync, init_world, mean_across, same_on_all, wrap
 from .distributed import close as close_world
 from .errors import ConfigError, exit_on_user_error
 from .loggers import attach_loggers
@@ -64,6 +63,8 @@ from .run import (
 )
 from .runlog import MetricsLog, git_revision, peak_memory_bytes
 from .schedule import lr_at
+from .sharding import full_state, plain, unsharded
+from .sharding import grad_scaler as sharded_grad_scaler
 from .transforms import apply_speed_transforms, autocast, compile_step, grad_scaler, sdpa_backend
 from .validate import check_overrides, validate
 
@@ -109,10 +110,11 @@ def train(cfg: DictConfig) -> dict:
             apply_memory_cap(Hardware(**hw))
     torch.manual_seed(tc.seed)
     model = build_model(plan.model_config(), device)  # the pure model: checkpoints save its state
-    applied = apply_speed_transforms(model, plan.grad_ckpt, False, device)  # compile: the whole step, below
-    parallel = wrap(model, world, device)  # DDP when there are several ranks; the same model otherwise
-    optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw, device)
-    scaler = grad_scaler(precision, device)
+    sharded = world.enabled and tc.parallel == "fsdp2"  # FSDP2 compiles block by block, before sharding
+    applied = apply_speed_transforms(model, plan.grad_ckpt, cfg.optimizations.compile and sharded, device)
+    parallel = wrap(model, world, device, tc.parallel, precision)  # DDP or FSDP2 with several ranks, else model
+    optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw, device)  # after FSDP2
+    scaler = sharded_grad_scaler(precision, device) if sharded else grad_scaler(precision, device)
     ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
     val_tokens = min(tc.eval_tokens, data.val_tokens)
@@ -145,8 +147,9 @@ def train(cfg: DictConfig) -> dict:
         with sdpa_backend(cfg.attention.sdpa_backend):
             return evaluate(model, batches, ctx, data.val_bytes_per_token)
 
-    def checkpoint_state():
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    def checkpoint_state():  # FSDP2: a collective; only rank 0 gets the (ordinary, full) state dicts
+        weights, optimizer_state = full_state(model, optimizer)
+        return {"model": weights, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                 "step": step, "tokens": tokens_seen, "elapsed_s": elapsed,
                 "sample": loader.sample - world.rank * plan.micro_batch,  # the stream's position, rank 0's
                 "skipped_steps": skipped, "rng": rng_state(), "model_config": plan.model,
@@ -157,8 +160,8 @@ def train(cfg: DictConfig) -> dict:
             loss = lm_loss(parallel, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
             return loss + moe_aux_loss(model)
 
-    micro_loss = compile_step(micro_loss, cfg.optimizations.compile, device)
-    if cfg.optimizations.compile and device.startswith("cuda"):
+    micro_loss = compile_step(micro_loss, cfg.optimizations.compile and not sharded, device)
+    if cfg.optimizations.compile and not sharded and device.startswith("cuda"):
         applied.append("torch.compile (forward + loss)")
 
     def forward_backward() -> torch.Tensor:
@@ -167,15 +170,16 @@ def train(cfg: DictConfig) -> dict:
         for i in range(plan.grad_accum):
             x, y = loader.next()
             last = i == plan.grad_accum - 1
-            with contextlib.nullcontext() if last or not world.enabled else parallel.no_sync():  # sync once a step
+            with gradient_sync(parallel, last):  # DDP: once a step; FSDP2: every micro-batch
                 loss = micro_loss(x, y)
                 scaler.scale(loss / plan.grad_accum).backward()
             total += loss.detach()
         return total / plan.grad_accum
 
     def save() -> None:
+        state = checkpoint_state()  # every rank: FSDP2 gathers the full state dicts onto rank 0
         if world.is_main:
-            save_checkpoint(ckpt_dir, checkpoint_state(), step, tc.keep_checkpoints)
+            save_checkpoint(ckpt_dir, state, step, tc.keep_checkpoints)
 
     if not found:  # a first checkpoint now: a disk that cannot hold one fails here, and a rollback has a target
         save()
@@ -226,7 +230,7 @@ def train(cfg: DictConfig) -> dict:
                 loader.close()
                 loader = train_batches(step_start)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            grad_norm = plain(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))  # FSDP2: a DTensor
             step_loss = mean_across(world, step_loss)  # every rank sees the same loss, so all skip or none
             finite, step_loss, grad_norm = step_is_finite(step_loss, grad_norm, scaler.is_enabled())
             rollback = False
@@ -307,9 +311,10 @@ def train(cfg: DictConfig) -> dict:
     if finished:
         result.update(run_eval(min(tc.eval_tokens, data.val_tokens)))  # the final number: the full eval set
         log.log({"kind": "eval", "step": step, "tokens": tokens_seen, "final": True, **result})
+        sampler = unsharded(model, world, device) if tc.sample_tokens else None  # FSDP2: every rank gathers
         if tc.sample_tokens and world.is_main:
             tokenizer = Tokenizer.load(data.tokenizer_path)
-            result["sample"] = write_sample(model, tokenizer, cfg.data.prompt, tc.sample_tokens, device, tc.seed,
+            result["sample"] = write_sample(sampler, tokenizer, cfg.data.prompt, tc.sample_tokens, device, tc.seed,
                                             run_dir / "sample.txt")  # fmt: skip
             print(f"\nSample ({tc.sample_tokens} tokens):\n{result['sample']}\n")
     log.close()  # also finishes the mirrors (one W&B run per job, even in a multirun)

@@ -110,6 +110,7 @@ RULES = {
     "train.keep_checkpoints": (lambda v: _number(v) and v >= 0, "a whole number >= 0 (0 keeps every checkpoint)"),
     "train.max_bad_steps": whole(1),
     "train.sample_tokens": whole(0, 100_000),
+    "train.parallel": one_of("ddp", "fsdp2"),
 }
 MOE_RULES = {  # only when moe.enabled
     "moe.num_experts": whole(1, 1024),

@@ -30,8 +30,14 @@ def test_ranks_interleave_into_the_single_process_stream(tmp_path):
         loader.close()
 
 
-def test_two_process_gloo_run_matches_one_process_and_only_rank_0_writes(tmp_path, cache_dir):
-    """torchrun with 2 CPU processes (gloo) at the same global batch: the same losses as one process."""
+# a few seconds of training at one global batch: 16 sequences a step, 4 to a micro-batch
+COMMON = ["train.max_steps=6", "train.log_interval=1", "train.eval_interval=3", "train.batch_tokens=2048",
+          "train.micro_batch=4", "train.sample_tokens=8", "optimizations.prefetch_batches=0"]  # fmt: skip
+FSDP2 = "train.parallel=fsdp2"
+
+
+def launch(run, cache_dir, nproc: int, *extra: str) -> list[tuple]:
+    """torchrun with `nproc` CPU processes (gloo); the run's train and eval lines."""
     import os
     import subprocess
     import sys
@@ -39,22 +45,56 @@ def test_two_process_gloo_run_matches_one_process_and_only_rank_0_writes(tmp_pat
     from pufferfish.runlog import read_metrics
     from tests.conftest import ROOT, tiny_overrides
 
-    common = ["train.max_steps=6", "train.log_interval=1", "train.eval_interval=3", "train.batch_tokens=2048",
-              "train.micro_batch=4", "train.sample_tokens=0", "optimizations.prefetch_batches=0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    args = [*tiny_overrides(run, cache_dir, *COMMON, *extra), f"hydra.run.dir={run}"]
+    proc = subprocess.run([*launcher, "-m", "pufferfish.train", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "Error" in line or "error" in line)[-3000:]
+    return [(r["kind"], r["step"], r.get("train_loss"), r.get("val_loss"), r.get("grad_norm"))
+            for r in read_metrics(run / "metrics.jsonl") if r["kind"] in ("train", "eval")]  # fmt: skip
 
-    def launch(run, nproc):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        args = [*tiny_overrides(run, cache_dir, *common), f"hydra.run.dir={run}"]
-        proc = subprocess.run([*launcher, "-m", "pufferfish.train", *args], capture_output=True, text=True,
-                              timeout=300, cwd=ROOT, env=env)  # fmt: skip
-        assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "Error" in line or "error" in line)[-3000:]
-        return [(r["kind"], r["step"], r.get("train_loss"), r.get("val_loss"))
-                for r in read_metrics(run / "metrics.jsonl") if r["kind"] in ("train", "eval")]  # fmt: skip
 
-    one, two = launch(tmp_path / "one", 1), launch(tmp_path / "two", 2)
-    assert [r[:2] for r in one] == [r[:2] for r in two]  # every line once: rank 1 wrote nothing
-    for a, b in zip(one, two):  # the summation order of the gradient differs: rounding only
-        assert (b[2] or b[3]) == pytest.approx(a[2] or a[3], rel=1e-4)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache_dir) -> list[tuple]:
+    return launch(tmp_path_factory.mktemp("one"), cache_dir, 1)
+
+
+def assert_same_run(one: list[tuple], other: list[tuple]) -> None:
+    assert [r[:2] for r in one] == [r[:2] for r in other]  # every line once: rank 1 wrote nothing
+    for a, b in zip(one, other):  # the summation order of the gradient differs: rounding only
+        for x, y in zip(a[2:], b[2:]):
+            assert y == pytest.approx(x, rel=1e-4)
+
+
+def test_two_process_gloo_run_matches_one_process_and_only_rank_0_writes(tmp_path, cache_dir, one_process):
+    """torchrun with 2 CPU processes (gloo) at the same global batch: the same losses as one process."""
+    assert_same_run(one_process, launch(tmp_path / "two", cache_dir, 2))
     plan = json.loads((tmp_path / "two" / "plan.json").read_text())
     assert plan["world_size"] == 2 and plan["micro_batch"] * 2 * plan["grad_accum"] * plan["seq_len"] == 2048
+
+
+def test_fsdp2_matches_one_process_and_checkpoints_resume_across_world_sizes(tmp_path, cache_dir, one_process):
+    """FSDP2 on 2 gloo processes, stopped at step 2, resumed in one process to step 4, then under FSDP2 again
+    to the end: every loss and gradient norm where the uninterrupted single process had it (within 1e-4),
+    each line written once, and the checkpoints ordinary full state dicts."""
+    import torch
+
+    run = tmp_path / "fsdp2"
+    launch(run, cache_dir, 2, FSDP2, "train.stop_at_step=2")
+    launch(run, cache_dir, 1, "train.stop_at_step=4")  # the FSDP2 checkpoint in one process
+    assert_same_run(one_process, launch(run, cache_dir, 2, FSDP2))  # and one process's under FSDP2
+    plan = json.loads((run / "plan.json").read_text())  # the global batch kept on each world size
+    assert plan["world_size"] == 2 and plan["micro_batch"] * 2 * plan["grad_accum"] * plan["seq_len"] == 2048
+    state = torch.load(run / "checkpoints" / "step_00000006.pt", weights_only=False)
+    assert not any(hasattr(t, "full_tensor") for t in state["model"].values())  # plain tensors, no DTensors
+    assert sorted(state["optimizer"]["state"]) == list(range(len(state["optimizer"]["state"])))  # numbered
+    assert (run / "sample.txt").read_text()  # rank 0 sampled from the gathered weights; no rank waited
+
+
+def test_an_unknown_parallel_strategy_names_the_allowed_ones():
+    from pufferfish.errors import ConfigError
+    from pufferfish.validate import validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match="train.parallel='zero3'.*ddp, fsdp2"):
+        validate(compose("train.parallel=zero3"))
