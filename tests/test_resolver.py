@@ -62,6 +62,28 @@ def test_memory_terms_by_hand():
     assert math_attn.attention_scores == 2 * 2 * 4 * 8 * 8 * 4 * 2
 
 
+def test_fsdp2_shards_weights_gradients_and_optimizer_state():
+    s = small_shape(micro_batch=2)
+    P, layer = count_params(s), 2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 + 3 * 64 * 192
+    one, four = predict_peak_bytes(s), predict_peak_bytes(replace(s, shards=4))
+    gathered = 4 * (100 * 64 + 2 * layer)  # fp32: the root's tied embedding and two blocks, in full
+    assert (four.weights, four.gradients, four.optimizer) == (P + gathered, P + gathered, 2 * P)
+    assert (four.activations, four.logits) == (one.activations, one.logits)  # each rank's own micro-batch
+    bf = predict_peak_bytes(replace(s, shards=4, precision="bf16"))
+    assert bf.autocast_copies == 0 and bf.weights == P + gathered // 2  # gathered in bf16: nothing to cast
+
+
+def test_fsdp2_plans_each_gpu_for_its_shard():
+    fixed = ("gpu=gtx1650", "mode=standard", "model.num_layers=24", "model.num_dims=768")
+    hw = fake_gpu("gtx1650", "fp16")
+    ddp = make_plan(compose(*fixed), hw, 8192, 10**9, world_size=8)
+    fsdp = make_plan(compose(*fixed, "train.parallel=fsdp2"), hw, 8192, 10**9, world_size=8)
+    assert fsdp.memory_breakdown["optimizer"] == ddp.memory_breakdown["optimizer"] // 8 == fsdp.params  # 8 B / 8
+    assert fsdp.predicted_peak_bytes <= fsdp.vram_bytes and "sharded over 8 (FSDP2)" in fsdp.reasons["memory"]
+    assert make_plan(compose(*fixed, "train.parallel=fsdp2"), hw, 8192, 10**9).memory_breakdown == \
+        make_plan(compose(*fixed), hw, 8192, 10**9).memory_breakdown  # one process: nothing to shard  # fmt: skip
+
+
 def test_chunked_loss_caps_logit_memory():
     s = small_shape(micro_batch=64, seq_len=256, vocab_size=32000)
     full, chunked = predict_peak_bytes(s), predict_peak_bytes(replace(s, chunked_loss=True, loss_chunk_tokens=1024))

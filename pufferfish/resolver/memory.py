@@ -43,6 +43,7 @@ class Shape:
     moe_active_experts: int = 0
     moe_expert_ffn_dims: int = 0
     moe_shared_expert: bool = False
+    shards: int = 1  # FSDP2 (train.parallel=fsdp2): ranks the weights, gradients and AdamW state are split over
 
     @property
     def kv_dims(self) -> int:
@@ -114,6 +115,16 @@ def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
     tokens = s.micro_batch * s.seq_len
     weights, grads, optim = 4 * P, 4 * P, 8 * P  # fp32 master weights, fp32 grads, AdamW m and v
     autocast = 2 * P if s.precision != "fp32" else 0  # 16-bit weight copies cached by autocast
+    if s.shards > 1:  # FSDP2: each rank keeps 1/N of those, and gathers full weights (and gets full gradients
+        # before the reduce-scatter) of the root, the tied embedding, kept all step, and of two blocks at a
+        # time, the one running and the next, prefetched. bf16 gathers in bf16, so autocast copies nothing.
+        # An estimate from the sharding scheme: FSDP2 peaks have not been measured on GPUs yet
+        kinds = [False] * (s.moe_layers < s.num_layers) + [True] * (s.moe_layers > 0)  # dense, MoE layers
+        layer = max(_layer_params(s, moe, active=False) for moe in kinds)
+        gathered = (s.vocab_size * s.num_dims + 2 * layer) * (2 if s.precision == "bf16" else 4)
+        weights, grads = -(-weights // s.shards) + gathered, -(-grads // s.shards) + gathered
+        optim = -(-optim // s.shards)
+        autocast = 0 if s.precision == "bf16" else autocast
     per_token = {
         False: activation_bytes_per_token(s, moe=False),
         True: activation_bytes_per_token(s, moe=True),

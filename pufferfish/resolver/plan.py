@@ -72,7 +72,7 @@ class Plan:
         return cls(**d)
 
 
-def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool) -> Shape:
+def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1) -> Shape:
     moe_layers = sum(ModelConfig.from_dict(mc).is_moe_layer(i) for i in range(mc["num_layers"])) if mc["use_moe"] else 0
     return Shape(
         num_layers=mc["num_layers"], num_dims=mc["num_dims"], num_heads=mc["num_heads"],
@@ -85,7 +85,7 @@ def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool) -> Sh
         moe_num_experts=mc["moe_num_experts"] if moe_layers else 0,
         moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
-        moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0,
+        moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
     )  # fmt: skip
 
 
@@ -125,10 +125,10 @@ def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
     return [(L, d) for L in layers for d in dims]
 
 
-def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int) -> int:
+def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1) -> int:
     """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of 4 (8
     from 32 up) so an out-of-memory back-off can halve it; train.micro_batch is kept as given."""
-    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt)).total <= budget_bytes  # noqa: E731
+    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt, shards)).total <= budget_bytes  # noqa: E731
     if cfg.train.micro_batch:
         return cap if fits(cap) else 0
     if not fits(1):
@@ -159,16 +159,18 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if ckpt_policy not in ("never", "auto", "always"):
         raise ConfigError(f"optimizations.grad_ckpt={ckpt_policy!r}; allowed: never, auto, always")
     compute_s = budget_s * (1 - OVERHEAD_SHARE)
+    # FSDP2 splits weights, gradients and AdamW state across the ranks: each GPU holds 1/shards of them
+    shards = world_size if train.get("parallel", "ddp") == "fsdp2" else 1
 
     def score_candidates(relaxed: bool) -> list:
         scored = []
         for L, d in _candidates(cfg, relaxed):
             mc = model_dict(cfg, L, d, vocab, seq_len)
             for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
-                mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap=train.micro_batch or MAX_MICRO_BATCH)
+                mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, train.micro_batch or MAX_MICRO_BATCH, shards)
                 if mb == 0:
                     continue
-                shape = _shape(mc, cfg, hw, mb, ckpt)
+                shape = _shape(mc, cfg, hw, mb, ckpt, shards)
                 tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu) * world_size
                 tokens = tps * compute_s
                 n = count_params(shape)
@@ -184,7 +186,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if best is None or undertrained:
         smallest = _candidates(cfg)[0]
         if best is None:
-            need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True)).total
+            need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True, shards)).total
             why = (f"mode={mode.name}'s smallest shape ({smallest[0]} x {smallest[1]}) needs about "
                    f"{need / 2**30:.2f} GiB at micro-batch 1; gpu={hw.profile} leaves {mem_budget / 2**30:.2f} GiB")
         else:
@@ -197,7 +199,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if not scored:
         smallest = _candidates(cfg, relaxed=True)[0]
         micro = train.micro_batch or 1
-        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, micro, True)).total
+        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, micro, True, shards)).total
         fix = "a smaller train.micro_batch (or null: the largest that fits)" if train.micro_batch else \
             "a smaller mode, a shorter model.seq_len, or optimizations=lean"  # fmt: skip
         raise ConfigError(
@@ -268,6 +270,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     reasons["lr"] = f"{lr:.2e}: " + ("set by you" if cfg.optim.lr else "6e-4 at 768 dims, scaled by 1/width, capped at 3e-3")
     reasons["memory"] = (f"predicted peak {peak.total / 2**30:.2f} GiB of {hw.vram_bytes / 2**30:.2f} GiB "
                          f"({'emulated ' if hw.emulated else ''}{hw.profile})")  # fmt: skip
+    if shards > 1:
+        reasons["memory"] += f" per GPU: weights, gradients and AdamW state sharded over {shards} (FSDP2)"
     return Plan(
         model=mc, params=n, active_params=n_active, precision=hw.precision, grad_ckpt=ckpt, seq_len=seq_len,
         micro_batch=micro, grad_accum=accum, batch_tokens=batch_tokens, steps=steps, train_tokens=train_tokens,
