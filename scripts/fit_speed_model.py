@@ -2,6 +2,7 @@
 
     python scripts/fit_speed_model.py --fit fit.json --check check.json --predates fit.json   # committed models' errors
     python scripts/fit_speed_model.py --fit fit.json --check check.json --predates fit.json --refit
+    python scripts/fit_speed_model.py --fit fit.json --check check.json check2.json --predates fit.json
     python scripts/fit_speed_model.py --bench bench124.json bench350.json ...   # bench_throughput rows, held out too
     python scripts/fit_speed_model.py --count-ops   # ops an MoE / checkpointed block launches per dense block's
 
@@ -44,7 +45,7 @@ FITTED = [("HALF_SHARE_DIMS", None), ("HOST_STEP_S", None), ("HOST_LAYER_S", "ea
 
 @dataclass
 class Row:
-    source: str  # fit | check | bench
+    source: str  # fit | the held-out grid's name (check, check2, ...) | bench
     shape: Shape
     technique: Technique
     measured_step_s: float
@@ -61,8 +62,10 @@ class Row:
                 f"{tech:40s}{' MoE' if s.moe_layers else '    '}")  # fmt: skip
 
 
-def load_calibrate(path: str, source: str, predates: bool) -> list[Row]:
+def load_calibrate(path: str, source: str | None, predates: bool) -> list[Row]:
+    """Rows of a calibrate.py JSON; source None: the grid it records (check before it recorded one)."""
     data = json.loads(Path(path).read_text())
+    source = source or data.get("grid", "check")
     rows, compiled_before = [], False
     for r in data["rows"]:
         t = Technique(**r["technique"])
@@ -143,21 +146,20 @@ def print_table(rows: list[Row]) -> None:
 
 def summarize(rows: list[Row]) -> None:
     counted = [r for r in rows if not r.skip]
-    by = {src: [r for r in counted if r.source == src] for src in ("fit", "check", "bench")}
-    role = {"fit": "fit grid (the constants were fitted on it)", "check": "check grid (held out)",
-            "bench": "bench_throughput rows (held out)"}  # fmt: skip
+    by = {src: [r for r in counted if r.source == src] for src in dict.fromkeys(r.source for r in counted)}
+    grids = [src for src in by if src != "bench"]
+    role = {src: f"{src} grid (held out)" for src in grids} | {
+        "fit": "fit grid (the constants were fitted on it)", "bench": "bench_throughput rows (held out)"}  # fmt: skip
+    together = f"{' and '.join(grids)} grids together"
     print()
     for src, sel in by.items():
-        if sel:
-            print(f"speed   {role[src]:45s} {stats([speed_err(r) for r in sel])}")
-    if by["fit"] and by["check"]:
-        both = by["fit"] + by["check"]
-        print(f"speed   {'fit and check grids together':45s} {stats([speed_err(r) for r in both])}")
-    for src in ("fit", "check"):
-        if by[src]:
-            print(f"memory  {role[src]:45s} {stats([memory_err(r) for r in by[src]])}")
-    if by["fit"] and by["check"]:
-        print(f"memory  {'fit and check grids together':45s} {stats([memory_err(r) for r in by['fit'] + by['check']])}")
+        print(f"speed   {role[src]:45s} {stats([speed_err(r) for r in sel])}")
+    if len(grids) > 1:
+        print(f"speed   {together:45s} {stats([speed_err(r) for g in grids for r in by[g]])}")
+    for src in grids:
+        print(f"memory  {role[src]:45s} {stats([memory_err(r) for r in by[src]])}")
+    if len(grids) > 1:
+        print(f"memory  {together:45s} {stats([memory_err(r) for g in grids for r in by[g]])}")
     skipped = [r for r in rows if r.skip]
     if skipped:
         print(f"({len(skipped)} rows shown, not counted: {', '.join(sorted({r.skip for r in skipped}))})")
@@ -311,7 +313,7 @@ def main(argv=None) -> int:
     old = {str(Path(f).resolve()) for f in args.predates}
     rows = load_calibrate(args.fit, "fit", str(Path(args.fit).resolve()) in old) if args.fit else []
     for f in args.check:
-        rows += load_calibrate(f, "check", str(Path(f).resolve()) in old)
+        rows += load_calibrate(f, None, str(Path(f).resolve()) in old)
     for f in args.bench:
         rows += load_bench(f, str(Path(f).resolve()) in old)
     if not rows:
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
         print_table(rows)
         summarize(rows)
         eager_gpu_factor(rows)
-        compiled_activation_factor([r for r in rows if r.source in ("fit", "check")])
+        compiled_activation_factor([r for r in rows if r.source != "bench"])
     finally:
         for (name, key), value in committed.items():
             _set(name, key, value)

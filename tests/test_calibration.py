@@ -40,11 +40,11 @@ def test_fit_script_reprints_rows_the_model_predicts_exactly(tmp_path, capsys):
         rows.append({**fields, "batch": batch, "technique": asdict(t), "measured_peak": predict_peak_bytes(s).total,
                      "measured_tps": tps})  # fmt: skip
     path = tmp_path / "grid.json"
-    path.write_text(json.dumps({"rows": rows, "git": "test"}))
+    path.write_text(json.dumps({"rows": rows, "git": "test", "grid": "check2"}))
     before = dict(speed.HOST_LAYER_S), speed.HALF_SHARE_DIMS
     assert fit_speed_model.main(["--fit", str(path), "--check", str(path), "--refit"]) == 0
     out = capsys.readouterr().out
-    assert "check grid (held out)                         median  0.0%, worst  0.0% (4 rows)" in out
-    assert "memory  fit and check grids together" in out and "refit on 4 fit-grid rows" in out
+    assert "check2 grid (held out)                        median  0.0%, worst  0.0% (4 rows)" in out
+    assert "memory  fit and check2 grids together" in out and "refit on 4 fit-grid rows" in out
     assert (dict(speed.HOST_LAYER_S), speed.HALF_SHARE_DIMS) == before  # the refit is undone on return
 
