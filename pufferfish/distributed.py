@@ -71,7 +71,9 @@ def wrap(model, world: World, device: str, parallel: str = "ddp", precision: str
         return shard(model, world.size, device, precision)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[world.local_rank] if device.startswith("cuda") else None)
+    # gradients as views of the all-reduce buckets: no copy into them each step, one gradient-sized buffer less
+    return DDP(model, device_ids=[world.local_rank] if device.startswith("cuda") else None,
+               gradient_as_bucket_view=True)  # fmt: skip
 
 
 def gradient_sync(parallel, last: bool):
@@ -91,12 +93,13 @@ def same_on_all(world: World, value):
     return box[0]
 
 
-def agree_to_stop(world: World, why: str | None, steps: int, device: str) -> tuple[str | None, int]:
-    """Rank 0 decides when to stop and how many steps the plan has (its clock and its speed
-    measurement), so every rank leaves the loop at the same step and no collective is left waiting."""
+def agree_to_stop(world: World, why: str | None, steps: int, val_tokens: int) -> tuple[str | None, int, int]:
+    """Rank 0 decides when to stop, how many steps the plan has and how long evaluations are (its clock
+    and its speed measurement), so every rank leaves the loop at the same step and no collective is left
+    waiting. A host sync: the loop calls it at log intervals only."""
     if not world.enabled:
-        return why, steps
-    return same_on_all(world, (why, steps))
+        return why, steps, val_tokens
+    return same_on_all(world, (why, steps, val_tokens))
 
 
 def close(world: World) -> None:

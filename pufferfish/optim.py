@@ -15,7 +15,10 @@ def build_optimizer(model, optim_cfg, lr: float, fused: bool, device: str) -> to
         {"params": decay, "weight_decay": optim_cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    extra = {}
-    if fused and device.startswith("cuda") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
-        extra["fused"] = True
-    return torch.optim.AdamW(groups, lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=1e-8, **extra)
+    kwargs = dict(lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=1e-8)
+    if fused and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        try:  # CUDA; CPU since torch 2.4. Fused also skips a non-finite step on the device (reliability.py)
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            pass
+    return torch.optim.AdamW(groups, **kwargs)

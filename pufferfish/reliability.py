@@ -34,11 +34,47 @@ class OutOfMemoryError(PufferfishError):
 
 
 def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaler_enabled: bool) -> tuple[bool, float, float]:
-    """(update?, loss, grad norm). One device sync a step: skipping optimizer.step needs the answer now."""
+    """(update?, loss, grad norm) on the host: one device sync. For optimizers that cannot skip a step
+    from a device-side flag (see skip_on_device), and for fp16, where the GradScaler decides."""
     loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
     # with fp16 an overflowed gradient is the scaler's business: scaler.step skips that step by itself
     finite = math.isfinite(loss_value) and (scaler_enabled or math.isfinite(norm_value))
     return finite, loss_value, norm_value
+
+
+def finite_on_device(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """The same test as step_is_finite, left on the device: a bool tensor, no sync."""
+    return torch.isfinite(loss.float()) & torch.isfinite(grad_norm.float())
+
+
+def skip_on_device(optimizer) -> bool:
+    """Can this optimizer skip a step from a device-side flag? Fused AdamW reads `found_inf` (the hook
+    GradScaler uses) and then neither updates the weights nor counts the step."""
+    return bool(optimizer.defaults.get("fused"))
+
+
+class PendingSteps:
+    """Steps whose loss, gradient norm and finiteness are known on the device but not yet on the host.
+    Reading them syncs the device, so the loop reads them at log intervals, before a checkpoint and at
+    the end: one sync per read, not per step."""
+
+    def __init__(self):
+        self._items: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor) -> None:
+        self._items.append((step, torch.stack([loss.detach().float(), grad_norm.detach().float(), ok.float()])))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def read(self) -> list[tuple[int, float, float, bool]]:
+        """(step, loss, grad norm, finite) of every pending step, oldest first; empties the list."""
+        if not self._items:
+            return []
+        values = torch.stack([v for _, v in self._items]).tolist()
+        steps = [s for s, _ in self._items]
+        self._items = []
+        return [(s, loss, norm, ok > 0.5) for s, (loss, norm, ok) in zip(steps, values)]
 
 
 def divergence_advice(lr: float, grad_clip: float, precision: str, ckpt_dir) -> str:
@@ -116,7 +152,7 @@ def back_off(plan, step: int, error: str) -> dict:
             f"always, a shorter model.seq_len, a smaller model (model.num_layers, model.num_dims, or a shorter "
             f"mode), or the gpu profile of a smaller card so the plan leaves more room. ({error})"
         )
-    new = max(d for d in range(1, old // 2 + 1) if old % d == 0)  # half, for the planner's powers of two
+    new = max(d for d in range(1, old // 2 + 1) if old % d == 0)  # half: the planner's micro-batches are multiples of 4 or 8
     plan.grad_accum *= old // new
     plan.micro_batch = new
     plan.reasons["micro_batch"] = (plan.reasons.get("micro_batch", "") + f"; out of memory at step {step}: {new} "

@@ -1,7 +1,9 @@
 """python -m pufferfish.train [group=option ...]: plan, train, evaluate, checkpoint and sample.
 
 `train(cfg)` is the one training function; the CLI, the Python API, sweeps and tests all call it.
-Order of one step: lr -> eval/checkpoint -> micro-steps -> clip -> optimizer step -> log -> stop checks.
+Order of one step: lr -> eval -> micro-steps -> clip -> optimizer step -> log/checkpoint -> stop checks.
+The host reads the device only at log intervals and checkpoints: a non-finite step is skipped on the
+device (fused AdamW's found_inf) and counted when it is read, so the GPU never waits for the host.
 What goes wrong on the way is handled in place (pufferfish/reliability.py, docs/reliability.md): an
 out-of-memory retries the step with half the micro-batch; a NaN/Inf step makes no update, and a run of
 them rolls back to the last checkpoint; a preemption signal ends the step, saves and exits for a requeue.
@@ -43,11 +45,14 @@ from .model.moe import moe_aux_loss, moe_metrics, update_moe_biases
 from .optim import build_optimizer
 from .reliability import (
     NonFiniteGuard,
+    PendingSteps,
     back_off,
     divergence_advice,
+    finite_on_device,
     free_memory,
     is_out_of_memory,
     reset_moe_counts,
+    skip_on_device,
     step_is_finite,
 )
 from .resolver import Plan, apply_memory_cap, format_plan
@@ -185,6 +190,25 @@ def train(cfg: DictConfig) -> dict:
         save()
     eval_every = tc.eval_interval or max(1, plan.steps // 10)
     guard = NonFiniteGuard(tc.max_bad_steps, divergence_advice(plan.lr, cfg.optim.grad_clip, precision, ckpt_dir))
+    on_device = skip_on_device(optimizer) and not scaler.is_enabled()  # fp16: the GradScaler decides, on the host
+    pending, grad_norm_value = PendingSteps(), math.nan
+
+    def settle() -> bool:
+        """Read the pending steps: count, log and judge the non-finite ones. True: time to roll back."""
+        nonlocal loss_sum, window_steps, skipped, grad_norm_value
+        for s, loss_value, norm_value, ok in pending.read():
+            grad_norm_value = norm_value
+            if ok:
+                guard.good(s)
+                loss_sum, window_steps = loss_sum + loss_value, window_steps + 1
+                continue
+            skipped += 1
+            log.log({"kind": "skip", "step": s + 1, "reason": f"loss={loss_value} grad_norm={norm_value}",
+                     "in_a_row": guard.in_a_row + 1, "skipped_steps": skipped})  # fmt: skip
+            if guard.bad(s):  # raises DivergedError when rolling back keeps failing
+                pending.read()  # the steps after the streak go with the rollback
+                return True
+        return False
     stop = StopFlag()
     budget = plan.time_budget_s
     bar = tqdm(total=plan.steps, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
@@ -207,13 +231,6 @@ def train(cfg: DictConfig) -> dict:
                 log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval(val_tokens)})
                 last_eval_s = time.perf_counter() - t
                 overhead_s += last_eval_s
-            if time.perf_counter() - last_ckpt > tc.ckpt_interval_s and not guard.in_a_row:  # never mid-streak
-                t = time.perf_counter()
-                elapsed = t - start
-                save()
-                last_ckpt = time.perf_counter()
-                overhead_s += last_ckpt - t
-
             step_start = loader.sample
             while True:  # out of memory: the same step again with half the micro-batch, twice as many of them
                 try:
@@ -232,19 +249,20 @@ def train(cfg: DictConfig) -> dict:
             scaler.unscale_(optimizer)
             grad_norm = plain(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))  # FSDP2: a DTensor
             step_loss = mean_across(world, step_loss)  # every rank sees the same loss, so all skip or none
-            finite, step_loss, grad_norm = step_is_finite(step_loss, grad_norm, scaler.is_enabled())
-            rollback = False
-            if finite:
-                scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
-                update_moe_biases(model)
-                guard.good(step)
-                loss_sum, window_steps = loss_sum + step_loss, window_steps + 1
-            else:  # no update from this batch
-                skipped += 1
-                reset_moe_counts(model)
-                log.log({"kind": "skip", "step": step + 1, "reason": f"loss={step_loss} grad_norm={grad_norm}",
-                         "in_a_row": guard.in_a_row + 1, "skipped_steps": skipped})  # fmt: skip
-                rollback = guard.bad(step)  # raises DivergedError when rolling back keeps failing
+            if on_device:  # a non-finite step makes no update, decided on the device
+                ok = finite_on_device(step_loss, grad_norm)
+                optimizer.found_inf = (~ok).float()
+                optimizer.step()
+                update_moe_biases(model, ok)
+            else:
+                finite = step_is_finite(step_loss, grad_norm, scaler.is_enabled())[0]
+                ok = torch.tensor(finite, device=step_loss.device)
+                if finite:
+                    scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
+                    update_moe_biases(model)
+                else:
+                    reset_moe_counts(model)
+            pending.add(step, step_loss, grad_norm, ok)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -252,14 +270,19 @@ def train(cfg: DictConfig) -> dict:
             window_tokens += plan.batch_tokens
             bar.update(1)
 
-            if step % tc.log_interval == 0 or step == plan.steps:
+            log_now = step % tc.log_interval == 0 or step == plan.steps
+            ckpt_due = time.perf_counter() - last_ckpt > tc.ckpt_interval_s
+            if world.enabled:  # rank 0's clock, at log intervals: every rank settles, rolls back and saves together
+                ckpt_due = log_now and same_on_all(world, ckpt_due)
+            rollback = settle() if log_now or ckpt_due or not on_device else False
+            if log_now:
                 train_loss = loss_sum / window_steps if window_steps else math.nan  # mean over the window's steps
                 loss_sum, window_steps = 0.0, 0
                 now = time.perf_counter()
                 tps = window_tokens / max(1e-9, now - window_t)
                 window_t, window_tokens = now, 0
                 record = {"kind": "train", "step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps,
-                          "tokens": tokens_seen, "elapsed_s": now - start, "grad_norm": grad_norm,
+                          "tokens": tokens_seen, "elapsed_s": now - start, "grad_norm": grad_norm_value,
                           "epoch": loader.epoch, **moe_metrics(model)}  # fmt: skip
                 log.log(record)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -271,10 +294,17 @@ def train(cfg: DictConfig) -> dict:
                 step, tokens_seen = state["step"], state["tokens"]
                 loss_sum, window_steps = state.get("window", (0.0, 0))
                 bar.n = step
+            elif ckpt_due and not guard.in_a_row:  # never mid-streak
+                t = time.perf_counter()
+                elapsed = t - start
+                save()
+                last_ckpt = time.perf_counter()
+                overhead_s += last_ckpt - t
             elapsed = time.perf_counter() - start
             if step == CALIBRATE_FROM:
                 calib_t0, calib_overhead0 = elapsed, overhead_s
-            elif world.is_main and calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget:
+            elif (world.is_main and calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget
+                  and (log_now or not world.enabled)):  # with ranks: only where they agree on the steps, below
                 calibrate_at.pop(0)
                 per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
                 evals_left = 10 * (1 - elapsed / budget) + 1
@@ -292,10 +322,13 @@ def train(cfg: DictConfig) -> dict:
                 why = "stop_at_step"
             elif elapsed + last_eval_s > budget:
                 why = "time budget"
-            if world.enabled:
-                why, steps = agree_to_stop(world, why, plan.steps, device)
-                if steps != plan.steps:  # rank 0 re-planned from its measured speed
-                    plan.steps, eval_every = steps, tc.eval_interval or max(1, steps // 10)
+            if world.enabled:  # ranks agree at log intervals only: one host sync there, not every step
+                if log_now:
+                    why, steps, val_tokens = agree_to_stop(world, why, plan.steps, val_tokens)
+                    if steps != plan.steps:  # rank 0 re-planned from its measured speed
+                        plan.steps, eval_every = steps, tc.eval_interval or max(1, steps // 10)
+                else:
+                    why = None
             if why:
                 stopped_by = why
                 break
@@ -303,6 +336,7 @@ def train(cfg: DictConfig) -> dict:
         bar.close()
         loader.close()
         stop.restore()
+    settle()  # the last steps' counts (no rollback now: a skipped step left the weights as they were)
     elapsed = time.perf_counter() - start
     save()
     finished = step >= plan.steps or stopped_by == "time budget"
@@ -318,8 +352,10 @@ def train(cfg: DictConfig) -> dict:
                                             run_dir / "sample.txt")  # fmt: skip
             print(f"\nSample ({tc.sample_tokens} tokens):\n{result['sample']}\n")
     log.close()  # also finishes the mirrors (one W&B run per job, even in a multirun)
+    # wall_s: the loop plus the final checkpoint, evaluation and sample (elapsed_s: the loop alone)
     result.update({"run_dir": str(run_dir), "params": plan.params, "git": git_revision(), "finished": finished,
-                   "predicted_peak_bytes": plan.predicted_peak_bytes, "tokens_per_s": tokens_seen / max(1e-9, elapsed)})  # fmt: skip
+                   "predicted_peak_bytes": plan.predicted_peak_bytes, "tokens_per_s": tokens_seen / max(1e-9, elapsed),
+                   "wall_s": time.perf_counter() - start})  # fmt: skip
     if world.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
     close_world(world)

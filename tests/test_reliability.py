@@ -20,7 +20,14 @@ import torch
 
 import pufferfish.checkpoint as ckpt
 from pufferfish.errors import CheckpointError, ConfigError, PufferfishError
-from pufferfish.reliability import DivergedError, OutOfMemoryError, is_out_of_memory, step_is_finite
+from pufferfish.reliability import (
+    DivergedError,
+    OutOfMemoryError,
+    finite_on_device,
+    is_out_of_memory,
+    skip_on_device,
+    step_is_finite,
+)
 from pufferfish.run import StopFlag
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
@@ -363,6 +370,39 @@ def test_a_nan_step_is_skipped_counted_and_logged(tmp_path, cache_dir, monkeypat
     assert not kinds(run, "rollback")
 
 
+def test_fused_adamw_skips_a_step_flagged_on_the_device():
+    """The non-finite skip without a host sync: found_inf set -> no update and the step is not counted."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    assert skip_on_device(opt)
+    w.grad = torch.full((3,), float("nan"))
+    opt.found_inf = (~finite_on_device(torch.tensor(1.0), w.grad.norm())).float()
+    opt.step()
+    assert torch.equal(w.detach(), torch.ones(3)) and float(opt.state[w]["step"]) == 0
+    w.grad = torch.ones(3)
+    opt.found_inf = (~finite_on_device(torch.tensor(1.0), w.grad.norm())).float()
+    opt.step()
+    assert (w.detach() < 1).all() and float(opt.state[w]["step"]) == 1
+
+
+def test_a_nan_step_between_log_lines_is_counted_when_the_host_reads_them(tmp_path, cache_dir, monkeypatch, straight):
+    """The host reads losses at log intervals only; a skipped step in between is still found, logged at its
+    own step, kept out of the logged mean, and made no update."""
+    run = tmp_path / "run"
+    inject(monkeypatch, lambda call, x: "nan" if call == 5 else None)
+    every4 = tuple(o.replace("train.log_interval=1", "train.log_interval=4") for o in SHORT)
+    result = train(compose(*tiny_overrides(run, cache_dir, *every4)))
+    assert result["finished"] and result["skipped_steps"] == 1
+    [skip] = kinds(run, "skip")
+    assert skip["step"] == 5 and "loss=nan" in skip["reason"]
+    train_lines = {r["step"]: r["train_loss"] for r in kinds(run, "train")}
+    assert set(train_lines) == {4, 8, 12} and all(np.isfinite(v) for v in train_lines.values())
+    straight_loss = {r["step"]: r["train_loss"] for r in kinds(straight, "train")}
+    assert train_lines[4] == pytest.approx(np.mean([straight_loss[s] for s in (1, 2, 3, 4)]), rel=1e-6)
+    state = last_checkpoint(run)
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {11.0}  # 12 steps, 11 updates
+
+
 def test_a_nan_streak_rolls_back_and_skips_the_offending_batches(tmp_path, cache_dir, monkeypatch):
     run = tmp_path / "run"
     inject(monkeypatch, lambda call, x: "nan" if call in (6, 7, 8) else None)  # steps 6-8; max_bad_steps=3
@@ -456,6 +496,19 @@ def test_resuming_with_another_architecture_is_refused_and_keeps_the_files(tmp_p
     with pytest.raises(error, match=match):
         train(compose(*tiny_overrides(run, cache_dir, *SHORT, "model.num_dims=128")))
     assert snapshot(run) == before
+
+
+def test_a_checkpoint_with_other_optimizer_groups_is_refused_with_advice(tmp_path, cache_dir):
+    """E.g. one from before q/k/v were fused: its optimizer lists more parameters than the model has."""
+    run = tmp_path / "run"
+    train(compose(*tiny_overrides(run, cache_dir, *SHORT, "train.stop_at_step=3")))
+    state, path = ckpt.load_latest(run / "checkpoints")
+    state["optimizer"]["param_groups"][0]["params"].append(10_000)  # one parameter the model does not have
+    for stale in ckpt.checkpoint_files(run / "checkpoints"):
+        stale.unlink()
+    ckpt.save_checkpoint(run / "checkpoints", state, state["step"])
+    with pytest.raises(CheckpointError, match="does not fit this model.*older Pufferfish.*Start a new run directory"):
+        train(compose(*tiny_overrides(run, cache_dir, *SHORT)))
 
 
 def test_unwritable_run_directory_is_reported_before_anything_else(tmp_path, cache_dir):

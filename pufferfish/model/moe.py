@@ -164,11 +164,16 @@ class MoEFeedForward(nn.Module):
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor) -> None:
-        """load: (E,) tokens per expert over the whole optimizer step (every micro-batch and rank)."""
-        self.last_load.copy_(load)
+    def update_bias(self, load: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """load: (E,) tokens per expert over the whole optimizer step (every micro-batch and rank).
+        ok: a device flag; where it is False (a skipped step) nothing changes but the counts reset."""
+        if ok is None:
+            self.last_load.copy_(load)
+        else:
+            self.last_load.copy_(torch.where(ok, load, self.last_load))
         if self.lossfree_balance:  # overloaded experts go down by gamma, underloaded up by gamma
-            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+            update = self.bias_update_rate * torch.sign(load.mean() - load)
+            self.expert_bias += update if ok is None else update * ok
         self.tokens_per_expert.zero_()
 
 
@@ -187,8 +192,9 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
 
 
 @torch.no_grad()
-def update_moe_biases(model: nn.Module) -> None:
-    """Call once after each optimizer step: global per-expert load -> bias update -> reset counts."""
+def update_moe_biases(model: nn.Module, ok: torch.Tensor | None = None) -> None:
+    """Call once after each optimizer step: global per-expert load -> bias update -> reset counts.
+    ok: the step's device-side finiteness flag (no update where it is False), when it is not read on the host."""
     layers = moe_layers(model)
     if not layers:
         return
@@ -196,7 +202,7 @@ def update_moe_biases(model: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)  # one collective for all layers: every rank applies the same update
     for layer, load in zip(layers, counts):
-        layer.update_bias(load)
+        layer.update_bias(load, ok)
 
 
 def moe_aux_loss(model: nn.Module) -> torch.Tensor:
