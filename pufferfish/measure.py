@@ -179,6 +179,7 @@ def _measure(cfg) -> dict:
         "peak_reserved_bytes": (result or {}).get("peak_reserved_bytes"), "predicted_peak_bytes": predicted.total,
         "memory_breakdown": predicted.to_dict(), "predicted_max_layers": predicted_max_layers(cfg, hw, d, micro, vocab),
         "tokens_per_s": tps, "model_tflops": tps * model_flops / 1e12 if tps else None,
-        "predicted_tokens_per_s": predict_tokens_per_s(shape, target.peak_flops, target.mfu, target.device != "cpu"),
+        "predicted_tokens_per_s": predict_tokens_per_s(shape, target.peak_flops, target.mfu, target.device != "cpu",
+                                                       bandwidth=target.bandwidth),
         **{k: (result or {}).get(k) for k in ("step_times_s", "warmup_steps", "transforms", "loss")},
     }  # fmt: skip

@@ -171,7 +171,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
                 if mb == 0:
                     continue
                 shape = _shape(mc, cfg, hw, mb, ckpt, shards)
-                tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu) * world_size
+                tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
                 tokens = tps * compute_s
                 n = count_params(shape)
                 wanted = min(TOKENS_PER_PARAM * n, MAX_EPOCHS * corpus_tokens)  # data-limited: grow the model
