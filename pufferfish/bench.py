@@ -13,7 +13,7 @@ import torch
 from .loss import lm_loss
 from .model import ModelConfig, build_model, count_parameters
 from .optim import build_optimizer
-from .transforms import apply_speed_transforms, autocast
+from .transforms import apply_speed_transforms, autocast, sdpa_backend
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Technique:
     compile: str | None = None  # None | blocks (each block) | step (the whole forward and loss)
     chunked: bool = False  # chunked cross-entropy
     ckpt: bool = False  # activation checkpointing
+    attention: str = "auto"  # the SDPA kernel: auto | flash | efficient | cudnn | math
 
 
 def sync(device: str) -> None:
@@ -49,8 +50,9 @@ def make_train_step(cfg: ModelConfig, batch: int, device: str, t: Technique, see
         loss_fn = torch.compile(loss_fn)
 
     def step():
-        loss = loss_fn(x, y)
-        loss.backward()
+        with sdpa_backend(t.attention):  # compiled: the kernel is chosen when the graph is traced
+            loss = loss_fn(x, y)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -24,6 +24,8 @@ _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")
 def _flash_can_run(q) -> bool:
     if not q.is_cuda:
         return True  # the CPU kernels take grouped K/V directly
+    if not torch.backends.cuda.flash_sdp_enabled():  # another kernel asked for (attention.sdpa_backend)
+        return False
     return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
