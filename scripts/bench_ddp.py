@@ -1,56 +1,114 @@
-"""Data parallelism on N GPUs against one: tokens/s at the same per-GPU micro-batch, and the loss curve at
-the same global batch (the same samples in the same steps).
+"""Data parallelism on N GPUs against one, and what the link between the GPUs can carry.
 
     python scripts/bench_ddp.py --gpus 2 --out ddp.json     # on a machine with at least 2 GPUs
+
+Three runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16, `optimizations=all`):
+  one   1 GPU,  accumulation A: the per-GPU batch            (tokens/s baseline)
+  many  N GPUs, accumulation A each: the same per-GPU batch  (tokens/s: scaling = many / one)
+  same  1 GPU,  accumulation N x A: many's global batch      (loss curve: the same samples in the same steps)
+and an all-reduce probe (the gradient's size in fp32) that says what the GPUs' link carries, since
+DDP all-reduces every parameter's gradient once per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pufferfish.runlog import read_metrics  # noqa: E402
 
-SHAPE = ["gpu=auto", "mode=quick_dev", "model.num_layers=12", "model.num_dims=768", "train.micro_batch=16",
-         "train.max_steps=80", "train.log_interval=10", "train.eval_interval=1000", "train.sample_tokens=0",
-         "train.progress=false"]  # fmt: skip
+MICRO, SEQ = 16, 512
+SHAPE = ["gpu=auto", "mode=quick_dev", "model.num_layers=12", "model.num_dims=768", f"train.micro_batch={MICRO}",
+         f"model.seq_len={SEQ}", "train.max_steps=80", "train.log_interval=10", "train.eval_interval=1000",
+         "train.sample_tokens=0", "train.progress=false"]  # fmt: skip
 
 
-def launch(run: Path, gpus: int, batch_tokens: int) -> list[dict]:
-    args = [*SHAPE, f"train.batch_tokens={batch_tokens}", f"run_dir={run}", f"hydra.run.dir={run}"]
+def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str]) -> list[dict]:
+    args = [*SHAPE, f"train.batch_tokens={batch_tokens}", f"run_dir={run}", f"hydra.run.dir={run}", *extra]
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus > 1 \
         else [sys.executable]  # fmt: skip
     subprocess.run([*prefix, "-m", "pufferfish.train", *args], check=True, cwd=ROOT)
     return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
 
 
+def probe_all_reduce(gpus: int) -> dict:
+    """Bus bandwidth of an fp32 all-reduce of 124M values (NCCL's convention: 2 (n-1)/n x bytes / time)."""
+    out = Path(tempfile.mkdtemp(prefix="allreduce_")) / "probe.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           __file__, "--probe-worker", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def probe_worker(out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    x = torch.ones(124_000_000, device="cuda")
+    for _ in range(3):
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t) / reps
+    if rank == 0:
+        nbytes = x.numel() * 4
+        Path(out).write_text(json.dumps({"bytes": nbytes, "seconds": seconds,
+                                         "bus_gb_per_s": 2 * (n - 1) / n * nbytes / seconds / 1e9}))  # fmt: skip
+    dist.destroy_process_group()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="accumulation steps per GPU to compare")
+    p.add_argument("--probe-worker", help=argparse.SUPPRESS)
     p.add_argument("--out")
-    args = p.parse_args()
+    args, extra = p.parse_known_args()
+    if args.probe_worker:
+        return probe_worker(args.probe_worker)
     root, n = Path(tempfile.mkdtemp(prefix="bench_ddp_")), args.gpus
-    per_gpu = 16 * 512  # micro-batch 16 x seq 512 (quick_dev)
-    one = launch(root / "one", 1, per_gpu * n)  # one GPU, n micro-steps a step: the same global batch
-    many = launch(root / "many", n, per_gpu * n)  # n GPUs, one micro-step each
+    link = probe_all_reduce(n)
+    print(f"all-reduce of {link['bytes'] / 1e6:.0f} MB fp32 on {n} GPUs: {link['seconds'] * 1e3:.1f} ms, "
+          f"bus bandwidth {link['bus_gb_per_s']:.0f} GB/s", flush=True)
     steady = lambda rows: statistics.median(r["tokens_per_s"] for r in rows[2:])  # noqa: E731 (past compile)
-    rows = [{"gpus": 1, "tokens_per_s": steady(one), "losses": [r["train_loss"] for r in one]},
-            {"gpus": n, "tokens_per_s": steady(many), "losses": [r["train_loss"] for r in many]}]  # fmt: skip
-    worst = max(abs(a - b) / a for a, b in zip(rows[0]["losses"], rows[1]["losses"]))
-    print("\n| GPUs | tokens/s (median after compile) | scaling | losses every 10 steps |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | "
-              f"{', '.join(f'{x:.3f}' for x in r['losses'])} |")  # fmt: skip
-    print(f"\nlargest relative loss difference at the same global batch: {worst:.2e}")
+    results = []
+    for accum in args.accum:
+        per_gpu = MICRO * SEQ * accum
+        one = launch(root / f"one_a{accum}", 1, per_gpu, extra)
+        many = launch(root / f"many_a{accum}", n, per_gpu * n, extra)
+        same = launch(root / f"same_a{accum}", 1, per_gpu * n, extra)
+        worst = max(abs(a["train_loss"] - b["train_loss"]) / a["train_loss"] for a, b in zip(same, many))
+        results.append({"accum": accum, "per_gpu_tokens": per_gpu, "one_tps": steady(one), "many_tps": steady(many),
+                        "scaling": steady(many) / steady(one), "worst_relative_loss_diff": worst,
+                        "losses_one_gpu_same_batch": [r["train_loss"] for r in same],
+                        "losses_many": [r["train_loss"] for r in many]})  # fmt: skip
+    print(f"\n| per-GPU batch (tokens) | accumulation | 1 GPU tokens/s | {n} GPUs tokens/s | scaling | "
+          f"largest loss difference vs 1 GPU at the same global batch |\n|---|---|---|---|---|---|")  # fmt: skip
+    for r in results:
+        print(f"| {r['per_gpu_tokens']:,} | {r['accum']} | {r['one_tps']:,.0f} | {r['many_tps']:,.0f} | "
+              f"{r['scaling']:.2f}x | {r['worst_relative_loss_diff']:.2%} |")  # fmt: skip
+    for r in results:
+        print(f"\naccumulation {r['accum']}, train loss every 10 steps:\n  1 GPU : "
+              + ", ".join(f"{x:.3f}" for x in r["losses_one_gpu_same_batch"])
+              + f"\n  {n} GPUs: " + ", ".join(f"{x:.3f}" for x in r["losses_many"]))  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "worst_relative_loss_diff": worst}, indent=2))
+        Path(args.out).write_text(json.dumps({"all_reduce": link, "rows": results}, indent=2))
 
 
 if __name__ == "__main__":

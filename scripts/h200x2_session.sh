@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU measurements of the second session (docs/benchmarks.md), on the two-GPU H200 kind, in three
+# device calls of under 10 minutes each. Run from the repository root on the GPU machine, after the wheel
+# preamble of ../shared/device/stage.sh, with Shakespeare staged (stage.sh ../shared/data/tinyshakespeare):
+#   bash scripts/h200x2_session.sh budget OUT   # GPU 0: a real 0.1 h run; GPU 1: speed check grid, throughput
+#   bash scripts/h200x2_session.sh plans OUT    # every profile x mode plan, 20 steps under its emulated cap
+#   bash scripts/h200x2_session.sh multi OUT    # DDP scaling and the all-reduce probe, FSDP2 on 2 GPUs, GPU tests
+#   bash scripts/h200x2_session.sh final OUT    # DDP scaling, the plans that ran out of memory, fused vs separate
+#                                               # projections (the pre-fusion tree unpacked in .abtest), FSDP2
+set -uo pipefail
+part=$1 out=$2
+export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+quiet() { grep -v -i -E "warn|^\s*$" ; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
+if [ "$part" = budget ]; then
+  run=$out/budget_run
+  CUDA_VISIBLE_DEVICES=0 python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.1 \
+    train.progress=false run_dir="$run" hydra.run.dir="$run" > "$out/budget_run.log" 2>&1 &
+  budget_pid=$!
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python scripts/calibrate.py --grid check2 --out "$out/check2.json" 2>&1 | quiet | tail -32
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python scripts/bench_throughput.py --out "$out/bench124.json" 2>&1 | quiet | tail -13
+  CUDA_VISIBLE_DEVICES=1 timeout 100 python scripts/bench_throughput.py --shape 350m --no-peer \
+    --only "bf16+fused+compile(step)" "bf16+fused+compile(step)+cudnn-attention" --out "$out/bench350.json" 2>&1 | quiet | tail -4
+  wait $budget_pid
+  tail -4 "$out/budget_run.log"
+  python scripts/budget_check.py "$run" | tail -3
+  rm -rf "$run/checkpoints"
+elif [ "$part" = plans ]; then
+  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 8.3 --out "$out/check_plans" 2>&1 | tail -50
+elif [ "$part" = final ]; then
+  timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
+  timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
+    --gpus 2 --jobs-per-gpu 3 --max-minutes 2.7 --out "$out/check_plans" 2>&1 | tail -2
+  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
+  ab() {  # old tree on GPU $1, new on GPU $2, one shape
+    CUDA_VISIBLE_DEVICES=$1 timeout 65 python .abtest/scripts/bench_throughput.py --shape "$3" --no-peer \
+      --only "bf16+fused+compile(step)" --out "$out/ab_separate_$3.json" > "$out/ab_separate_$3.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=$2 timeout 65 python scripts/bench_throughput.py --shape "$3" --no-peer \
+      --only "bf16+fused+compile(step)" --out "$out/ab_fused_$3.json" > "$out/ab_fused_$3.log" 2>&1
+    wait
+    grep -h "^| pufferfish" "$out/ab_separate_$3.log" | sed "s/^/separate $3 GPU$1 /"
+    grep -h "^| pufferfish" "$out/ab_fused_$3.log" | sed "s/^/fused $3 GPU$2 /"
+  }
+  ab 0 1 124m
+  ab 1 0 350m
+  f=$out/fsdp2
+  timeout 70 python -m torch.distributed.run --standalone --nproc_per_node=2 -m pufferfish.train gpu=auto mode=quick_dev \
+    model.num_layers=12 model.num_dims=768 model.seq_len=512 train.micro_batch=16 train.batch_tokens=32768 \
+    train.max_steps=40 train.log_interval=10 train.sample_tokens=0 train.progress=false train.parallel=fsdp2 \
+    run_dir="$f" hydra.run.dir="$f" > "$out/fsdp2.log" 2>&1; echo "fsdp2 exit $?"
+  grep -h '"kind": "train"' "$f/metrics.jsonl" | python -c "import sys, json; [print('fsdp2', r['step'], round(r['train_loss'], 3), round(r['tokens_per_s'])) for r in map(json.loads, sys.stdin)]"
+  rm -rf "$f/checkpoints" "$out"/check_plans/*/checkpoints
+  (cd "$out" && tar czf results.tgz --exclude=results.tgz . && find . -mindepth 1 -maxdepth 1 ! -name results.tgz -exec rm -rf {} +)
+else
+  timeout 330 python scripts/bench_ddp.py --gpus 2 --accum 1 4 --out "$out/ddp.json" 2>&1 | quiet | tail -16
+  f=$out/fsdp2
+  timeout 120 python -m torch.distributed.run --standalone --nproc_per_node=2 -m pufferfish.train gpu=auto mode=quick_dev \
+    model.num_layers=12 model.num_dims=768 model.seq_len=512 train.micro_batch=16 train.batch_tokens=32768 \
+    train.max_steps=60 train.log_interval=10 train.sample_tokens=0 train.progress=false train.parallel=fsdp2 \
+    run_dir="$f" hydra.run.dir="$f" > "$out/fsdp2.log" 2>&1; echo "fsdp2 exit $?"
+  grep -h '"kind": "train"' "$f/metrics.jsonl" | python -c "import sys, json; [print(r['step'], round(r['train_loss'], 3), round(r['tokens_per_s'])) for r in map(json.loads, sys.stdin)]"
+  rm -rf "$f/checkpoints"
+  timeout 120 python -m pytest -m gpu tests/ -q -p no:cacheprovider 2>&1 | tail -4
+fi
