@@ -3,8 +3,7 @@
 DIR then holds model.safetensors, config.json and generation_config.json (LlamaForCausalLM), and the
 tokenizer: our sentencepiece model as tokenizer.model with a tokenizer_config.json for LlamaTokenizer, plus
 tokenizer.json when transformers is installed and its conversion encodes exactly as sentencepiece does.
-Pufferfish's rotary embeddings already use HF's rotate-half layout, so the weights need renaming only, and
-the fused projections splitting: wqkv into q_proj, k_proj, v_proj and w13 into gate_proj, up_proj.
+Pufferfish's rotary embeddings already use HF's rotate-half layout, so the weights need renaming only.
 """
 
 from __future__ import annotations
@@ -22,12 +21,14 @@ from .checkpoint import atomic_write_text
 from .errors import CheckpointError, ConfigError, exit_on_user_error
 from .generate import find_tokenizer, load_model
 
-# Pufferfish name (after "layers.N.") -> Hugging Face name(s) (after "model.layers.N."); a fused weight maps
-# to several, its rows split in this order (sizes from the model config: split_sizes)
+# Pufferfish name (after "layers.N.") -> Hugging Face name (after "model.layers.N.")
 LAYER_NAMES = {
-    "attention.wqkv.weight": tuple(f"self_attn.{x}_proj.weight" for x in "qkv"),
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),  # SwiGLU: silu(gate) * up
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",  # SwiGLU: silu(gate) * up
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -37,16 +38,8 @@ TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight"
 PROBE = "ROMEO:\nBut soft, what light\n\n    def f(x):\n\treturn x + 12345  # héllo ✓ 日本\n  two  spaces "
 
 
-def split_sizes(mc) -> dict[str, list[int]]:
-    """Rows of each fused weight that go to each of its Hugging Face names, in LAYER_NAMES' order."""
-    kv = mc.num_kv_heads * mc.head_dim
-    return {"attention.wqkv.weight": [mc.num_heads * mc.head_dim, kv, kv],
-            "feed_forward.w13.weight": [mc.ffn_dims, mc.ffn_dims]}  # fmt: skip
-
-
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     out = {}
-    sizes = split_sizes(model.config)
     for name, tensor in model.state_dict().items():
         if name == "output.weight":
             continue  # tied to the embedding: tie_word_embeddings=true in config.json
@@ -56,12 +49,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
         _, index, rest = name.split(".", 2)  # layers.N.rest
         if rest not in LAYER_NAMES:
             raise CheckpointError(f"weight {name} has no Hugging Face Llama counterpart")
-        hf_names = LAYER_NAMES[rest]
-        if isinstance(hf_names, str):
-            out[f"model.layers.{index}.{hf_names}"] = tensor
-            continue
-        for hf_name, part in zip(hf_names, tensor.split(sizes[rest], dim=0)):
-            out[f"model.layers.{index}.{hf_name}"] = part.clone()  # safetensors refuses shared storage
+        out[f"model.layers.{index}.{LAYER_NAMES[rest]}"] = tensor
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 

@@ -34,10 +34,9 @@ def _naive_attention_block_output(model, x):
     attn = model.layers[0].attention
     B, T = x.shape
     h = model.layers[0].attention_norm(model.tok_embeddings(x))
-    wq, wk, wv = attn.wqkv.weight.split([attn.q_dims, attn.kv_dims, attn.kv_dims])  # rows: q, then k, then v
-    q = F.linear(h, wq).view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = F.linear(h, wk).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    v = F.linear(h, wv).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    q = attn.wq(h).view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.wk(h).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.wv(h).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     groups = attn.num_heads // attn.num_kv_heads
@@ -67,10 +66,8 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     state = gqa.state_dict()
     hd, groups = 16, 2
     for name, w in list(state.items()):
-        if name.endswith("wqkv.weight"):  # k and v rows (kv*hd, C) each -> (heads*hd, C) each; q unchanged
-            q, k, v = w.split([4 * hd, 2 * hd, 2 * hd])
-            k, v = (t.view(2, hd, -1).repeat_interleave(groups, 0).reshape(4 * hd, -1) for t in (k, v))
-            state[name] = torch.cat([q, k, v])
+        if name.endswith(("wk.weight", "wv.weight")):  # (kv*hd, C) -> (heads*hd, C)
+            state[name] = w.view(2, hd, -1).repeat_interleave(groups, 0).reshape(4 * hd, -1)
     mha.load_state_dict(state)
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -80,50 +77,8 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
 def test_gqa_with_kv_equal_heads_is_mha():
     cfg = tiny(num_kv_heads=4)
     assert cfg.num_kv_heads == cfg.num_heads
-    attn = build_model(cfg).layers[0].attention
-    assert attn.kv_dims == attn.q_dims and attn.wqkv.weight.shape == (3 * attn.q_dims, cfg.num_dims)
-
-
-def _legacy_layout(model) -> dict[str, torch.Tensor]:
-    """The model's weights under the names checkpoints had before q/k/v and gate/up were fused."""
-    mc, old = model.config, {}
-    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-    for name, w in model.state_dict().items():
-        if ".wqkv." in name:
-            fused, parts = "wqkv", zip(["wq", "wk", "wv"], w.split([q, kv, kv]))
-        elif ".w13" in name:  # dense and shared expert (2F, C): rows; experts (E, 2H, C): dim 1
-            fused, parts = "w13", zip(["w1", "w3"], w.chunk(2, dim=w.dim() - 2))
-        else:
-            fused, parts = None, [(None, w)]
-        for part, t in parts:
-            old[name.replace(fused, part) if fused else name] = t.clone()
-    return old
-
-
-@pytest.mark.parametrize("kw", [{}, {"use_moe": True, "moe_num_experts": 4, "moe_shared_expert": True}])
-def test_checkpoints_in_the_unfused_layout_still_load(tmp_path, kw):
-    from pufferfish.generate import load_model
-
-    torch.manual_seed(0)
-    cfg = tiny(**kw)
-    model = build_model(cfg).eval()
-    old = _legacy_layout(model)
-    assert {"layers.0.attention.wq.weight", "layers.0.attention.wv.weight"} <= old.keys()
-    assert not any("wqkv" in k or "w13" in k for k in old)
-    if kw:
-        assert {"layers.0.feed_forward.w1", "layers.0.feed_forward.shared_expert.w3.weight"} <= old.keys()
-    else:
-        assert "layers.1.feed_forward.w3.weight" in old
-    torch.save({"model": old, "model_config": cfg.to_dict()}, tmp_path / "old.pt")
-    loaded, _ = load_model(tmp_path / "old.pt")  # the path generate and export take
-    for name, w in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], w), name
-    x = torch.randint(0, 97, (2, 12))
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
-    del old["layers.0.attention.wv.weight"]  # an incomplete old layout is not guessed at: the load names it
-    with pytest.raises(RuntimeError, match="Missing key.*attention.wqkv.weight"):
-        build_model(cfg).load_state_dict(old)
+    model = build_model(cfg)
+    assert model.layers[0].attention.wk.weight.shape == model.layers[0].attention.wq.weight.shape
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -203,15 +158,10 @@ def test_tied_embeddings_and_parameter_count():
 def test_depth_scaled_init():
     torch.manual_seed(0)
     model = build_model(tiny(num_layers=8, num_dims=256, num_heads=4, num_kv_heads=4))
-    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
-    wo, w2 = attn.wo.weight.std().item(), ffn.w2.weight.std().item()
-    # every slice of a fused weight is initialised as the separate matrix it replaces was
-    parts = [*attn.wqkv.weight.split([attn.q_dims, attn.kv_dims, attn.kv_dims]), *ffn.w13.weight.chunk(2)]
-    for part in parts:
-        assert part.mean().item() == pytest.approx(0.0, abs=1e-3)
-        assert part.std().item() == pytest.approx(0.02, rel=0.05)
+    wo = model.layers[0].attention.wo.weight.std().item()
+    wq = model.layers[0].attention.wq.weight.std().item()
+    assert wq == pytest.approx(0.02, rel=0.05)
     assert wo == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    assert w2 == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
 
 
 def test_initial_loss_is_near_uniform():

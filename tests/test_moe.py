@@ -37,8 +37,7 @@ def small_cfg(**changes) -> ModelConfig:
 
 def expert_out(moe: MoEFeedForward, e: int, x):
     """Expert e applied directly to x (..., C): the reference every dispatch must agree with."""
-    w1, w3 = moe.w13[e].chunk(2)  # gate rows, then up rows
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), moe.w2[e])
+    return F.linear(F.silu(F.linear(x, moe.w1[e])) * F.linear(x, moe.w3[e]), moe.w2[e])
 
 
 def naive_moe(moe: MoEFeedForward, x):
@@ -87,7 +86,7 @@ def test_batched_dispatch_matches_per_token_loop(score_func, shared):
 def test_auto_picks_loop_on_cpu_and_rejects_unknown_impl():
     x = torch.randn(4, 32)
     assert not grouped_mm_usable(x, 32, 48)
-    weights = torch.randn(2, 96, 32), torch.randn(2, 32, 48)
+    weights = torch.randn(2, 48, 32), torch.randn(2, 32, 48), torch.randn(2, 48, 32)
     counts = torch.tensor([1, 3])
     torch.testing.assert_close(
         expert_swiglu(x, counts, *weights), expert_swiglu(x, counts, *weights, impl="loop")
@@ -96,8 +95,9 @@ def test_auto_picks_loop_on_cpu_and_rejects_unknown_impl():
         expert_swiglu(
             x,
             torch.tensor([4]),
-            torch.randn(1, 96, 32),
+            torch.randn(1, 48, 32),
             torch.randn(1, 32, 48),
+            torch.randn(1, 48, 32),
             impl="fast",
         )
 
@@ -107,7 +107,7 @@ def test_grouped_mm_matches_loop_values_and_grads():
     torch.manual_seed(2)
     E, C, H = 4, 32, 48
     xs = torch.randn(11, C, requires_grad=True)
-    weights = [torch.randn(E, 2 * H, C) * 0.1, torch.randn(E, C, H) * 0.1]
+    weights = [torch.randn(E, H, C) * 0.1, torch.randn(E, C, H) * 0.1, torch.randn(E, H, C) * 0.1]
     counts = torch.tensor([3, 0, 6, 2])  # an expert with no tokens must not break the offsets
     grad_out = torch.randn(11, C)
     results = []

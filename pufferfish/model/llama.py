@@ -69,34 +69,21 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def _fuse_legacy_weights(state_dict, prefix: str, fused: str, parts: tuple[str, ...], dim: int = 0) -> None:
-    """Checkpoints from before the fused projections (wq, wk, wv -> wqkv; w1, w3 -> w13): concatenate
-    `parts` (keys after `prefix`, in the fused weight's order) into `fused`, in place; a no-op otherwise."""
-    keys = [prefix + part for part in parts]
-    if prefix + fused not in state_dict and all(k in state_dict for k in keys):
-        state_dict[prefix + fused] = torch.cat([state_dict.pop(k) for k in keys], dim=dim)
-
-
 class Attention(nn.Module):
-    """Grouped-query attention. One `wqkv` matmul yields q, k and v: rows [0, H*hd) of its weight are
-    the query projection, then K*hd rows of keys, then K*hd rows of values (export.py splits them so)."""
-
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_dims, self.kv_dims = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.num_dims, self.q_dims + 2 * self.kv_dims, bias=False)
-        self.wo = nn.Linear(self.q_dims, cfg.num_dims, bias=False)
+        self.wq = nn.Linear(cfg.num_dims, cfg.num_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.num_dims, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.num_dims, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.num_dims, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_dims, self.kv_dims, self.kv_dims], dim=-1)  # views, one matmul
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        # RoPE gives q and k fresh tensors; v alone would stay a view that keeps the whole fused (B, T, q+2kv)
-        # output alive until backward, so it gets its own small copy and the fused output is freed
-        v = v.contiguous().view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, KV, pos+T, hd)
@@ -113,26 +100,18 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _fuse_legacy_weights(state_dict, prefix, "wqkv.weight", ("wq.weight", "wk.weight", "wv.weight"))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(gate) * up), gate and up from one matmul: w13's rows are gate's, then up's."""
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, num_dims: int, hidden: int):
         super().__init__()
-        self.w13 = nn.Linear(num_dims, 2 * hidden, bias=False)
+        self.w1 = nn.Linear(num_dims, hidden, bias=False)
+        self.w3 = nn.Linear(num_dims, hidden, bias=False)
         self.w2 = nn.Linear(hidden, num_dims, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)  # views
-        return self.w2(F.silu(gate) * up)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _fuse_legacy_weights(state_dict, prefix, "w13.weight", ("w1.weight", "w3.weight"))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .llama import FeedForward, _fuse_legacy_weights
+from .llama import FeedForward
 
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
@@ -50,29 +50,28 @@ def _cuda_autocast_dtype():
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
-def expert_swiglu(xs, counts, w13, w2, impl: str = "auto") -> torch.Tensor:
+def expert_swiglu(xs, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
     """SwiGLU of expert e on its slice of `xs`: rows are sorted by expert, `counts[e]` rows each.
 
-    xs: (M, C) sorted token rows; counts: (E,) int; w13: (E, 2*hidden, C), each expert's gate rows then
-    its up rows (one matmul for both); w2: (E, C, hidden). Returns (M, C) in the same row order.
+    xs: (M, C) sorted token rows; counts: (E,) int; w1, w3: (E, hidden, C); w2: (E, C, hidden).
+    Returns (M, C) in the same row order.
     """
     if xs.is_cuda and xs.dtype == torch.float32 and (dtype := _cuda_autocast_dtype()) is not None:
         xs = xs.to(dtype)  # autocast does not reach torch._grouped_mm and the norm hands us fp32
     if impl == "auto":
-        impl = "grouped_mm" if grouped_mm_usable(xs, xs.shape[1], w2.shape[2]) else "loop"
+        impl = "grouped_mm" if grouped_mm_usable(xs, xs.shape[1], w1.shape[1]) else "loop"
     if impl == "grouped_mm":
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's slice
-        w13, w2 = w13.to(xs.dtype), w2.to(xs.dtype)  # no-op unless weights are kept in fp32
-        h13 = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)  # (M, 2*hidden)
-        gate, up = h13.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)  # (M, C)
+        w1, w2, w3 = (w.to(xs.dtype) for w in (w1, w2, w3))  # no-op unless weights are kept in fp32
+        h = F.silu(torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs))  # (M, hidden)
+        h = h * torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # (M, C)
     if impl != "loop":
         raise ValueError(f"expert_impl={impl!r} is not known; choose one of {EXPERT_IMPLS}")
     outs = []
     for e, seg in enumerate(xs.split(counts.tolist())):  # one host sync, then contiguous slices
         if seg.shape[0]:
-            gate, up = F.linear(seg, w13[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w2[e]))
+            outs.append(F.linear(F.silu(F.linear(seg, w1[e])) * F.linear(seg, w3[e]), w2[e]))
     return torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1])
 
 
@@ -89,7 +88,8 @@ class MoEFeedForward(nn.Module):
         self.expert_impl = "auto"  # auto | grouped_mm | loop; a kernel choice, the maths is the same
         E, C, H = cfg.moe_num_experts, cfg.num_dims, cfg.moe_expert_ffn_dims
         self.gate = nn.Linear(C, E, bias=False)  # router
-        self.w13 = nn.Parameter(torch.empty(E, 2 * H, C))  # per expert: gate rows [0, H), up rows [H, 2H)
+        self.w1 = nn.Parameter(torch.empty(E, H, C))
+        self.w3 = nn.Parameter(torch.empty(E, H, C))
         self.w2 = nn.Parameter(torch.empty(E, C, H))
         self.shared_expert = FeedForward(C, H) if cfg.moe_shared_expert else None  # always active
         # Balancing state: buffers, not parameters, so the optimizer and autograd never see them.
@@ -104,21 +104,16 @@ class MoEFeedForward(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         nn.init.normal_(self.gate.weight, 0.0, self.init_std)
-        # drawn as the separate (E, H, C) gate and up weights were, so a seed gives the same experts as before
-        shape = self.w2.transpose(1, 2).shape  # (E, H, C)
-        gate, up = (self.w2.new_empty(shape).normal_(0.0, self.init_std) for _ in range(2))
-        self.w13.copy_(torch.cat([gate, up], dim=1))
+        nn.init.normal_(self.w1, 0.0, self.init_std)
+        nn.init.normal_(self.w3, 0.0, self.init_std)
         nn.init.normal_(self.w2, 0.0, self.out_std)  # Transformer.init_weights matches only "w2.weight"
         if self.shared_expert is not None:  # the same init the Transformer gives it, for a standalone layer
-            nn.init.normal_(self.shared_expert.w13.weight, 0.0, self.init_std)
+            nn.init.normal_(self.shared_expert.w1.weight, 0.0, self.init_std)
+            nn.init.normal_(self.shared_expert.w3.weight, 0.0, self.init_std)
             nn.init.normal_(self.shared_expert.w2.weight, 0.0, self.out_std)
         self.expert_bias.zero_()
         self.tokens_per_expert.zero_()
         self.last_load.zero_()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _fuse_legacy_weights(state_dict, prefix, "w13", ("w1", "w3"), dim=1)  # (E, H, C) twice -> (E, 2H, C)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def route(self, x):
         """x: (N, C) -> scores (N, E) unbiased, experts (N, k) chosen, gates (N, k) their weights."""
@@ -138,7 +133,7 @@ class MoEFeedForward(nn.Module):
         order = assigned.argsort(stable=True)  # (N*k,) assignments grouped by expert
         counts = torch.bincount(assigned, minlength=self.num_experts)  # (E,) tokens per expert
         token_of = order // k  # (N*k,) source row of each sorted assignment
-        h = expert_swiglu(flat[token_of], counts, self.w13, self.w2, self.expert_impl)  # (N*k, C)
+        h = expert_swiglu(flat[token_of], counts, self.w1, self.w2, self.w3, self.expert_impl)  # (N*k, C)
         weight = gates.reshape(-1)[order].to(h.dtype).unsqueeze(-1)  # (N*k, 1)
         # h's dtype, not x's: under autocast the experts' output is bf16 while x may be fp32
         y = h.new_zeros(flat.shape).index_add(0, token_of, h * weight)  # (N, C) sum over chosen experts
