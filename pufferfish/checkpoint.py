@@ -79,10 +79,8 @@ def restore_training_state(state: dict, path: Path, model, optimizer, scaler) ->
     try:
         load_full_state(model, optimizer, state["model"], state["optimizer"])
     except (RuntimeError, ValueError) as e:  # ValueError: the optimizer's parameter groups differ in size
-        raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); it may come from an "
-                              f"older Pufferfish (before q/k/v and gate/up were fused: its weights still load "
-                              f"in generate and export, its optimizer state does not). Start a new run "
-                              f"directory") from None  # fmt: skip
+        raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); it may come from "
+                              f"another version of Pufferfish. Start a new run directory") from None  # fmt: skip
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
 
