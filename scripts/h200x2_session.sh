@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements of the second session (docs/benchmarks.md), on the two-GPU H200 kind, in three
-# device calls of under 10 minutes each. Run from the repository root on the GPU machine, after the wheel
-# preamble of ../shared/device/stage.sh, with Shakespeare staged (stage.sh ../shared/data/tinyshakespeare):
+# device calls of under 10 minutes each (then `python -m pytest -m gpu tests/` on one H200). Run from the
+# repository root on the GPU machine, after the wheel preamble of ../shared/device/stage.sh, with
+# Shakespeare staged (stage.sh ../shared/data/tinyshakespeare). The `final` part's fused-vs-separate
+# comparison needs the tree before 8e40c4c in .abtest: git archive 8e40c4c~1 pufferfish
+# scripts/bench_throughput.py | tar -x -C .abtest (then carry .abtest).
 #   bash scripts/h200x2_session.sh budget OUT   # GPU 0: a real 0.1 h run; GPU 1: speed check grid, throughput
 #   bash scripts/h200x2_session.sh plans OUT    # every profile x mode plan, 20 steps under its emulated cap
-#   bash scripts/h200x2_session.sh multi OUT    # DDP scaling and the all-reduce probe, FSDP2 on 2 GPUs, GPU tests
 #   bash scripts/h200x2_session.sh final OUT    # DDP scaling, the plans that ran out of memory, fused vs separate
 #                                               # projections (the pre-fusion tree unpacked in .abtest), FSDP2
 set -uo pipefail
@@ -52,14 +54,4 @@ elif [ "$part" = final ]; then
   grep -h '"kind": "train"' "$f/metrics.jsonl" | python -c "import sys, json; [print('fsdp2', r['step'], round(r['train_loss'], 3), round(r['tokens_per_s'])) for r in map(json.loads, sys.stdin)]"
   rm -rf "$f/checkpoints" "$out"/check_plans/*/checkpoints
   (cd "$out" && tar czf results.tgz --exclude=results.tgz . && find . -mindepth 1 -maxdepth 1 ! -name results.tgz -exec rm -rf {} +)
-else
-  timeout 330 python scripts/bench_ddp.py --gpus 2 --accum 1 4 --out "$out/ddp.json" 2>&1 | quiet | tail -16
-  f=$out/fsdp2
-  timeout 120 python -m torch.distributed.run --standalone --nproc_per_node=2 -m pufferfish.train gpu=auto mode=quick_dev \
-    model.num_layers=12 model.num_dims=768 model.seq_len=512 train.micro_batch=16 train.batch_tokens=32768 \
-    train.max_steps=60 train.log_interval=10 train.sample_tokens=0 train.progress=false train.parallel=fsdp2 \
-    run_dir="$f" hydra.run.dir="$f" > "$out/fsdp2.log" 2>&1; echo "fsdp2 exit $?"
-  grep -h '"kind": "train"' "$f/metrics.jsonl" | python -c "import sys, json; [print(r['step'], round(r['train_loss'], 3), round(r['tokens_per_s'])) for r in map(json.loads, sys.stdin)]"
-  rm -rf "$f/checkpoints"
-  timeout 120 python -m pytest -m gpu tests/ -q -p no:cacheprovider 2>&1 | tail -4
 fi
