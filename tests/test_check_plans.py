@@ -1,10 +1,12 @@
-"""scripts/check_plans.py end to end on CPU: the machinery behind the GPU check (issue 3), one real job."""
+"""scripts/check_plans.py on CPU: the machinery behind the GPU check (issue 3), real jobs, and which
+profile x mode pairs share one job (their plans made through fake GPU hardware, as tests/test_resolver.py)."""
 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, compose, tiny_overrides
 
 VERDICTS = ("ok", "OOM", "crash", "below 70 %", "not memory-bound")
 
@@ -49,3 +51,139 @@ def test_verdicts_and_packing_rules():
     assert not cards.fits("0", small) and cards.fits("1", small)  # a whole-card job runs alone
     cards.running["1"] += [small, small, small]
     assert not cards.fits("1", small)  # --jobs-per-gpu
+
+
+def _check_plans():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_plans
+
+    return check_plans
+
+
+def _pair(cp, profile: str, mode: str, *overrides: str, time_limit_s: float = 600):
+    """A pair planned on CPU for its profile's card, emulated (as on a bigger GPU), as tests/test_resolver does."""
+    from pufferfish.resolver import make_plan
+    from tests.test_resolver import fake_gpu
+
+    cfg = compose(f"gpu={profile}", f"mode={mode}", "train.max_steps=20", *overrides)
+    hw = replace(fake_gpu(profile, "bf16" if cfg.gpu.bf16 else "fp16"), emulated=True)
+    return cp.pair_for(profile, mode, cfg, make_plan(cfg, hw, 8192, 10**9).to_dict(), time_limit_s)
+
+
+def test_pairs_with_the_same_plan_and_cap_share_one_job():
+    cp = _check_plans()
+    a80, h100 = _pair(cp, "a100_80gb", "extended"), _pair(cp, "h100", "extended")  # 30 x 768, 96 x 5, 80 GB
+    assert (a80.plan["micro_batch"], a80.plan["model"]) == (h100.plan["micro_batch"], h100.plan["model"])
+    a40 = _pair(cp, "a100_40gb", "extended", "train.micro_batch=32")  # its own cap, 40 GB
+    a80_32 = _pair(cp, "a100_80gb", "extended", "train.micro_batch=32")  # the same plan as a40 but for the cap
+    assert (a40.plan["micro_batch"], a40.plan["grad_accum"], a40.plan["model"]) == \
+        (a80_32.plan["micro_batch"], a80_32.plan["grad_accum"], a80_32.plan["model"])  # fmt: skip
+    fast_a80, fast_h100 = _pair(cp, "a100_80gb", "ultra_fast"), _pair(cp, "h100", "ultra_fast")
+    groups = cp.group_pairs([a80, a40, h100, a80_32, fast_a80, fast_h100])
+    assert [[p.name for p in g] for g in groups] == [["a100_80gb-extended", "h100-extended"], ["a100_40gb-extended"],
+                                                     ["a100_80gb-extended"], ["a100_80gb-ultra_fast", "h100-ultra_fast"]]  # fmt: skip
+
+    limit = 600
+    config = json.loads(a80.key)["config"]
+    other_micro = cp.memory_key({**a80.plan, "micro_batch": 88}, config, limit)
+    assert other_micro != a80.key  # another micro-batch: another job
+    assert cp.memory_key({**a80.plan, "grad_accum": 9}, config, limit) == a80.key  # accumulating either way
+    assert cp.memory_key({**a80.plan, "grad_accum": 1}, config, limit) != a80.key  # no gradients held across
+    fast = fast_a80.plan  # a 36 s budget ends a job before its 600 s limit: the accumulation sets how far it gets
+    assert cp.memory_key({**fast, "grad_accum": 2}, json.loads(fast_a80.key)["config"], limit) != \
+        cp.memory_key({**fast, "grad_accum": 3}, json.loads(fast_a80.key)["config"], limit)  # fmt: skip
+
+    quick = replace(h100, plan={**h100.plan, "grad_accum": 2})  # the fewest accumulation steps run for the group
+    assert cp.group_pairs([a80, quick, h100])[0] == [quick, a80, h100]  # then the order given
+    lone = cp.Pair("gtx1650", "standard", error="no plan")  # not planned here: a job of its own
+    assert [len(g) for g in cp.group_pairs([lone, replace(lone, mode="extended"), a80])] == [1, 1, 1]
+
+
+def test_a_run_stands_for_its_group_only_as_planned():
+    cp = _check_plans()
+    a80 = _pair(cp, "a100_80gb", "extended")
+    assert cp.ran_as_planned(a80, a80.plan, backed_off=False, time_limit_s=600)
+    halved = {**a80.plan, "micro_batch": 48, "grad_accum": 10}  # an out-of-memory back-off: the same job
+    assert cp.ran_as_planned(a80, halved, backed_off=True, time_limit_s=600)
+    assert not cp.ran_as_planned(a80, halved, backed_off=False, time_limit_s=600)
+    other_cap = {**a80.plan, "hardware": {**a80.plan["hardware"], "vram_bytes": 70 * 2**30}}
+    assert not cp.ran_as_planned(a80, other_cap, backed_off=False, time_limit_s=600)
+    member = {**a80.plan, "grad_accum": 7}
+    assert (cp.as_run(member, halved)["micro_batch"], cp.as_run(member, halved)["grad_accum"]) == (48, 14)
+
+
+def test_profiles_are_emulated_on_a_fake_card_as_on_a_real_one():
+    cp = _check_plans()
+    import torch
+
+    from pufferfish.resolver import detect_hardware
+    from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES
+
+    real = torch.cuda.is_available
+    cfg = compose("gpu=h200", "mode=standard", "train.device=cuda:0")  # h200's profile is 139 GiB
+    for card, emulated, vram in ((140.4 * 2**30, True, 139 * 2**30),  # an H200: capped at the profile
+                                 (139 * 2**30, False, 139 * 2**30 - CUDA_CONTEXT_BYTES)):  # all that is free  # fmt: skip
+        with cp.fake_cuda("NVIDIA H200", int(card)):
+            hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
+        assert (hw.emulated, hw.vram_bytes, hw.precision, hw.device) == (emulated, vram, "bf16", "cuda:0")
+    assert torch.cuda.is_available is real  # only while planning
+
+
+def test_list_groups_the_pairs_and_runs_nothing(tmp_path, cache_dir):
+    shared = ("gpu=", "mode=", "run_dir=", "train.sample_tokens=")
+    extra = [o for o in tiny_overrides(tmp_path / "unused", cache_dir) if not o.startswith(shared)]
+    out = tmp_path / "list.json"
+    proc = subprocess.run([sys.executable, "scripts/check_plans.py", "--list", "--profiles", "a100_80gb,h100",
+                           "--modes", "ultra_fast", "extended", "--out", str(tmp_path / "check"), "--json", str(out),
+                           "--", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    listed = json.loads(out.read_text())
+    assert listed["pairs"] == 4 and listed["jobs"] == len(listed["groups"]) <= 4 and not listed["errors"]
+    assert sorted(n for g in listed["groups"] for n in g) == ["a100_80gb-extended", "a100_80gb-ultra_fast",
+                                                              "h100-extended", "h100-ultra_fast"]  # fmt: skip
+    assert f"4 profile x mode pairs need {listed['jobs']} distinct jobs, for " in proc.stdout
+    if not _check_plans().gpu_ids(None):
+        assert "no GPU is visible here" in proc.stdout and "140.4 GiB" in proc.stdout
+    assert not (tmp_path / "check").exists()  # nothing ran
+
+
+def test_two_pairs_with_one_plan_run_once(tmp_path, cache_dir):
+    """Two modes made to plan alike (fixed shape, batch and data share): one job, two rows, two verdicts."""
+    shared = ("gpu=", "mode=", "run_dir=", "train.sample_tokens=")
+    extra = [o for o in tiny_overrides(tmp_path / "unused", cache_dir) if not o.startswith(shared)]
+    extra += ["model.num_layers=1", "model.num_dims=64", "model.seq_len=32", "train.micro_batch=4",
+              "train.batch_tokens=128", "mode.min_data_fraction=0.5", "mode.max_data_fraction=1.0"]  # fmt: skip
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, "scripts/check_plans.py", "--device", "cpu", "--profiles", "cpu",
+                           "--modes", "ultra_fast,quick_dev", "--steps", "3", "--timeout", "35", "--out", str(out),
+                           "--", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 profile x mode pair(s) need 1 distinct job(s)" in proc.stderr
+    result = json.loads((out / "check_plans.json").read_text())
+    assert (result["pairs"], result["jobs"], result["groups"]) == (2, 1, [["cpu-ultra_fast", "cpu-quick_dev"]])
+    first, second = result["rows"]
+    assert first["run_dir"] == second["run_dir"] == str(out / "cpu-ultra_fast")
+    assert first["measured_peak_bytes"] == second["measured_peak_bytes"] > 0 and second["steps"] == 3
+    assert second["same_run_as"] == "cpu/ultra_fast" and second["notes"][0].startswith("same plan as cpu/ultra_fast")
+    assert first["verdict"].startswith(VERDICTS) and second["verdict"].startswith(VERDICTS)
+    assert not (out / "cpu-quick_dev").exists()
+    assert "(same plan as cpu/ultra_fast: its run)" in proc.stdout
+
+
+def test_a_run_planned_otherwise_sends_its_group_to_run_alone(tmp_path):
+    cp = _check_plans()
+    a80, h100 = _pair(cp, "a100_80gb", "extended"), _pair(cp, "h100", "extended")
+    (tmp_path / "logs").mkdir()
+    for run_plan, alone in ((a80.plan, []), ({**a80.plan, "micro_batch": 88}, [h100])):
+        job = cp.Job("a100_80gb", "extended", tmp_path / "run", rc=0, pairs=[a80, h100])
+        job.run_dir.mkdir(exist_ok=True)
+        (job.run_dir / "plan.json").write_text(json.dumps(run_plan))
+        (job.run_dir / "summary.json").write_text(json.dumps({"step": 20, "stopped_by": "schedule",
+                                                              "peak_mem_bytes": 70 * 2**30}))  # fmt: skip
+        rows, to_run = cp.read_rows(job, [], tmp_path / "logs", 20, 600)
+        assert to_run == alone
+        assert sorted(rows) == (["a100_80gb-extended"] if alone else ["a100_80gb-extended", "h100-extended"])
+        if not alone:
+            assert rows["h100-extended"]["same_run_as"] == "a100_80gb/extended"
+            assert rows["h100-extended"]["use"] == rows["a100_80gb-extended"]["use"] > 0.85  # 70 GiB of 79.4
+            assert (rows["h100-extended"]["profile"], rows["h100-extended"]["verdict"]) == ("h100", "ok")
