@@ -10,8 +10,8 @@ Each job is `python -m pufferfish.train gpu=P mode=M train.max_steps=20` (no eva
 sample) in its own run directory OUT/P-M; a profile smaller than the card caps the process's allocator at
 the profile's memory (apply_memory_cap in pufferfish/resolver/hardware.py). A dry run first builds the
 tokenizer/token cache alone. Then every pair's plan is made here, in this process, by the code's own
-detect_hardware and make_plan for the card the jobs will see (described by nvidia-smi: this process never
-starts CUDA, which would take memory from the jobs). Pairs whose plans agree on everything that sets the
+hardware_on (detect_hardware's rules) and make_plan for the card the jobs will see (described by
+nvidia-smi: this process never starts CUDA, which would take memory from the jobs). Pairs whose plans agree on everything that sets the
 peak memory, the allocator's cap and how far 20 steps get (memory_key) run as one job; each pair keeps its
 own row with that run's measurements ("same plan as P/M") and its own verdict. Should the run's own plan
 differ from the one planned here, the other pairs run on their own after all. `--list` prints this grouping
@@ -41,22 +41,22 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pufferfish.api import compose_config  # noqa: E402
 from pufferfish.data import prepare_data  # noqa: E402
 from pufferfish.resolver import Hardware, detect_hardware, make_plan, predict_peak_bytes  # noqa: E402
-from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB  # noqa: E402
-from pufferfish.resolver.plan import USABLE_MEMORY, _shape  # noqa: E402
+from pufferfish.resolver.hardware import (  # noqa: E402
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    hardware_on,
+)
+from pufferfish.resolver.plan import _shape, memory_budget  # noqa: E402
 from pufferfish.sweep_tools import allocator_cap  # noqa: E402
 from pufferfish.validate import validate  # noqa: E402
 
@@ -223,18 +223,6 @@ def as_run(planned: dict, ran: dict) -> dict:
     return {**planned, "micro_batch": ran["micro_batch"], "grad_accum": planned["grad_accum"] * scale}
 
 
-def fake_cuda(name: str, total_bytes: int) -> ExitStack:
-    """torch.cuda as if one card of total_bytes were there (free: all but a CUDA context), for
-    detect_hardware to build the Hardware of a profile on that card by its own rules, without CUDA."""
-    props = SimpleNamespace(name=name, total_memory=total_bytes)
-    stack = ExitStack()
-    stack.enter_context(mock.patch.object(torch.cuda, "is_available", lambda: True))
-    stack.enter_context(mock.patch.object(torch.cuda, "get_device_properties", lambda *_: props))
-    stack.enter_context(mock.patch.object(torch.cuda, "mem_get_info", lambda *_: (total_bytes - CUDA_CONTEXT_BYTES,
-                                                                                 total_bytes)))  # fmt: skip
-    return stack
-
-
 def plan_pairs(args, extra: list[str], card: tuple[str, int] | None) -> list[Pair]:
     """Every pair's plan, as its job would make it (pufferfish/run.py's plan_for: detect_hardware, then
     make_plan on the prepared data), for the card (name, bytes) its job will see; card None: the CPU."""
@@ -250,7 +238,11 @@ def plan_pairs(args, extra: list[str], card: tuple[str, int] | None) -> list[Pai
                 if data_key not in prepared:
                     prepared[data_key] = prepare_data(cfg.data, progress=False)
                 data = prepared[data_key]
-                with fake_cuda(*card) if card else nullcontext():
+                if card:  # the card as its job will see it: all free but the CUDA context
+                    name, total = card
+                    hw = hardware_on(cfg.gpu, cfg.optimizations, cfg.train.device, name, total,
+                                     total - CUDA_CONTEXT_BYTES)  # fmt: skip
+                else:
                     hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
                 plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens)
             except Exception as e:  # noqa: BLE001 - its job runs alone and shows the error in full
@@ -294,8 +286,8 @@ def planning_card(args) -> tuple[tuple[str, int] | None, str]:
         return (name, int(total_gib * GIB)), f"GPU {ids[0]} here: {name}, {total_gib:.1f} GiB"
     total_gib = args.gpu_mem_gib or ASSUMED_CARD_GIB
     return (f"assumed card of {total_gib:.1f} GiB", int(total_gib * GIB)), (
-        f"an assumed card of {total_gib:.1f} GiB: no GPU is visible here, so the profiles' Hardware is built on a "
-        f"fake CUDA device of that size (--gpu-mem-gib; default {ASSUMED_CARD_GIB}, an H200's)")
+        f"an assumed card of {total_gib:.1f} GiB: no GPU is visible here, so the profiles' Hardware is built for a "
+        f"card of that size (--gpu-mem-gib; default {ASSUMED_CARD_GIB}, an H200's)")
 
 
 # -- running ----------------------------------------------------------------------------------------------
@@ -457,7 +449,7 @@ def plan_without_max_steps(profile: str, mode: str, extra: list[str], plan: dict
     if not same or (not row["oom_backoffs"] and free.micro_batch != plan["micro_batch"]):
         row["notes"].append("train.max_steps changed the plan: the run's shape is shown")
         out.update(micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"])
-    budget = int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)) * USABLE_MEMORY)  # make_plan's
+    budget = memory_budget(hw)
     doubled = _shape(plan["model"], cfg, hw, 2 * out["micro_batch"], plan["grad_ckpt"])
     out["double_micro_batch_fits"] = predict_peak_bytes(doubled).total <= budget
     return out

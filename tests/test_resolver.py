@@ -9,14 +9,13 @@ from pufferfish.errors import ConfigError
 from pufferfish.model import ModelConfig, build_model, count_parameters
 from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes
 from pufferfish.resolver.hardware import (
-    CUDA_CONTEXT_BYTES,
     Hardware,
     known_profiles,
     load_profile,
     nearest_profile,
 )
 from pufferfish.resolver.memory import ACTIVATION_CALIBRATION
-from pufferfish.resolver.plan import USABLE_MEMORY, _shape, kv_heads_for
+from pufferfish.resolver.plan import _shape, kv_heads_for, memory_budget
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
 
@@ -175,8 +174,7 @@ def test_every_plan_fits_its_memory_and_respects_mode_bounds_or_says_why(gpu, mo
     if plan.grad_accum > 1:  # memory binds the micro-batch: the next size up (a multiple of 4 or 8) would not fit
         assert plan.micro_batch < 8 or plan.micro_batch % 4 == 0
         bigger = _shape(plan.model, cfg, hw, plan.micro_batch + (4 if plan.micro_batch < 32 else 8), plan.grad_ckpt)
-        budget = (plan.vram_bytes - CUDA_CONTEXT_BYTES) * USABLE_MEMORY
-        assert predict_peak_bytes(bigger).total > budget
+        assert predict_peak_bytes(bigger).total > memory_budget(hw)
 
 
 def test_more_vram_never_gives_a_smaller_model():

@@ -119,7 +119,20 @@ def profile_peak_flops(prof, precision: str) -> float:
 
 
 def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") -> Hardware:
+    """The Hardware of the gpu profile on the device this process sees."""
     device = pick_device("cpu" if gpu_cfg.name == "cpu" and requested_device == "auto" else requested_device)
+    if device == "cpu":
+        return hardware_on(gpu_cfg, optimizations_cfg, "cpu", "cpu", system_memory_bytes(), 0)
+    index = torch.device(device).index or 0
+    props = torch.cuda.get_device_properties(index)
+    free, _ = torch.cuda.mem_get_info(index)
+    return hardware_on(gpu_cfg, optimizations_cfg, device, props.name, props.total_memory, free)
+
+
+def hardware_on(gpu_cfg, optimizations_cfg, device: str, device_name: str, total: int, free: int) -> Hardware:
+    """The Hardware of the gpu profile on a described device (its name, total and free bytes): the profile
+    mapping, precision, peak and emulation rules, without touching the device (scripts/check_plans.py plans
+    for GPUs it leaves to its jobs)."""
     on_cpu = device == "cpu"
     notes: list[str] = []
     profile = gpu_cfg.name
@@ -129,15 +142,10 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
             notes.append(f"no GPU here: planning for gpu={profile}, running on the CPU (slow, unemulated)")
         else:
             profile, prof = "cpu", load_profile("cpu")
-        device_name, total = "cpu", system_memory_bytes()
-    else:
-        index = torch.device(device).index or 0
-        props = torch.cuda.get_device_properties(index)
-        device_name, total = props.name, props.total_memory
-        if profile == "auto":
-            profile = nearest_profile(device_name, total)
-            prof = load_profile(profile)
-            notes.append(f"gpu=auto: {device_name} ({total / GIB:.1f} GiB) maps to profile {profile}")
+    elif profile == "auto":
+        profile = nearest_profile(device_name, total)
+        prof = load_profile(profile)
+        notes.append(f"gpu=auto: {device_name} ({total / GIB:.1f} GiB) maps to profile {profile}")
     precision, why = choose_precision(optimizations_cfg.precision, bool(prof.bf16), bool(prof.fast_fp16), on_cpu)
     if why:
         notes.append(why)
@@ -151,7 +159,6 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
         vram = int(float(prof.vram_gb) * GIB)
     emulated = False
     if not on_cpu:
-        free, _ = torch.cuda.mem_get_info(index)
         if gpu_cfg.name == "auto":
             vram = free
         elif vram < total and bool(prof.get("emulate", True)):

@@ -125,6 +125,11 @@ def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
     return [(L, d) for L in layers for d in dims]
 
 
+def memory_budget(hw: Hardware) -> int:
+    """The bytes a plan may fill: the device's memory less the CUDA context (on a GPU), at USABLE_MEMORY."""
+    return int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)) * USABLE_MEMORY)
+
+
 def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1) -> int:
     """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of 4 (8
     from 32 up) so an out-of-memory back-off can halve it; train.micro_batch is kept as given."""
@@ -154,7 +159,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     vocab = cfg.model.vocab_size or vocab_size
     seq_len = cfg.model.seq_len or mode.seq_len
     on_gpu = hw.profile != "cpu"  # a GPU profile planned on a CPU-only machine is planned as that GPU
-    mem_budget = int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if on_gpu else 0)) * USABLE_MEMORY)
+    mem_budget = memory_budget(hw)
     ckpt_policy = opt.grad_ckpt
     if ckpt_policy not in ("never", "auto", "always"):
         raise ConfigError(f"optimizations.grad_ckpt={ckpt_policy!r}; allowed: never, auto, always")
