@@ -37,7 +37,7 @@ def make_train_step(cfg: ModelConfig, batch: int, device: str, t: Technique, see
     model = build_model(cfg, device)
     apply_speed_transforms(model, t.ckpt, t.compile == "blocks", device)
     optim_cfg = SimpleNamespace(weight_decay=0.1, beta1=0.9, beta2=0.95)
-    opt = build_optimizer(model, optim_cfg, 3e-4, t.fused, device)
+    opt = build_optimizer(model, optim_cfg, 3e-4, t.fused)
     ctx = autocast(t.precision, device)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)

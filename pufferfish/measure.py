@@ -55,7 +55,7 @@ def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: 
         with ctx:
             return lm_loss(model, x, y, opt.chunked_loss, opt.loss_chunk_tokens) + moe_aux_loss(model)
 
-    optimizer = build_optimizer(model, cfg.optim, 1e-4, opt.fused_adamw, device)
+    optimizer = build_optimizer(model, cfg.optim, 1e-4, opt.fused_adamw)
     scaler, ctx = grad_scaler(precision, device), autocast(precision, device)
     micro_loss = compile_step(micro_loss, opt.compile, device)
     if opt.compile and cuda:

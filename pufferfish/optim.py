@@ -7,7 +7,7 @@ import inspect
 import torch
 
 
-def build_optimizer(model, optim_cfg, lr: float, fused: bool, device: str) -> torch.optim.AdamW:
+def build_optimizer(model, optim_cfg, lr: float, fused: bool) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # matrices and the (tied) embedding
     no_decay = [p for p in params if p.dim() < 2]  # norms: decaying them only hurts

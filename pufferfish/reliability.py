@@ -15,7 +15,6 @@ curve stay the same (up to the order of summation).
 from __future__ import annotations
 
 import gc
-import math
 
 import torch
 
@@ -33,23 +32,17 @@ class OutOfMemoryError(PufferfishError):
     pass
 
 
-def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaler_enabled: bool) -> tuple[bool, float, float]:
-    """(update?, loss, grad norm) on the host: one device sync. For optimizers that cannot skip a step
-    from a device-side flag (see skip_on_device), and for fp16, where the GradScaler decides."""
-    loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
-    # with fp16 an overflowed gradient is the scaler's business: scaler.step skips that step by itself
-    finite = math.isfinite(loss_value) and (scaler_enabled or math.isfinite(norm_value))
-    return finite, loss_value, norm_value
-
-
-def finite_on_device(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """The same test as step_is_finite, left on the device: a bool tensor, no sync."""
-    return torch.isfinite(loss.float()) & torch.isfinite(grad_norm.float())
+def finite_on_device(loss: torch.Tensor, grad_norm: torch.Tensor, scaler_enabled: bool = False) -> torch.Tensor:
+    """Should this step update? A bool tensor, left on the device (no sync). A non-finite loss is ours to
+    skip; with fp16 an overflowed gradient is the GradScaler's business (scaler.step skips it by itself)."""
+    finite = torch.isfinite(loss.float())
+    return finite if scaler_enabled else finite & torch.isfinite(grad_norm.float())
 
 
 def skip_on_device(optimizer) -> bool:
     """Can this optimizer skip a step from a device-side flag? Fused AdamW reads `found_inf` (the hook
-    GradScaler uses) and then neither updates the weights nor counts the step."""
+    GradScaler uses) and then neither updates the weights nor counts the step. Otherwise the loop reads
+    finite_on_device's answer on the host before stepping: one sync a step."""
     return bool(optimizer.defaults.get("fused"))
 
 

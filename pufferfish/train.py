@@ -53,7 +53,6 @@ from .reliability import (
     is_out_of_memory,
     reset_moe_counts,
     skip_on_device,
-    step_is_finite,
 )
 from .resolver import Plan, apply_memory_cap, format_plan
 from .run import (
@@ -118,7 +117,7 @@ def train(cfg: DictConfig) -> dict:
     sharded = world.enabled and tc.parallel == "fsdp2"  # FSDP2 compiles block by block, before sharding
     applied = apply_speed_transforms(model, plan.grad_ckpt, cfg.optimizations.compile and sharded, device)
     parallel = wrap(model, world, device, tc.parallel, precision)  # DDP or FSDP2 with several ranks, else model
-    optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw, device)  # after FSDP2
+    optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw)  # after FSDP2
     scaler = sharded_grad_scaler(precision, device) if sharded else grad_scaler(precision, device)
     ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
@@ -209,6 +208,7 @@ def train(cfg: DictConfig) -> dict:
                 pending.read()  # the steps after the streak go with the rollback
                 return True
         return False
+
     stop = StopFlag()
     budget = plan.time_budget_s
     bar = tqdm(total=plan.steps, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
@@ -249,19 +249,16 @@ def train(cfg: DictConfig) -> dict:
             scaler.unscale_(optimizer)
             grad_norm = plain(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))  # FSDP2: a DTensor
             step_loss = mean_across(world, step_loss)  # every rank sees the same loss, so all skip or none
+            ok = finite_on_device(step_loss, grad_norm, scaler.is_enabled())
             if on_device:  # a non-finite step makes no update, decided on the device
-                ok = finite_on_device(step_loss, grad_norm)
                 optimizer.found_inf = (~ok).float()
                 optimizer.step()
                 update_moe_biases(model, ok)
+            elif ok.item():  # the host decides: one sync
+                scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
+                update_moe_biases(model)
             else:
-                finite = step_is_finite(step_loss, grad_norm, scaler.is_enabled())[0]
-                ok = torch.tensor(finite, device=step_loss.device)
-                if finite:
-                    scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
-                    update_moe_biases(model)
-                else:
-                    reset_moe_counts(model)
+                reset_moe_counts(model)
             pending.add(step, step_loss, grad_norm, ok)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

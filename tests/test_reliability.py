@@ -23,10 +23,10 @@ from pufferfish.errors import CheckpointError, ConfigError, PufferfishError
 from pufferfish.reliability import (
     DivergedError,
     OutOfMemoryError,
+    PendingSteps,
     finite_on_device,
     is_out_of_memory,
     skip_on_device,
-    step_is_finite,
 )
 from pufferfish.run import StopFlag
 from pufferfish.runlog import read_metrics
@@ -350,10 +350,12 @@ def test_submitit_local_job_is_preempted_requeued_by_submitit_and_resumed_exactl
 
 def test_fp16_overflow_is_left_to_the_grad_scaler():
     inf, nan, one = torch.tensor(float("inf")), torch.tensor(float("nan")), torch.tensor(1.0)
-    assert step_is_finite(one, inf, scaler_enabled=True)[0]  # the scaler skips it and lowers its scale
-    assert not step_is_finite(one, inf, scaler_enabled=False)[0]
-    assert not step_is_finite(nan, one, scaler_enabled=True)[0]  # a NaN loss is ours, scaler or not
-    assert step_is_finite(torch.tensor(2.5), torch.tensor(0.5), False) == (True, 2.5, 0.5)
+    assert finite_on_device(one, inf, scaler_enabled=True)  # the scaler skips it and lowers its scale
+    assert not finite_on_device(one, inf, scaler_enabled=False)
+    assert not finite_on_device(nan, one, scaler_enabled=True)  # a NaN loss is ours, scaler or not
+    pending = PendingSteps()  # what the host reads back at a log line
+    pending.add(4, torch.tensor(2.5), torch.tensor(0.5), finite_on_device(torch.tensor(2.5), torch.tensor(0.5)))
+    assert pending.read() == [(4, 2.5, 0.5, True)] and pending.read() == []
 
 
 def test_a_nan_step_is_skipped_counted_and_logged(tmp_path, cache_dir, monkeypatch, straight):
