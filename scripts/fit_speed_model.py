@@ -3,6 +3,7 @@
     python scripts/fit_speed_model.py --fit fit.json --check check.json --predates fit.json   # committed models' errors
     python scripts/fit_speed_model.py --fit fit.json --check check.json --predates fit.json --refit
     python scripts/fit_speed_model.py --fit fit.json --check check.json check2.json --predates fit.json
+    python scripts/fit_speed_model.py --fit fit.json check.json check2.json --predates fit.json --refit   # the committed fit
     python scripts/fit_speed_model.py --bench bench124.json bench350.json ...   # bench_throughput rows, held out too
     python scripts/fit_speed_model.py --count-ops   # ops an MoE / checkpointed block launches per dense block's
 
@@ -10,7 +11,8 @@ Inputs are the JSON of scripts/calibrate.py (rows: model fields, batch, techniqu
 and of scripts/bench_throughput.py. Every row is re-predicted through the Shape the resolver builds
 (calibrate.shape_of) at the profile's peak and mfu, so the errors are those a plan would have. `--refit`
 fits the fitted constants of pufferfish/resolver/speed.py on the --fit rows only (least squares of the log
-step time, Nelder-Mead) and prints the errors again with them: --check and --bench stay held out.
+step time, Nelder-Mead) and prints the errors again with them: --check and --bench stay held out. Several
+--fit files are fitted together (their rows show as fit:GRID).
 `--predates FILE` marks a file measured before two code paths changed (58cac20: MoE experts run grouped
 GEMMs in bf16, not a loop; 03a5d1b: fp32 GQA repeats K/V for the efficient kernel, not math attention):
 its MoE and fp32 GQA rows are shown but neither fitted nor counted.
@@ -37,15 +39,15 @@ from pufferfish.resolver import Shape, memory, predict_peak_bytes, speed  # noqa
 from pufferfish.resolver.hardware import load_profile, profile_peak_flops  # noqa: E402
 
 FIELDS = set(ModelConfig.__dataclass_fields__)
-# the constants --refit fits: (speed.py name, key in a dict constant or None); the others cannot be
-# fitted from a calibration grid and are printed as they stand (EAGER_GPU_FACTOR, MOE_LAYER_LAUNCHES)
+# the constants --refit fits: (speed.py name, key in a dict constant or None); EAGER_GPU_FACTOR is measured
+# by scripts/bench_throughput.py (an eager and a compiled GPU-bound step) and printed as it stands
 FITTED = [("HALF_SHARE_DIMS", None), ("HOST_STEP_S", None), ("HOST_LAYER_S", "eager"),
-          ("HOST_LAYER_S", "compiled"), ("CHECKPOINT_HOST_FACTOR", None)]  # fmt: skip
+          ("HOST_LAYER_S", "compiled"), ("CHECKPOINT_HOST_FACTOR", None), ("MOE_LAYER_LAUNCHES", None)]  # fmt: skip
 
 
 @dataclass
 class Row:
-    source: str  # fit | the held-out grid's name (check, check2, ...) | bench
+    source: str  # fit (fit:GRID, several --fit files) | a held-out grid's name (check, check2) | bench
     shape: Shape
     technique: Technique
     measured_step_s: float
@@ -63,9 +65,9 @@ class Row:
 
 
 def load_calibrate(path: str, source: str | None, predates: bool) -> list[Row]:
-    """Rows of a calibrate.py JSON; source None: the grid it records (check before it recorded one)."""
+    """Rows of a calibrate.py JSON; source None: the grid it records (the file's name before it recorded one)."""
     data = json.loads(Path(path).read_text())
-    source = source or data.get("grid", "check")
+    source = source or data.get("grid") or Path(path).stem
     rows, compiled_before = [], False
     for r in data["rows"]:
         t = Technique(**r["technique"])
@@ -149,8 +151,9 @@ def summarize(rows: list[Row]) -> None:
     by = {src: [r for r in counted if r.source == src] for src in dict.fromkeys(r.source for r in counted)}
     grids = [src for src in by if src != "bench"]
     role = {src: f"{src} grid (held out)" for src in grids} | {
+        src: f"{src.removeprefix('fit:')} grid (fitted on it)" for src in grids if src.startswith("fit:")} | {
         "fit": "fit grid (the constants were fitted on it)", "bench": "bench_throughput rows (held out)"}  # fmt: skip
-    together = f"{' and '.join(grids)} grids together"
+    together = f"{' and '.join(g.removeprefix('fit:') for g in grids)} grids together"
     print()
     for src, sel in by.items():
         print(f"speed   {role[src]:45s} {stats([speed_err(r) for r in sel])}")
@@ -168,6 +171,8 @@ def summarize(rows: list[Row]) -> None:
 def compiled_activation_factor(rows: list[Row]) -> None:
     """COMPILED_ACTIVATIONS that makes each compiled row's predicted peak its measured one (bisection)."""
     found = []
+    if not hasattr(memory, "COMPILED_ACTIVATIONS"):  # the memory model no longer has the one factor
+        return
     saved = memory.COMPILED_ACTIVATIONS
     for r in rows:
         if not r.shape.compiled or r.measured_peak is None or r.skip:
@@ -230,7 +235,7 @@ def nelder_mead(f, x0: list[float], steps: int = 4000, scale: float = 0.3) -> li
 
 def refit(rows: list[Row]) -> dict:
     """Set speed.py's fitted constants (in this process) to their least-squares values; returns the old ones."""
-    fit_rows = [r for r in rows if r.source == "fit" and not r.skip]
+    fit_rows = [r for r in rows if r.source.split(":")[0] == "fit" and not r.skip]
 
     def loss(logs: list[float]) -> float:
         for (name, key), v in zip(FITTED, logs):
@@ -238,12 +243,14 @@ def refit(rows: list[Row]) -> dict:
         return sum(math.log(predicted_step_s(r.shape) / r.measured_step_s) ** 2 for r in fit_rows)
 
     before = {(n, k): _get(n, k) for n, k in FITTED}
-    best = nelder_mead(loss, [math.log(v) for v in before.values()])
+    best = [math.log(v) for v in before.values()]
+    for scale in (0.3, 0.1, 0.03):  # restarts: Nelder-Mead stalls on the max()'s kinks
+        best = nelder_mead(loss, best, scale=scale)
     loss(best)
     print(f"refit on {len(fit_rows)} fit-grid rows (log step time, least squares):")
     for (name, key), v in zip(FITTED, best):
         print(f"  {name}{f'[{key!r}]' if key else ''} = {math.exp(v):.4g}   (committed {before[(name, key)]:.4g})")
-    print(f"  not fitted: EAGER_GPU_FACTOR = {speed.EAGER_GPU_FACTOR}, MOE_LAYER_LAUNCHES = {speed.MOE_LAYER_LAUNCHES}")
+    print(f"  not fitted: EAGER_GPU_FACTOR = {speed.EAGER_GPU_FACTOR}")
     return before
 
 
@@ -294,14 +301,14 @@ def count_ops() -> None:
     per_block = {(moe, ck): (ops(4, moe, ck) - ops(2, moe, ck)) / 2 for moe in (False, True) for ck in (False, True)}
     dense = per_block[(False, False)]
     print(f"ops per block, forward+backward: dense {dense:.0f}, MoE {per_block[(True, False)]:.0f} "
-          f"(x{per_block[(True, False)] / dense:.2f}; MOE_LAYER_LAUNCHES {speed.MOE_LAYER_LAUNCHES}), "
+          f"(x{per_block[(True, False)] / dense:.2f}; MOE_LAYER_LAUNCHES, fitted on host time, {speed.MOE_LAYER_LAUNCHES}), "
           f"checkpointed {per_block[(False, True)]:.0f} (x{per_block[(False, True)] / dense:.2f}; "
           f"CHECKPOINT_HOST_FACTOR {speed.CHECKPOINT_HOST_FACTOR} adds checkpoint's Python hooks)")  # fmt: skip
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fit", help="calibrate.py JSON the constants are fitted on")
+    p.add_argument("--fit", nargs="*", default=[], help="calibrate.py JSON the constants are fitted on")
     p.add_argument("--check", nargs="*", default=[], help="calibrate.py JSON held out")
     p.add_argument("--bench", nargs="*", default=[], help="bench_throughput.py JSON held out (speed only)")
     p.add_argument("--predates", nargs="*", default=[], help="files measured before 58cac20 and 03a5d1b")
@@ -311,7 +318,11 @@ def main(argv=None) -> int:
     if args.count_ops:
         count_ops()
     old = {str(Path(f).resolve()) for f in args.predates}
-    rows = load_calibrate(args.fit, "fit", str(Path(args.fit).resolve()) in old) if args.fit else []
+    rows = []
+    for f in args.fit:
+        grid = json.loads(Path(f).read_text()).get("grid") or Path(f).stem
+        source = "fit" if len(args.fit) == 1 else f"fit:{grid}"
+        rows += load_calibrate(f, source, str(Path(f).resolve()) in old)
     for f in args.check:
         rows += load_calibrate(f, None, str(Path(f).resolve()) in old)
     for f in args.bench:

@@ -7,7 +7,7 @@ import torch
 
 from pufferfish.errors import ConfigError
 from pufferfish.model import ModelConfig, build_model, count_parameters
-from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes
+from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes, speed
 from pufferfish.resolver.hardware import (
     Hardware,
     known_profiles,
@@ -105,20 +105,25 @@ def test_small_gpu_steps_cost_their_kernel_launches():
     """A tiny model on a GPU: the host launching kernels binds, whatever the FLOPs; on a CPU the FLOPs do."""
     s = small_shape(micro_batch=4)  # 2 layers, 32 tokens
     assert step_seconds(s, 1e12, 0.5, on_gpu=False) == pytest.approx(flops_per_token(s) * 32 / (1e12 * 0.5))
-    assert step_seconds(s, 1e12, 0.5, on_gpu=True) == pytest.approx(3.8e-3 + 2 * 2.6e-3)  # per step + per layer
-    assert step_seconds(replace(s, micro_batch=64), 1e12, 0.5, True) == pytest.approx(9.0e-3)  # batch is free
-    assert step_seconds(replace(s, compiled=True), 1e12, 0.5, True) == pytest.approx(3.8e-3 + 2 * 1.2e-3)
-    assert step_seconds(replace(s, grad_ckpt=True), 1e12, 0.5, True) == pytest.approx(3.8e-3 + 2 * 2.6e-3 * 2.1)
+    step_s, eager, compiled = speed.HOST_STEP_S, speed.HOST_LAYER_S["eager"], speed.HOST_LAYER_S["compiled"]
+    assert step_seconds(s, 1e12, 0.5, on_gpu=True) == pytest.approx(step_s + 2 * eager)  # per step + per layer
+    assert step_seconds(replace(s, micro_batch=64), 1e12, 0.5, True) == pytest.approx(step_s + 2 * eager)  # batch is free
+    assert step_seconds(replace(s, compiled=True), 1e12, 0.5, True) == pytest.approx(step_s + 2 * compiled)
+    ck = speed.CHECKPOINT_HOST_FACTOR  # checkpointed blocks launch their forward again, compiled or not
+    assert step_seconds(replace(s, grad_ckpt=True), 1e12, 0.5, True) == pytest.approx(step_s + 2 * eager * ck)
+    assert step_seconds(replace(s, grad_ckpt=True, compiled=True), 1e12, 0.5, True) == pytest.approx(
+        step_s + 2 * compiled * ck)  # fmt: skip
     moe = replace(s, moe_layers=2, moe_num_experts=4, moe_active_experts=2, moe_expert_ffn_dims=96)
-    assert step_seconds(moe, 1e12, 0.5, True) == pytest.approx(3.8e-3 + 2 * 1.27 * 2.6e-3)
+    assert step_seconds(moe, 1e12, 0.5, True) == pytest.approx(step_s + 2 * speed.MOE_LAYER_LAUNCHES * eager)
 
 
 def test_big_gpu_steps_cost_their_flops_at_a_share_that_grows_with_width():
     big = Shape(2, 1024, 16, 4, 2816, 32000, 1024, micro_batch=64, precision="bf16", compiled=True)
     flops, h200 = flops_per_token(big) * 64 * 1024, (989e12, 0.55)
-    assert step_seconds(big, *h200, True) == pytest.approx(flops / (989e12 * 0.55 * 1024 / (1024 + 400)))
+    D = speed.HALF_SHARE_DIMS  # without a bandwidth: fitted on the H200
+    assert step_seconds(big, *h200, True) == pytest.approx(flops / (989e12 * 0.55 * 1024 / (1024 + D)))
     assert step_seconds(replace(big, compiled=False), *h200, True) == pytest.approx(  # unfused kernels
-        1.7 * flops / (989e12 * 0.55 * 1024 / (1024 + 400)))
+        speed.EAGER_GPU_FACTOR * flops / (989e12 * 0.55 * 1024 / (1024 + D)))
     # with the bandwidth, the roofline's ridge: 2 bytes x 989 TFLOP/s / 4.8 TB/s = 412 dims (4 bytes at TF32's half rate)
     ridge = 2 * 989e12 / 4.8e12
     assert step_seconds(big, *h200, True, bandwidth=4.8e12) == pytest.approx(flops / (989e12 * 0.55 * 1024 / (1024 + ridge)))

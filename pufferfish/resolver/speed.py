@@ -5,41 +5,53 @@ their sum:
 
     GPU   FLOPs / (peak x mfu x d / (d + D))                       x EAGER_GPU_FACTOR unless compiled
     host  HOST_STEP_S + sum over layers of HOST_LAYER_S[eager|compiled]
-              x CHECKPOINT_HOST_FACTOR (eager checkpointing)  x MOE_LAYER_LAUNCHES (an MoE layer)
+              x CHECKPOINT_HOST_FACTOR (checkpointed blocks, eager or compiled)
+              x MOE_LAYER_LAUNCHES (an MoE layer)
 
 Per token a d x d matmul moves about 2d elements but does 2d^2 FLOPs, so narrow layers wait on memory:
 with the two times added, the matmuls reach a share d / (d + D) of the profile's `mfu`, where
-D = bytes per element x peak / bandwidth is the roofline's ridge (412 on the H200; a fit of the H200's
-measurements alone gives 406). Without a bandwidth the H200's D is used. Eager steps also run the unfused elementwise kernels and loss that torch.compile fuses away, and
-launch about twice the kernels per layer. Small models on a fast GPU are therefore launch-bound: their
-speed barely depends on width or batch. The constants were measured on the H200 with its host (torch
-2.11, 2026-11-29) and are refitted by `scripts/fit_speed_model.py`; launch times depend on the host CPU,
-so other machines differ. The CPU profile keeps FLOPs at its measured matmul rate x mfu, and every run
-re-plans its steps from the speed it measures (pufferfish/train.py): a wrong prediction costs accuracy,
-not the budget.
+D = bytes per element x peak / bandwidth is the roofline's ridge (412 on the H200). Without a bandwidth
+the fitted D below is used. Eager steps also run the unfused elementwise kernels and loss that
+torch.compile fuses away. Small models on a fast GPU are therefore launch-bound: their speed barely
+depends on width or batch. The host's time per layer is as large for a compiled step as for an eager one
+on the H200's host (the eager optimizer, clipping and autograd's per-parameter work stay, and the
+compiled graphs' launches cost about what the eager ones save), and checkpointed blocks double it in
+both: the recomputed forward is launched again in the backward. The chunked loss's per-chunk launches
+were fitted too and came out nil (a few chunks per step), so they have no term. The constants were fitted
+on the H200 with its host (torch 2.11, 2026-11-29) on three calibration grids by
+`scripts/fit_speed_model.py --refit`; launch times depend on the host CPU (they varied by about 20 %
+between the grids' sessions), so other machines differ. The CPU profile keeps FLOPs at its measured
+matmul rate x mfu, and every run re-plans its steps from the speed it measures (pufferfish/train.py): a
+wrong prediction costs accuracy, not the budget.
 """
 
 from __future__ import annotations
 
 from .memory import BYTES, Shape, count_params
 
+# Fitted: scripts/fit_speed_model.py --refit --fit fit.json check.json check2.json --predates fit.json
+# (the H200 grids of scripts/calibrate.py --grid fit|check|check2, 70 rows; least squares of log step time).
 # D when the bandwidth is not given: the width at which the matmuls reach half the profile's mfu (d = 768
-# reaches 0.66 of it); fitted on the H200 fit grid (scripts/calibrate.py --grid fit), whose GPU-bound step
-# is 12 x 768 compiled at 16 x 1024: 406, the H200's roofline 2 x 989 TFLOP/s / 4.8 TB/s: 412
-HALF_SHARE_DIMS = 400
+# reaches 0.67 of it); the H200's roofline 2 x 989 TFLOP/s / 4.8 TB/s would be 412
+HALF_SHARE_DIMS = 371
 # eager GPU time / compiled GPU time of the same step (unfused elementwise kernels and loss): the H200's
-# 12 x 768, 16 x 1024 bf16 step, both GPU-bound: 306k eager vs 519k tokens/s compiled (scripts/bench_throughput.py)
+# 12 x 768, 16 x 1024 bf16 step, both GPU-bound: 306k eager vs 519k tokens/s compiled
+# (scripts/bench_throughput.py; measured, not fitted)
 EAGER_GPU_FACTOR = 1.7
-# host seconds per step outside the layers (embedding, loss, clipping, optimizer launches); fit grid
-HOST_STEP_S = 3.8e-3
-# host seconds to launch one layer's forward and backward kernels; fit grid (compiled: its launch-bound
-# compiled step, 8 x 512 at 16 x 512)
-HOST_LAYER_S = {"eager": 2.6e-3, "compiled": 1.2e-3}
-# eager checkpointing launches the forward again, plus torch.utils.checkpoint's hooks; fit grid
-CHECKPOINT_HOST_FACTOR = 2.1
-# an MoE block launches this many times a dense block's ops (router, sort, gather, grouped GEMMs,
-# scatter): aten ops of forward+backward under bf16 autocast, counted (scripts/fit_speed_model.py --count-ops)
-MOE_LAYER_LAUNCHES = 1.27
+# host seconds per step outside the layers (embedding, loss, clipping, optimizer launches); fitted
+HOST_STEP_S = 4.0e-3
+# host seconds to launch one layer's forward and backward kernels (and its optimizer share); fitted. The
+# compiled one is nearly the eager one: on the check2 grid (current calibrate.py, each shape compiled
+# afresh) compiled steps took 2-3 ms per layer, on the older fit and check grids 1.1-1.8 ms
+HOST_LAYER_S = {"eager": 2.35e-3, "compiled": 2.25e-3}
+# checkpointed blocks launch their forward again in the backward (eager: plus torch.utils.checkpoint's
+# hooks); fitted on eager rows of all grids and the compiled checkpointed rows of check2 (5.6-7 ms per layer
+# where compiled rows without checkpointing took 2-3 ms)
+CHECKPOINT_HOST_FACTOR = 2.2
+# an MoE layer's host time / a dense layer's (router, sort, gather, grouped GEMMs, scatter); fitted on the
+# four MoE rows of check and check2 (eager, eager checkpointed, compiled: each +20..+66 % too fast with the
+# 1.27 of counted aten ops, scripts/fit_speed_model.py --count-ops: routing's ops cost more than a matmul's launch)
+MOE_LAYER_LAUNCHES = 1.77
 
 
 def flops_per_token(s: Shape) -> float:
@@ -67,7 +79,7 @@ def gpu_seconds(s: Shape, peak_flops: float, mfu: float, bandwidth: float = 0.0)
 def host_seconds(s: Shape) -> float:
     """Time the host spends launching one micro-step's kernels."""
     kind = "compiled" if s.compiled else "eager"
-    per_layer = HOST_LAYER_S[kind] * (CHECKPOINT_HOST_FACTOR if s.grad_ckpt and not s.compiled else 1.0)
+    per_layer = HOST_LAYER_S[kind] * (CHECKPOINT_HOST_FACTOR if s.grad_ckpt else 1.0)
     layers = s.num_layers - s.moe_layers + s.moe_layers * MOE_LAYER_LAUNCHES
     return HOST_STEP_S + layers * per_layer
 
