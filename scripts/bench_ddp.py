@@ -2,12 +2,15 @@
 
     python scripts/bench_ddp.py --gpus 2 --out ddp.json     # on a machine with at least 2 GPUs
 
-Three runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16, `optimizations=all`):
-  one   1 GPU,  accumulation A: the per-GPU batch            (tokens/s baseline)
-  many  N GPUs, accumulation A each: the same per-GPU batch  (tokens/s: scaling = many / one)
-  same  1 GPU,  accumulation N x A: many's global batch      (loss curve: the same samples in the same steps)
+Four runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16, `optimizations=all`):
+  one      1 GPU,  accumulation A: the per-GPU batch            (tokens/s baseline)
+  many     N GPUs, accumulation A each: the same per-GPU batch  (tokens/s: scaling = many / one)
+  same     1 GPU,  accumulation N x A: many's global batch      (loss curve: the same samples in the same steps)
+  control  1 GPU,  micro-batch 2 x 16, accumulation N x A / 2: the same samples and steps as `same`,
+           split differently, so it differs from `same` by rounding alone: how far rounding moves the curve
 and an all-reduce probe (the gradient's size in fp32) that says what the GPUs' link carries, since
-DDP all-reduces every parameter's gradient once per step.
+DDP all-reduces every parameter's gradient once per step. Extra arguments are Hydra overrides for every
+run, e.g. `optimizations.precision=fp32 optimizations.compile=false` to compare curves without bf16.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 from pufferfish.runlog import read_metrics  # noqa: E402
 
 MICRO, SEQ = 16, 512
-SHAPE = ["gpu=auto", "mode=quick_dev", "model.num_layers=12", "model.num_dims=768", f"train.micro_batch={MICRO}",
-         f"model.seq_len={SEQ}", "train.max_steps=80", "train.log_interval=10", "train.eval_interval=1000",
+SHAPE = ["gpu=auto", "mode=quick_dev", "model.num_layers=12", "model.num_dims=768", f"model.seq_len={SEQ}", "train.log_interval=10", "train.eval_interval=1000",
          "train.sample_tokens=0", "train.progress=false"]  # fmt: skip
 
 
-def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str]) -> list[dict]:
-    args = [*SHAPE, f"train.batch_tokens={batch_tokens}", f"run_dir={run}", f"hydra.run.dir={run}", *extra]
+def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int = MICRO) -> list[dict]:
+    args = [*SHAPE, f"train.micro_batch={micro}", f"train.batch_tokens={batch_tokens}", f"run_dir={run}",
+            f"hydra.run.dir={run}", *extra]  # fmt: skip
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus > 1 \
         else [sys.executable]  # fmt: skip
     subprocess.run([*prefix, "-m", "pufferfish.train", *args], check=True, cwd=ROOT)
@@ -77,36 +80,50 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="accumulation steps per GPU to compare")
+    p.add_argument("--steps", type=int, default=80, help="training steps of every run")
+    p.add_argument("--no-probe", action="store_true", help="skip the all-reduce probe")
     p.add_argument("--probe-worker", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args, extra = p.parse_known_args()
     if args.probe_worker:
         return probe_worker(args.probe_worker)
     root, n = Path(tempfile.mkdtemp(prefix="bench_ddp_")), args.gpus
-    link = probe_all_reduce(n)
-    print(f"all-reduce of {link['bytes'] / 1e6:.0f} MB fp32 on {n} GPUs: {link['seconds'] * 1e3:.1f} ms, "
-          f"bus bandwidth {link['bus_gb_per_s']:.0f} GB/s", flush=True)
-    steady = lambda rows: statistics.median(r["tokens_per_s"] for r in rows[2:])  # noqa: E731 (past compile)
+    extra = [f"train.max_steps={args.steps}", *extra]
+    link = None if args.no_probe else probe_all_reduce(n)
+    if link:
+        print(f"all-reduce of {link['bytes'] / 1e6:.0f} MB fp32 on {n} GPUs: {link['seconds'] * 1e3:.1f} ms, "
+              f"bus bandwidth {link['bus_gb_per_s']:.0f} GB/s", flush=True)  # fmt: skip
+    differ = lambda a, b: max(abs(x["train_loss"] - y["train_loss"]) / x["train_loss"] for x, y in zip(a, b))  # noqa: E731
+    steady = lambda rows: statistics.median(r["tokens_per_s"] for r in rows[2:] or rows[-1:])  # noqa: E731 (past compile)
     results = []
     for accum in args.accum:
         per_gpu = MICRO * SEQ * accum
         one = launch(root / f"one_a{accum}", 1, per_gpu, extra)
         many = launch(root / f"many_a{accum}", n, per_gpu * n, extra)
         same = launch(root / f"same_a{accum}", 1, per_gpu * n, extra)
-        worst = max(abs(a["train_loss"] - b["train_loss"]) / a["train_loss"] for a, b in zip(same, many))
+        control = launch(root / f"control_a{accum}", 1, per_gpu * n, extra, 2 * MICRO) if n * accum % 2 == 0 else []
         results.append({"accum": accum, "per_gpu_tokens": per_gpu, "one_tps": steady(one), "many_tps": steady(many),
-                        "scaling": steady(many) / steady(one), "worst_relative_loss_diff": worst,
+                        "scaling": steady(many) / steady(one), "worst_relative_loss_diff": differ(same, many),
+                        "control_worst_relative_loss_diff": differ(same, control) if control else None,
                         "losses_one_gpu_same_batch": [r["train_loss"] for r in same],
+                        "losses_control": [r["train_loss"] for r in control],
                         "losses_many": [r["train_loss"] for r in many]})  # fmt: skip
-    print(f"\n| per-GPU batch (tokens) | accumulation | 1 GPU tokens/s | {n} GPUs tokens/s | scaling | "
-          f"largest loss difference vs 1 GPU at the same global batch |\n|---|---|---|---|---|---|")  # fmt: skip
+    print(f"\n| per-GPU batch (tokens) | accumulation | 1 GPU tokens/s | {n} GPUs tokens/s | scaling | largest loss "
+          f"difference, {n} GPUs vs 1 GPU at the same global batch | same, 1 GPU at micro-batch {2 * MICRO} (rounding alone) |"
+          "\n|---|---|---|---|---|---|---|")  # fmt: skip
     for r in results:
+        rounding = f"{r['control_worst_relative_loss_diff']:.2%}" if r["losses_control"] else "-"
         print(f"| {r['per_gpu_tokens']:,} | {r['accum']} | {r['one_tps']:,.0f} | {r['many_tps']:,.0f} | "
-              f"{r['scaling']:.2f}x | {r['worst_relative_loss_diff']:.2%} |")  # fmt: skip
+              f"{r['scaling']:.2f}x | {r['worst_relative_loss_diff']:.2%} | {rounding} |")  # fmt: skip
     for r in results:
-        print(f"\naccumulation {r['accum']}, train loss every 10 steps:\n  1 GPU : "
-              + ", ".join(f"{x:.3f}" for x in r["losses_one_gpu_same_batch"])
-              + f"\n  {n} GPUs: " + ", ".join(f"{x:.3f}" for x in r["losses_many"]))  # fmt: skip
+        curves = {"1 GPU": r["losses_one_gpu_same_batch"], f"1 GPU, micro {2 * MICRO}": r["losses_control"],
+                  f"{n} GPUs": r["losses_many"]}  # fmt: skip
+        print(f"\naccumulation {r['accum']}, train loss every 10 steps:")
+        for name, losses in curves.items():
+            print(f"  {name:>14}: " + ", ".join(f"{x:.4f}" for x in losses))
+    if link:  # again, last: the runs' output comes between
+        print(f"\nall-reduce of {link['bytes'] / 1e6:.0f} MB fp32 on {n} GPUs: {link['seconds'] * 1e3:.1f} ms, "
+              f"bus bandwidth {link['bus_gb_per_s']:.0f} GB/s")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps({"all_reduce": link, "rows": results}, indent=2))
 

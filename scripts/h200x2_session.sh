@@ -9,6 +9,9 @@
 #   bash scripts/h200x2_session.sh plans OUT    # every profile x mode plan, 20 steps under its emulated cap
 #   bash scripts/h200x2_session.sh final OUT    # DDP scaling, the plans that ran out of memory, fused vs separate
 #                                               # projections (the pre-fusion tree unpacked in .abtest), FSDP2
+# Third session (same machine kind):
+#   bash scripts/h200x2_session.sh ddp OUT      # scaling of the current model, the all-reduce probe, and the
+#                                               # loss curves in bf16 (with a rounding control) and in fp32
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -30,6 +33,10 @@ if [ "$part" = budget ]; then
   rm -rf "$run/checkpoints"
 elif [ "$part" = plans ]; then
   python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 8.3 --out "$out/check_plans" 2>&1 | tail -50
+elif [ "$part" = ddp ]; then
+  timeout 345 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp_bf16.json" 2>&1 | quiet | tail -16
+  timeout 215 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 40 --no-probe --out "$out/ddp_fp32.json" \
+    optimizations.precision=fp32 optimizations.compile=false 2>&1 | quiet | tail -10
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
