@@ -24,6 +24,7 @@ class Technique:
     chunked: bool = False  # chunked cross-entropy
     ckpt: bool = False  # activation checkpointing
     attention: str = "auto"  # the SDPA kernel: auto | flash | efficient | cudnn | math
+    compile_mode: str | None = None  # torch.compile's mode for compile="step", e.g. "max-autotune-no-cudagraphs"
 
 
 def sync(device: str) -> None:
@@ -47,7 +48,7 @@ def make_train_step(cfg: ModelConfig, batch: int, device: str, t: Technique, see
             return lm_loss(model, x, y, t.chunked, 4096)
 
     if t.compile == "step" and not str(device).startswith("cpu"):
-        loss_fn = torch.compile(loss_fn)
+        loss_fn = torch.compile(loss_fn, mode=t.compile_mode)
 
     def step():
         with sdpa_backend(t.attention):  # compiled: the kernel is chosen when the graph is traced

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import defaultdict
 import time
 from pathlib import Path
 
@@ -40,6 +42,19 @@ TECHNIQUES = {
     "bf16+fused+compile(step)+chunked": Technique("bf16", fused=True, compile="step", chunked=True),
     "lean (+checkpointing)": Technique("bf16", fused=True, compile="step", chunked=True, ckpt=True),
 }
+# measured only when named in --only: minutes of autotuning, and not (yet) an option of the training loop
+TRIALS = {
+    "bf16+fused+compile(step, max-autotune)": Technique("bf16", fused=True, compile="step",
+                                                        compile_mode="max-autotune-no-cudagraphs"),
+}
+# kernel families by name, for --profile (CUDA kernel names of cuBLAS/CUTLASS, SDPA's flash and cuDNN
+# kernels, inductor's generated Triton kernels and fused AdamW)
+KERNEL_FAMILIES = [
+    ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
+    ("fused (Triton)", re.compile(r"^triton|triton_", re.I)),
+]
 
 
 def matmul_ceiling(device: str, n: int = 8192, reps: int = 20) -> float:
@@ -99,8 +114,33 @@ def measure(name, build, shape, seq, batch, device, args, peaks):
     row = {"name": name, "tokens_per_s": tps, "params": n, "warmup_s": warm,
            "mfu_datasheet": flops / peaks["datasheet"], "mfu_measured": flops / peaks["measured"],
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")}  # fmt: skip
+    if args.profile and device.startswith("cuda"):
+        try:
+            row["profile"] = kernel_profile(step, device)
+        except Exception as e:  # noqa: BLE001 (a profiler failure must not lose the row)
+            print(f"# {name}: profile failed: {e!r}"[:200], flush=True)
     print(json.dumps(row), flush=True)
     return row
+
+
+def kernel_profile(step, device: str, steps: int = 3) -> list[tuple[str, float, int]]:
+    """GPU time per step by kernel family: (family, milliseconds per step, kernels per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    time_us, count = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(e.name)), "other")
+        time_us[family] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        count[family] += 1
+    return sorted(((f, t / steps / 1e3, count[f] // steps) for f, t in time_us.items()), key=lambda r: -r[1])
 
 
 def main():
@@ -114,6 +154,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--only", nargs="*", help="techniques to run (default: all of them)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--profile", action="store_true", help="also print each technique's GPU time by kernel family")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
     if args.device == "cpu" and not args.tiny:
@@ -133,8 +174,8 @@ def main():
     print(f"# {name}, torch {torch.__version__}, shape {args.shape} {shape}, batch {args.batch} x {args.seq}; "
           f"bf16 matmul ceiling {peaks['measured'] / 1e12:.1f} TFLOP/s", flush=True)  # fmt: skip
     rows = []
-    for tname, t in TECHNIQUES.items():
-        if args.only and tname not in args.only:
+    for tname, t in {**TECHNIQUES, **TRIALS}.items():
+        if (args.only and tname not in args.only) or (tname in TRIALS and not (args.only and tname in args.only)):
             continue
         if device == "cpu" and (t.precision == "bf16" and not args.tiny or t.attention == "cudnn"):
             continue
@@ -156,6 +197,12 @@ def main():
             continue
         print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['mfu_datasheet']:.3f} | {r['mfu_measured']:.3f} | "
               f"{r['peak_gib']:.2f} | {r['warmup_s']:.1f} |")  # fmt: skip
+    for tname, families in ((r["name"], r["profile"]) for r in rows if "profile" in r):
+        total = sum(ms for _, ms, _ in families)
+        print(f"\n{tname}: GPU time per step by kernel family ({total:.2f} ms in all)\n"
+              "| family | ms per step | share | kernels per step |\n|---|---|---|---|")  # fmt: skip
+        for family, ms, n in families:
+            print(f"| {family} | {ms:.2f} | {ms / total:.0%} | {n} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "peaks": peaks,
                                               "shape": shape, "batch": args.batch, "seq": args.seq, "rows": rows},

@@ -4,6 +4,7 @@
     python scripts/calibrate.py --grid check --out check.json  # a different grid: the errors we report
     python scripts/calibrate.py --grid check2 --out check2.json  # a third, weighted to what plans use
     python scripts/calibrate.py --grid check2 --list            # the grid and its predictions, no GPU
+    python scripts/calibrate.py --grid check3 --out check3.json  # a fourth, measured after the third session's refits
 
 Memory is `torch.cuda.max_memory_allocated` over two steps from a clean start; speed is the median of
 timed steps after warm-up. Every shape compiles afresh (static shapes, as a run compiles once): reusing
@@ -39,6 +40,8 @@ def grid(name: str) -> list[tuple[dict, int, Technique]]:
     ck, comp = replace(bf16, ckpt=True), replace(bf16, compile="step", chunked=True)
     if name == "check2":
         return check2_grid()
+    if name == "check3":
+        return check3_grid()
     if name == "fit":
         rows = [(L, d, B, T, t) for (L, d, B, T) in [(4, 256, 16, 512), (12, 768, 8, 512), (8, 512, 8, 1024),
                                                      (24, 768, 4, 1024), (6, 1024, 8, 512), (12, 512, 32, 256)]
@@ -93,6 +96,36 @@ def check2_grid() -> list[tuple[dict, int, Technique]]:
     return out
 
 
+def check3_grid() -> list[tuple[dict, int, Technique]]:
+    """A fourth grid, measured after the memory and speed models were refitted on the other three (third
+    session): none of its shapes is in them, and it varies the vocabulary (8,192 as the default corpus's
+    tokenizer, 32,000, 50,257) since the compiled step's logits are much of its memory. Weighted like
+    check2 to what plans run (compiled, lean, compiled with checkpointing), plus eager bf16, checkpointing,
+    fp16 (Turing/Pascal plans), fp32 and MoE. About 80 compiled layers: ~3.5 minutes of compilation."""
+    bf16, fp16 = Technique("bf16", fused=True), Technique("fp16", fused=True)
+    comp = replace(bf16, compile="step")  # optimizations=all
+    comp_ck = replace(comp, ckpt=True)  # `all` where the plan needs checkpointing to fit
+    lean = replace(comp, ckpt=True, chunked=True)  # optimizations=lean
+    ck, fp32 = replace(bf16, ckpt=True), Technique("fp32", fused=True)
+    rows = [  # layers, dims, batch, seq, technique, vocabulary
+        (1, 64, 256, 512, comp, 8192), (4, 512, 32, 1024, comp, 8192), (10, 768, 24, 1024, comp, 8192),
+        (20, 640, 16, 1024, comp, 8192), (6, 896, 16, 512, comp, 50257), (14, 512, 48, 512, comp, 32000),
+        (10, 896, 16, 1024, comp_ck, 8192), (8, 1024, 16, 1024, lean, 8192), (6, 640, 48, 512, lean, 32000),
+        (4, 768, 16, 1024, bf16, 8192), (12, 640, 8, 2048, bf16, 32000), (20, 384, 32, 512, bf16, 8192),
+        (16, 896, 8, 1024, ck, 8192), (6, 1280, 16, 512, ck, 32000), (10, 512, 16, 1024, fp16, 8192),
+        (8, 768, 8, 1024, fp32, 8192), (3, 384, 32, 512, fp32, 50257),
+    ]  # fmt: skip
+    out = []
+    for L, d, B, T, t, V in rows:
+        heads = max(1, d // 64)
+        kv = kv_heads_for(heads, SimpleNamespace(heads_per_kv_head=4))
+        out.append((dict(num_layers=L, num_dims=d, num_heads=heads, num_kv_heads=kv, vocab_size=V, seq_len=T), B, t))
+    moe = dict(use_moe=True, moe_num_experts=8, moe_active_experts=2)
+    out += [(dict(num_layers=4, num_dims=512, num_heads=8, num_kv_heads=2, vocab_size=8192, seq_len=1024, **moe), 16, comp),
+            (dict(num_layers=8, num_dims=640, num_heads=10, num_kv_heads=2, vocab_size=32000, seq_len=1024, **moe), 8, bf16)]  # fmt: skip
+    return out
+
+
 def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -> Shape:
     """The Shape the resolver builds for this model, micro-batch and technique on the profile's GPU."""
     prof = load_profile(profile)
@@ -106,7 +139,7 @@ def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=["fit", "check", "check2"], default="check")
+    p.add_argument("--grid", choices=["fit", "check", "check2", "check3"], default="check")
     p.add_argument("--profile", default="h200")
     p.add_argument("--out")
     p.add_argument("--list", action="store_true", help="print the grid with predicted GiB and tokens/s; run nothing")
