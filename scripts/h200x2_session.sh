@@ -34,8 +34,8 @@ if [ "$part" = budget ]; then
 elif [ "$part" = plans ]; then
   python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 8.3 --out "$out/check_plans" 2>&1 | tail -50
 elif [ "$part" = ddp ]; then
-  timeout 345 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp_bf16.json" 2>&1 | quiet | tail -16
-  timeout 215 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 40 --no-probe --out "$out/ddp_fp32.json" \
+  timeout 320 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --out "$out/ddp_bf16.json" 2>&1 | quiet | tail -16
+  timeout 170 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 30 --no-probe --out "$out/ddp_fp32.json" \
     optimizations.precision=fp32 optimizations.compile=false 2>&1 | quiet | tail -10
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
