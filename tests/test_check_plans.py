@@ -85,7 +85,7 @@ def test_pairs_with_the_same_plan_and_cap_share_one_job():
 
     limit = 600
     config = json.loads(a80.key)["config"]
-    other_micro = cp.memory_key({**a80.plan, "micro_batch": 88}, config, limit)
+    other_micro = cp.memory_key({**a80.plan, "micro_batch": a80.plan["micro_batch"] + 8}, config, limit)
     assert other_micro != a80.key  # another micro-batch: another job
     assert cp.memory_key({**a80.plan, "grad_accum": 9}, config, limit) == a80.key  # accumulating either way
     assert cp.memory_key({**a80.plan, "grad_accum": 1}, config, limit) != a80.key  # no gradients held across
@@ -103,13 +103,14 @@ def test_a_run_stands_for_its_group_only_as_planned():
     cp = _check_plans()
     a80 = _pair(cp, "a100_80gb", "extended")
     assert cp.ran_as_planned(a80, a80.plan, backed_off=False, time_limit_s=600)
-    halved = {**a80.plan, "micro_batch": 48, "grad_accum": 10}  # an out-of-memory back-off: the same job
+    half = a80.plan["micro_batch"] // 2
+    halved = {**a80.plan, "micro_batch": half, "grad_accum": 2 * a80.plan["grad_accum"]}  # an out-of-memory back-off
     assert cp.ran_as_planned(a80, halved, backed_off=True, time_limit_s=600)
     assert not cp.ran_as_planned(a80, halved, backed_off=False, time_limit_s=600)
     other_cap = {**a80.plan, "hardware": {**a80.plan["hardware"], "vram_bytes": 70 * 2**30}}
     assert not cp.ran_as_planned(a80, other_cap, backed_off=False, time_limit_s=600)
     member = {**a80.plan, "grad_accum": 7}
-    assert (cp.as_run(member, halved)["micro_batch"], cp.as_run(member, halved)["grad_accum"]) == (48, 14)
+    assert (cp.as_run(member, halved)["micro_batch"], cp.as_run(member, halved)["grad_accum"]) == (half, 14)
 
 
 def test_profiles_are_emulated_on_a_described_card_as_on_a_real_one():
@@ -168,7 +169,7 @@ def test_a_run_planned_otherwise_sends_its_group_to_run_alone(tmp_path):
     cp = _check_plans()
     a80, h100 = _pair(cp, "a100_80gb", "extended"), _pair(cp, "h100", "extended")
     (tmp_path / "logs").mkdir()
-    for run_plan, alone in ((a80.plan, []), ({**a80.plan, "micro_batch": 88}, [h100])):
+    for run_plan, alone in ((a80.plan, []), ({**a80.plan, "micro_batch": a80.plan["micro_batch"] + 8}, [h100])):
         job = cp.Job("a100_80gb", "extended", tmp_path / "run", rc=0, pairs=[a80, h100])
         job.run_dir.mkdir(exist_ok=True)
         (job.run_dir / "plan.json").write_text(json.dumps(run_plan))

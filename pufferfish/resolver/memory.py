@@ -10,15 +10,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# measured / predicted bytes of the dynamic terms (activations, logits), fitted on the H200 over 22 shapes
-# (scripts/calibrate.py --grid fit, 2026-11-29; docs/benchmarks.md). fp16 is taken to match bf16.
+# measured / predicted bytes of the eager step's dynamic terms (activations, logits), fitted on the H200 over
+# 22 shapes (scripts/calibrate.py --grid fit, 2026-11-29; docs/benchmarks.md). fp16 is taken to match bf16.
 ACTIVATION_CALIBRATION = {"fp32": 1.04, "bf16": 1.11, "fp16": 1.11}
-# torch.compile fuses elementwise chains, so far fewer tensors are kept. The five compiled steps of the H200
-# calibration grids ask for 0.36-0.67 (median 0.52; scripts/fit_speed_model.py), but the deep plans of
-# scripts/check_plans.py (30 x 768 at micro-batch 5-192, on the H200 under emulated caps) needed 1.00-1.08 x
-# 0.55 and ran out of memory at 0.55 where the plan filled the card: 0.62 covers them with ~5 % to spare,
-# on the safe side for the shallow shapes, which need less (docs/benchmarks.md)
-COMPILED_ACTIVATIONS = 0.62
+# A torch.compile'd step (forward + loss as one graph) is counted by what that graph keeps, not as a share of
+# the eager step (compiled_bytes_per_token, logit_bytes). Fitted by scripts/fit_memory_model.py --refit on
+# the H200 grids (/work/.device/{5,8,1}: fit.json, check.json, check2.json) and bounded by its plan check
+# (/work/.device/2/check_plans/check_plans.json), 2026-11-29, torch 2.11. The check2 grid's compiled steps
+# (bench.make_train_step) fit a factor of 1.0 within 6 %, but real runs of train.py (the plan check's 6-30 x
+# 256-768 plans, vocab 8192) keep 1.2-1.3x the count, for reasons not yet traced: 1.32 keeps every such run
+# predicted above its measured peak and every plan that ran out of memory above its cap (safety first).
+COMPILED_LAYER_FACTOR = 1.32  # measured / counted bytes of a compiled block's saved tensors
+COMPILED_LOGIT_BYTES = 4  # per logit element, compiled and unchunked: 16-bit logits + their 16-bit gradient
+COMPILED_CHUNK_BYTES = 4  # per logit element of one chunk, compiled: its fp32 logits (gradient in place)
 ALLOCATOR_SLACK = 1.05  # fragmentation and rounding in the caching allocator
 FIXED_BYTES = 64 * 1024**2  # workspaces and small buffers inside the allocator
 
@@ -92,6 +96,20 @@ def activation_bytes_per_token(s: Shape, moe: bool = False) -> float:
     return total
 
 
+def compiled_bytes_per_token(s: Shape, moe: bool = False) -> float:
+    """Bytes one compiled block keeps for backward per token, without checkpointing: inductor's partitioner
+    saves the matmuls' inputs and outputs and recomputes the cheap elementwise ops (norm outputs, RoPE,
+    SiLU x gate): the fp32 residual into each norm (2 x 4C), q, k, v and the attention output in the compute
+    dtype (2C + 2kv), and the two SwiGLU matmul outputs (2F)."""
+    C, F = s.num_dims, s.ffn_dims
+    kv = C if s.repeated_kv else s.kv_dims
+    extra = 0
+    if moe:  # k experts' SwiGLU outputs per token, plus the gathered inputs and router scores
+        F = s.moe_active_experts * s.moe_expert_ffn_dims + (s.moe_expert_ffn_dims if s.moe_shared_expert else 0)
+        extra = s.moe_active_experts * C + 2 * s.moe_num_experts
+    return 4 * 2 * C + BYTES[s.precision] * (2 * C + 2 * kv + 2 * F + extra)
+
+
 @dataclass
 class MemoryBreakdown:
     weights: int
@@ -111,10 +129,51 @@ class MemoryBreakdown:
         return {**asdict(self), "total": self.total}
 
 
+def block_bytes_per_token(s: Shape, moe: bool) -> float:
+    """What one block keeps for backward per token: eager autograd's tensors, or the compiled graph's."""
+    return compiled_bytes_per_token(s, moe) if s.compiled else activation_bytes_per_token(s, moe)
+
+
+def logit_bytes(s: Shape) -> float:
+    """The loss's tensors at its peak. Eager: logits in the compute dtype, their fp32 log-softmax and fp32
+    gradient (~12 bytes per element at bf16). Compiled and unchunked: the graph keeps the 16-bit logits and
+    fuses the fp32 softmax into its reductions, so their gradient is the only other full-size tensor.
+    Chunked: one chunk's logits (recomputed in backward; eager: and its fp32 copies as above), plus the hidden
+    states' gradient. Compiled constants: see COMPILED_LOGIT_BYTES."""
+    tokens = s.micro_batch * s.seq_len
+    if s.chunked_loss:
+        per_element = COMPILED_CHUNK_BYTES if s.compiled else BYTES[s.precision] + 8
+        chunk = min(tokens, s.loss_chunk_tokens) * s.vocab_size * per_element
+        return chunk + tokens * s.num_dims * 4
+    per_element = COMPILED_LOGIT_BYTES if s.compiled else BYTES[s.precision] + 8
+    return tokens * s.vocab_size * per_element
+
+
+def dynamic_bytes(s: Shape) -> tuple[float, float]:
+    """(activations, logits), calibrated: what the forward pass keeps for backward, and what the loss adds
+    at the peak. With checkpointing the loss's backward is over before the last block is recomputed, so the
+    two do not coexist: the peak holds the larger, and `logits` counts only its excess over the block."""
+    tokens = s.micro_batch * s.seq_len
+    kinds = [False] * (s.moe_layers < s.num_layers) + [True] * (s.moe_layers > 0)  # dense, MoE layers
+    per_token = {moe: block_bytes_per_token(s, moe) for moe in kinds}
+    dense = s.num_layers - s.moe_layers
+    if s.compiled:
+        act_k, logit_k = COMPILED_LAYER_FACTOR, 1.0
+    else:
+        act_k = logit_k = ACTIVATION_CALIBRATION[s.precision]
+    kept = tokens * 4 * s.num_dims * 2  # embedding output and final norm input
+    if s.grad_ckpt:  # keep each block's (fp32) input; recompute one block at a time in backward
+        kept += tokens * s.num_layers * 4 * s.num_dims
+        block = tokens * max(per_token.values()) * act_k
+        logits = logit_bytes(s) * logit_k
+        return kept * act_k + block, max(0.0, logits - block)
+    kept += tokens * (dense * per_token.get(False, 0) + s.moe_layers * per_token.get(True, 0))
+    return kept * act_k, logit_bytes(s) * logit_k
+
+
 def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
     """Peak bytes inside PyTorch's allocator for one AdamW training step (no CUDA context)."""
     P = count_params(s)
-    tokens = s.micro_batch * s.seq_len
     weights, grads, optim = 4 * P, 4 * P, 8 * P  # fp32 master weights, fp32 grads, AdamW m and v
     autocast = 2 * P if s.precision != "fp32" else 0  # 16-bit weight copies cached by autocast
     if s.shards > 1:  # FSDP2: each rank keeps 1/N of those, and gathers full weights (and gets full gradients
@@ -127,28 +186,11 @@ def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
         weights, grads = -(-weights // s.shards) + gathered, -(-grads // s.shards) + gathered
         optim = -(-optim // s.shards)
         autocast = 0 if s.precision == "bf16" else autocast
-    per_token = {
-        False: activation_bytes_per_token(s, moe=False),
-        True: activation_bytes_per_token(s, moe=True),
-    }
-    dense_layers = s.num_layers - s.moe_layers
-    full = dense_layers * per_token[False] + s.moe_layers * per_token[True]
-    if s.grad_ckpt:  # keep each block's input; recompute one block at a time in backward
-        acts = tokens * (s.num_layers * 4 * s.num_dims + max(per_token[False], per_token[True] if s.moe_layers else 0))
-    else:
-        acts = tokens * full
-    acts += tokens * 4 * s.num_dims * 2  # embedding output and final norm input
+    acts, logits = dynamic_bytes(s)
     scores = 0
     if s.attention_math:  # (B, H, T, T) scores and probabilities, kept per layer unless recomputed
         layers_kept = 1 if s.grad_ckpt else s.num_layers
         scores = layers_kept * s.micro_batch * s.num_heads * s.seq_len**2 * BYTES[s.precision] * 2
-    # logits in the compute dtype, their fp32 log-softmax and the fp32 gradient: ~12 bytes per element
-    logit_tokens = min(tokens, s.loss_chunk_tokens) if s.chunked_loss else tokens
-    logits = logit_tokens * s.vocab_size * (BYTES[s.precision] + 8)
-    if s.chunked_loss:
-        logits += tokens * s.num_dims * 4  # the hidden states' gradient, gathered chunk by chunk
-    dynamic = ACTIVATION_CALIBRATION[s.precision] * (COMPILED_ACTIVATIONS if s.compiled else 1.0)
-    acts, logits = acts * dynamic, logits * dynamic
     core = weights + grads + optim + autocast + acts + scores + logits
     overhead = int(core * (ALLOCATOR_SLACK - 1)) + FIXED_BYTES
     return MemoryBreakdown(weights, grads, optim, autocast, int(acts), int(scores), int(logits), overhead)

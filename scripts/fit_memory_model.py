@@ -1,0 +1,147 @@
+"""Re-predict measured peak memory with the committed memory model; optionally refit its compiled constants.
+
+    python scripts/fit_memory_model.py --grids fit.json check.json check2.json --plans check_plans.json
+    python scripts/fit_memory_model.py --grids ... --plans ... --refit   # constants under the plans' bounds
+    python scripts/fit_memory_model.py --grids ... --rows                # per-row table too
+
+--grids: scripts/calibrate.py JSON (measured_peak: max_memory_allocated over two steps); the first file named
+fit.json has its MoE and fp32 GQA rows skipped (measured before 58cac20 / 03a5d1b, as fit_speed_model.py
+--predates). --plans: scripts/check_plans.py JSON: runs that finished (ok / not memory-bound) must be
+predicted no more than ~2 % below their measured peak; OOM runs must be predicted at or above the
+cap they hit. --refit grid-searches COMPILED_LAYER_FACTOR and COMPILED_LOGIT_BYTES for the smallest worst
+grid error that keeps those bounds. Offline, CPU, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from calibrate import shape_of  # noqa: E402
+
+from pufferfish.bench import Technique  # noqa: E402
+from pufferfish.model import ModelConfig  # noqa: E402
+from pufferfish.resolver import memory, predict_peak_bytes  # noqa: E402
+
+FIELDS = set(ModelConfig.__dataclass_fields__)
+
+
+def category(s) -> str:
+    c = "moe" if s.moe_layers else "compiled" if s.compiled else "eager " + s.precision
+    return c + (" +ckpt" if s.grad_ckpt else "") + (" +chunked" if s.chunked_loss else "")
+
+
+def grid_rows(path: str) -> list[dict]:
+    name, predates = Path(path).stem, Path(path).name == "fit.json"
+    out = []
+    for r in json.loads(Path(path).read_text())["rows"]:
+        t = Technique(**r["technique"])
+        mc = ModelConfig(**{k: v for k, v in r.items() if k in FIELDS})
+        s = shape_of(mc, r["batch"], t)
+        skip = predates and (s.moe_layers > 0 or (t.precision == "fp32" and mc.num_kv_heads < mc.num_heads))
+        label = f"{s.num_layers}x{s.num_dims} kv {s.num_kv_heads}/{s.num_heads} {s.micro_batch}x{s.seq_len}"
+        out.append(dict(src=name, shape=s, measured=r["measured_peak"], label=label, skip=skip))
+    return out
+
+
+def plan_rows(path: str) -> list[dict]:
+    """Runs of check_plans.py, their Shapes rebuilt as the planner builds them (on a described card)."""
+    from pufferfish.resolver.plan import _shape, model_dict
+    from tests.conftest import compose
+    from tests.test_resolver import fake_gpu
+
+    out = []
+    for r in json.loads(Path(path).read_text())["rows"]:
+        v = r.get("verdict", "")
+        if not r.get("num_layers") or not (v in ("ok", "OOM") or v.startswith("not memory")):
+            continue
+        if v != "OOM" and not r.get("measured_peak_bytes"):
+            continue
+        cfg = compose(f"gpu={r['profile']}", f"mode={r['mode']}")
+        mc = model_dict(cfg, r["num_layers"], r["num_dims"], 8192, r["seq_len"])
+        s = _shape(mc, cfg, fake_gpu(r["profile"], r["precision"]), r["micro_batch"], r["grad_ckpt"])
+        bound = r["cap_bytes"] if v == "OOM" else r["measured_peak_bytes"]  # OOM: the cap is a lower bound
+        out.append(dict(src="plans", shape=s, measured=bound, oom=v == "OOM", skip=False,
+                        label=f"{r['profile']}/{r['mode']} {s.num_layers}x{s.num_dims} {s.micro_batch}x{s.seq_len}"))
+    return out
+
+
+def err(r: dict) -> float:
+    return predict_peak_bytes(r["shape"]).total / r["measured"] - 1
+
+
+def summary(grids: list[dict]) -> dict:
+    counted = [r for r in grids if not r["skip"]]
+    groups = {"all grids": counted}
+    for key in ("src", "cat"):
+        for r in counted:
+            groups.setdefault(r["src"] if key == "src" else category(r["shape"]), []).append(r)
+    return {k: (statistics.median(abs(err(r)) for r in v), max(abs(err(r)) for r in v), len(v))
+            for k, v in groups.items()}  # fmt: skip
+
+
+def plan_margin(plans: list[dict]) -> tuple[float, float]:
+    """(smallest predicted / measured - 1 of runs that finished, smallest predicted / cap - 1 of OOM runs)."""
+    ran = [err(r) for r in plans if not r["oom"]] or [0.0]
+    oom = [err(r) for r in plans if r["oom"]] or [0.0]
+    return min(ran), min(oom)
+
+
+def report(grids: list[dict], plans: list[dict], rows: bool) -> None:
+    if rows:
+        print("| set | shape | technique | measured GiB | predicted GiB | err |\n|---|---|---|---|---|---|")
+        for r in grids + plans:
+            p = predict_peak_bytes(r["shape"]).total
+            what = "cap (OOM)" if r.get("oom") else "skipped" if r["skip"] else ""
+            print(f"| {r['src']} | {r['label']} | {category(r['shape'])} | {r['measured'] / 2**30:.2f} {what} | "
+                  f"{p / 2**30:.2f} | {err(r):+.1%} |")  # fmt: skip
+        print()
+    print("| rows | median abs err | worst abs err | n |\n|---|---|---|---|")
+    for k, (med, worst, n) in summary(grids).items():
+        print(f"| {k} | {med:.1%} | {worst:.1%} | {n} |")
+    if plans:
+        ran, oom = plan_margin(plans)
+        print(f"\nplan check: finished runs predicted {ran:+.1%} of measured at the least (>= -2 % wanted); "
+              f"OOM runs predicted {oom:+.1%} of their cap at the least (>= 0 wanted)")
+
+
+def refit(grids: list[dict], plans: list[dict]) -> None:
+    best = None
+    for factor in [1.0 + 0.02 * i for i in range(26)]:
+        for logit in (2, 3, 4, 5, 6):
+            memory.COMPILED_LAYER_FACTOR, memory.COMPILED_LOGIT_BYTES = factor, logit
+            ran, oom = plan_margin(plans) if plans else (0.0, 0.0)
+            s = summary(grids)["all grids"]
+            if ran >= -0.02 and oom >= 0 and (best is None or (s[1], s[0]) < best[0]):
+                best = ((s[1], s[0]), factor, logit)
+    if best is None:
+        print("no constants keep the plan check's bounds")
+        return
+    (worst, med), factor, logit = best
+    print(f"\nrefit: COMPILED_LAYER_FACTOR = {factor:.2f}, COMPILED_LOGIT_BYTES = {logit} "
+          f"(grids: median {med:.1%}, worst {worst:.1%})")
+    memory.COMPILED_LAYER_FACTOR, memory.COMPILED_LOGIT_BYTES = factor, logit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grids", nargs="+", default=[])
+    p.add_argument("--plans")
+    p.add_argument("--refit", action="store_true")
+    p.add_argument("--rows", action="store_true", help="print every row, not only the summary")
+    args = p.parse_args()
+    grids = [r for path in args.grids for r in grid_rows(path)]
+    plans = plan_rows(args.plans) if args.plans else []
+    report(grids, plans, args.rows)
+    if args.refit:
+        refit(grids, plans)
+        report(grids, plans, False)
+
+
+if __name__ == "__main__":
+    main()
