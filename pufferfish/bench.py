@@ -50,7 +50,11 @@ def make_train_step(cfg: ModelConfig, batch: int, device: str, t: Technique, see
     if t.compile == "step" and not str(device).startswith("cpu"):
         loss_fn = torch.compile(loss_fn, mode=t.compile_mode)
 
+    graphs = t.compile == "step" and t.compile_mode in ("reduce-overhead", "max-autotune")
+
     def step():
+        if graphs:  # the last step's graph outputs are dead: their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with sdpa_backend(t.attention):  # compiled: the kernel is chosen when the graph is traced
             loss = loss_fn(x, y)
             loss.backward()

@@ -46,6 +46,8 @@ TECHNIQUES = {
 TRIALS = {
     "bf16+fused+compile(step, max-autotune)": Technique("bf16", fused=True, compile="step",
                                                         compile_mode="max-autotune-no-cudagraphs"),
+    # CUDA graphs: the compiled forward and backward replayed as graphs, no per-kernel launches from Python
+    "bf16+fused+compile(step, CUDA graphs)": Technique("bf16", fused=True, compile="step", compile_mode="reduce-overhead"),
 }
 # kernel families by name, for --profile (CUDA kernel names of cuBLAS/CUTLASS, SDPA's flash and cuDNN
 # kernels, inductor's generated Triton kernels and fused AdamW)

@@ -12,6 +12,9 @@
 # Third session (same machine kind):
 #   bash scripts/h200x2_session.sh ddp OUT      # scaling of the current model, the all-reduce probe, and the
 #                                               # loss curves in bf16 (with a rounding control) and in fp32
+#   bash scripts/h200x2_session.sh grid OUT     # GPU 0 alone, one after the other (the host not shared): the
+#                                               # held-out check3 grid, then 124M throughput with CUDA graphs,
+#                                               # transformers in the same process, GPU time by kernel family
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -37,6 +40,11 @@ elif [ "$part" = ddp ]; then
   timeout 320 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --out "$out/ddp_bf16.json" 2>&1 | quiet | tail -16
   timeout 170 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 30 --no-probe --out "$out/ddp_fp32.json" \
     optimizations.precision=fp32 optimizations.compile=false 2>&1 | quiet | tail -10
+elif [ "$part" = grid ]; then
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 290 python scripts/calibrate.py --grid check3 --out "$out/check3.json" 2>&1 | quiet | tail -24
+  timeout 250 python scripts/bench_throughput.py --profile --out "$out/bench124.json" \
+    --only "bf16+fused+compile(step)" "bf16+fused+compile(step, CUDA graphs)" 2>&1 | quiet | tail -24
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
