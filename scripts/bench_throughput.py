@@ -51,9 +51,9 @@ TRIALS = {
 }
 # kernel families by name, for --profile (CUDA kernel names of cuBLAS/CUTLASS, SDPA's flash and cuDNN
 # kernels, inductor's generated Triton kernels and fused AdamW)
-KERNEL_FAMILIES = [
+KERNEL_FAMILIES = [  # first match wins: flash kernels' names carry cutlass types, so attention goes first
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
     ("fused (Triton)", re.compile(r"^triton|triton_", re.I)),
 ]
@@ -126,15 +126,26 @@ def measure(name, build, shape, seq, batch, device, args, peaks):
 
 
 def kernel_profile(step, device: str, steps: int = 3) -> list[tuple[str, float, int]]:
-    """GPU time per step by kernel family: (family, milliseconds per step, kernels per step)."""
+    """GPU time per step by kernel family: (family, milliseconds per step, kernels per step). Also prints
+    where the host spends the step (the operators with the most self CPU time) and torch.compile's counters
+    (graph breaks, graphs, CUDA-graph skips): a step whose GPU time is below its wall time waits on the host."""
+    from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
 
     step()
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         sync(device)
+    wall_ms = (time.perf_counter() - t) / steps * 1e3
+    ops = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:14]
+    print(f"# host, {wall_ms:.1f} ms per profiled step; operators by self CPU time (ms per step, calls per step):")
+    for a in ops:
+        print(f"#   {a.self_cpu_time_total / steps / 1e3:7.2f} ms {a.count // steps:5d}x  {a.key[:90]}")
+    print("# torch.compile counters: " + json.dumps({k: dict(v) for k, v in counters.items()
+                                                    if k in ("graph_break", "stats", "inductor")})[:1500], flush=True)  # fmt: skip
     time_us, count = defaultdict(float), defaultdict(int)
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:

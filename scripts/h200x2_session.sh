@@ -15,6 +15,8 @@
 #   bash scripts/h200x2_session.sh grid OUT     # GPU 0 alone, one after the other (the host not shared): the
 #                                               # held-out check3 grid, then 124M throughput with CUDA graphs,
 #                                               # transformers in the same process, GPU time by kernel family
+#   bash scripts/h200x2_session.sh plans3 OUT   # where the compiled 124M step's host time goes (GPU 0 alone),
+#                                               # then every profile x mode plan under the refitted memory model
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -45,6 +47,13 @@ elif [ "$part" = grid ]; then
   timeout 290 python scripts/calibrate.py --grid check3 --out "$out/check3.json" 2>&1 | quiet | tail -24
   timeout 250 python scripts/bench_throughput.py --profile --out "$out/bench124.json" \
     --only "bf16+fused+compile(step)" "bf16+fused+compile(step, CUDA graphs)" 2>&1 | quiet | tail -24
+elif [ "$part" = plans3 ]; then
+  CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=graph_breaks,recompiles timeout 110 python scripts/bench_throughput.py --no-peer \
+    --profile --only "bf16+fused+compile(step)" "bf16+fused+compile(step, CUDA graphs)" --out "$out/diag124.json" 2>&1 \
+    | grep -E "^#|^\||cudagraph|Graph break|graph_break|Recompil" | grep -v "^# *$" | cut -c1-220 | head -80
+  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 6.2 --out "$out/check_plans" 2>&1 | tail -3
+  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
+  rm -rf "$out"/check_plans/*/
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
