@@ -17,6 +17,9 @@
 #                                               # transformers in the same process, GPU time by kernel family
 #   bash scripts/h200x2_session.sh plans3 OUT   # where the compiled 124M step's host time goes (GPU 0 alone),
 #                                               # then every profile x mode plan under the refitted memory model
+#   bash scripts/h200x2_session.sh fixed OUT    # after the graph-break fix: no break on the GPU (test), 124M
+#                                               # throughput against transformers (GPU 0) beside check3 again
+#                                               # (GPU 1), then DDP scaling on both
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -54,6 +57,14 @@ elif [ "$part" = plans3 ]; then
   python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 6.2 --out "$out/check_plans" 2>&1 | tail -3
   cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
   rm -rf "$out"/check_plans/*/
+elif [ "$part" = fixed ]; then
+  timeout 60 python -m pytest -m gpu tests/test_model.py -q -k one_graph 2>&1 | tail -2
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python scripts/calibrate.py --grid check3 --out "$out/check3_fixed.json" > "$out/check3.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python scripts/bench_throughput.py --profile --only "bf16+fused+compile(step)" \
+    --out "$out/bench124_fixed.json" 2>&1 | grep -E "^\||^# (NVIDIA|host|torch.compile)" | cut -c1-400
+  wait
+  quiet < "$out/check3.log" | grep -E "^\| |median" | tail -22
+  timeout 240 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_fixed.json" 2>&1 | quiet | tail -9
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \

@@ -21,10 +21,18 @@ from .config import ModelConfig
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
+@torch._dynamo.assume_constant_result
+def _flash_enabled() -> bool:
+    """Is the flash kernel allowed (attention.sdpa_backend may ask for another)? A constant to torch.compile,
+    which chooses the kernel when it traces: traced as a call, torch 2.11 breaks the graph here and runs the
+    whole layer loop eagerly (124M on the H200: 441k instead of 540k tokens/s)."""
+    return torch.backends.cuda.flash_sdp_enabled()
+
+
 def _flash_can_run(q) -> bool:
     if not q.is_cuda:
         return True  # the CPU kernels take grouped K/V directly
-    if not torch.backends.cuda.flash_sdp_enabled():  # another kernel asked for (attention.sdpa_backend)
+    if not _flash_enabled():  # another kernel asked for (attention.sdpa_backend)
         return False
     return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
 
