@@ -258,3 +258,11 @@ def test_pascal_gets_fp16_with_a_warning_that_it_saves_no_time():
     assert choose_precision("auto", bf16=True, fast_fp16=True, on_cpu=False)[0] == "bf16"
     with pytest.raises(ConfigError, match="8.0"):
         choose_precision("bf16", bf16=False, fast_fp16=True, on_cpu=False)
+
+
+def test_the_plan_says_whose_micro_batch_it_is():
+    hw = fake_gpu("rtx3060", "bf16")
+    chosen = make_plan(compose("gpu=rtx3060", "mode=standard"), hw, 8192, 10**9)
+    given = make_plan(compose("gpu=rtx3060", "mode=standard", "train.micro_batch=2"), hw, 8192, 10**9)
+    assert "(the largest that fits)" in chosen.reasons["micro_batch"]
+    assert given.micro_batch == 2 and "(set by you)" in given.reasons["micro_batch"]

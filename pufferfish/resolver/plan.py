@@ -239,8 +239,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     micro = min(mb, max(1, target // (seq_len * world_size)))
     accum = max(1, round(target / (micro * seq_len * world_size)))
     batch_tokens = micro * seq_len * accum * world_size  # over all data-parallel ranks
-    reasons["micro_batch"] = (f"{micro} x {seq_len} tokens per forward"
-                              f"{' (the largest that fits)' if micro == mb else ''}, {accum} accumulation step(s)")  # fmt: skip
+    how = " (set by you)" if train.micro_batch and micro == mb else " (the largest that fits)" if micro == mb else ""
+    reasons["micro_batch"] = f"{micro} x {seq_len} tokens per forward{how}, {accum} accumulation step(s)"
 
     if train.max_steps:
         steps = int(train.max_steps)
