@@ -8,6 +8,12 @@ from dataclasses import replace
 
 from tests.conftest import ROOT, compose, tiny_overrides
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from plan_check.cards import gpu_ids  # noqa: E402
+from plan_check.grouping import Pair, as_run, group_pairs, memory_key, pair_for, ran_as_planned  # noqa: E402
+from plan_check.rows import read_rows, verdict  # noqa: E402
+from plan_check.scheduler import Cards, Job  # noqa: E402
+
 VERDICTS = ("ok", "OOM", "crash", "below 70 %", "not memory-bound")
 
 
@@ -30,22 +36,19 @@ def test_check_plans_runs_a_job_and_reads_its_memory(tmp_path, cache_dir):
 
 
 def test_verdicts_and_packing_rules():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import check_plans as cp
-
     row = {"oom": False, "exit": 0, "measured_peak_bytes": 1, "use": 0.5, "steps": 20, "stopped_by": "schedule",
            "binding_constraint": "data", "grad_accum": 4, "double_micro_batch_fits": False}  # fmt: skip
-    assert cp.verdict(row, 20) == "below 70 %"  # memory set the micro-batch, and it left 30 % unused
-    assert cp.verdict({**row, "use": 0.8}, 20) == "ok"
-    assert cp.verdict({**row, "grad_accum": 1}, 20) == "not memory-bound (batch at target)"
-    assert cp.verdict({**row, "double_micro_batch_fits": True}, 20) == "not memory-bound (micro-batch cap)"
-    assert cp.verdict({**row, "grad_accum": 1, "binding_constraint": "memory"}, 20) == "below 70 %"
-    assert cp.verdict({**row, "oom": True, "exit": 1}, 20) == "OOM"
-    assert cp.verdict({**row, "exit": 1}, 20) == "crash"
-    assert cp.verdict({**row, "steps": 1, "stopped_by": "time budget"}, 20).startswith("incomplete")
+    assert verdict(row, 20) == "below 70 %"  # memory set the micro-batch, and it left 30 % unused
+    assert verdict({**row, "use": 0.8}, 20) == "ok"
+    assert verdict({**row, "grad_accum": 1}, 20) == "not memory-bound (batch at target)"
+    assert verdict({**row, "double_micro_batch_fits": True}, 20) == "not memory-bound (micro-batch cap)"
+    assert verdict({**row, "grad_accum": 1, "binding_constraint": "memory"}, 20) == "below 70 %"
+    assert verdict({**row, "oom": True, "exit": 1}, 20) == "OOM"
+    assert verdict({**row, "exit": 1}, 20) == "crash"
+    assert verdict({**row, "steps": 1, "stopped_by": "time budget"}, 20).startswith("incomplete")
 
-    cards = cp.Cards(["0", "1"], capacity_gib=140, per_card=3)
-    big, small = cp.Job("h200", "standard", ROOT, need_gib=140), cp.Job("gtx1650", "quick_dev", ROOT, need_gib=4)
+    cards = Cards(["0", "1"], capacity_gib=140, per_card=3)
+    big, small = Job("h200", "standard", ROOT, need_gib=140), Job("gtx1650", "quick_dev", ROOT, need_gib=4)
     assert cards.fits("0", big)  # an empty card takes any job, however big
     cards.running["0"].append(big)
     assert not cards.fits("0", small) and cards.fits("1", small)  # a whole-card job runs alone
@@ -53,64 +56,55 @@ def test_verdicts_and_packing_rules():
     assert not cards.fits("1", small)  # --jobs-per-gpu
 
 
-def _check_plans():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import check_plans
-
-    return check_plans
-
-
-def _pair(cp, profile: str, mode: str, *overrides: str, time_limit_s: float = 600):
+def _pair(profile: str, mode: str, *overrides: str, time_limit_s: float = 600):
     """A pair planned on CPU for its profile's card, emulated (as on a bigger GPU), as tests/test_resolver does."""
     from pufferfish.resolver import make_plan
     from tests.test_resolver import fake_gpu
 
     cfg = compose(f"gpu={profile}", f"mode={mode}", "train.max_steps=20", *overrides)
     hw = replace(fake_gpu(profile, "bf16" if cfg.gpu.bf16 else "fp16"), emulated=True)
-    return cp.pair_for(profile, mode, cfg, make_plan(cfg, hw, 8192, 10**9).to_dict(), time_limit_s)
+    return pair_for(profile, mode, cfg, make_plan(cfg, hw, 8192, 10**9).to_dict(), time_limit_s)
 
 
 def test_pairs_with_the_same_plan_and_cap_share_one_job():
-    cp = _check_plans()
-    a80, h100 = _pair(cp, "a100_80gb", "extended"), _pair(cp, "h100", "extended")  # 30 x 768, 96 x 5, 80 GB
+    a80, h100 = _pair("a100_80gb", "extended"), _pair("h100", "extended")  # 30 x 768, 96 x 5, 80 GB
     assert (a80.plan["micro_batch"], a80.plan["model"]) == (h100.plan["micro_batch"], h100.plan["model"])
-    a40 = _pair(cp, "a100_40gb", "extended", "train.micro_batch=32")  # its own cap, 40 GB
-    a80_32 = _pair(cp, "a100_80gb", "extended", "train.micro_batch=32")  # the same plan as a40 but for the cap
+    a40 = _pair("a100_40gb", "extended", "train.micro_batch=32")  # its own cap, 40 GB
+    a80_32 = _pair("a100_80gb", "extended", "train.micro_batch=32")  # the same plan as a40 but for the cap
     assert (a40.plan["micro_batch"], a40.plan["grad_accum"], a40.plan["model"]) == \
         (a80_32.plan["micro_batch"], a80_32.plan["grad_accum"], a80_32.plan["model"])  # fmt: skip
-    fast_a80, fast_h100 = _pair(cp, "a100_80gb", "ultra_fast"), _pair(cp, "h100", "ultra_fast")
-    groups = cp.group_pairs([a80, a40, h100, a80_32, fast_a80, fast_h100])
+    fast_a80, fast_h100 = _pair("a100_80gb", "ultra_fast"), _pair("h100", "ultra_fast")
+    groups = group_pairs([a80, a40, h100, a80_32, fast_a80, fast_h100])
     assert [[p.name for p in g] for g in groups] == [["a100_80gb-extended", "h100-extended"], ["a100_40gb-extended"],
                                                      ["a100_80gb-extended"], ["a100_80gb-ultra_fast", "h100-ultra_fast"]]  # fmt: skip
 
     limit = 600
     config = json.loads(a80.key)["config"]
-    other_micro = cp.memory_key({**a80.plan, "micro_batch": a80.plan["micro_batch"] + 8}, config, limit)
+    other_micro = memory_key({**a80.plan, "micro_batch": a80.plan["micro_batch"] + 8}, config, limit)
     assert other_micro != a80.key  # another micro-batch: another job
-    assert cp.memory_key({**a80.plan, "grad_accum": 9}, config, limit) == a80.key  # accumulating either way
-    assert cp.memory_key({**a80.plan, "grad_accum": 1}, config, limit) != a80.key  # no gradients held across
+    assert memory_key({**a80.plan, "grad_accum": 9}, config, limit) == a80.key  # accumulating either way
+    assert memory_key({**a80.plan, "grad_accum": 1}, config, limit) != a80.key  # no gradients held across
     fast = fast_a80.plan  # a 36 s budget ends a job before its 600 s limit: the accumulation sets how far it gets
-    assert cp.memory_key({**fast, "grad_accum": 2}, json.loads(fast_a80.key)["config"], limit) != \
-        cp.memory_key({**fast, "grad_accum": 3}, json.loads(fast_a80.key)["config"], limit)  # fmt: skip
+    assert memory_key({**fast, "grad_accum": 2}, json.loads(fast_a80.key)["config"], limit) != \
+        memory_key({**fast, "grad_accum": 3}, json.loads(fast_a80.key)["config"], limit)  # fmt: skip
 
     quick = replace(h100, plan={**h100.plan, "grad_accum": 2})  # the fewest accumulation steps run for the group
-    assert cp.group_pairs([a80, quick, h100])[0] == [quick, a80, h100]  # then the order given
-    lone = cp.Pair("gtx1650", "standard", error="no plan")  # not planned here: a job of its own
-    assert [len(g) for g in cp.group_pairs([lone, replace(lone, mode="extended"), a80])] == [1, 1, 1]
+    assert group_pairs([a80, quick, h100])[0] == [quick, a80, h100]  # then the order given
+    lone = Pair("gtx1650", "standard", error="no plan")  # not planned here: a job of its own
+    assert [len(g) for g in group_pairs([lone, replace(lone, mode="extended"), a80])] == [1, 1, 1]
 
 
 def test_a_run_stands_for_its_group_only_as_planned():
-    cp = _check_plans()
-    a80 = _pair(cp, "a100_80gb", "extended")
-    assert cp.ran_as_planned(a80, a80.plan, backed_off=False, time_limit_s=600)
+    a80 = _pair("a100_80gb", "extended")
+    assert ran_as_planned(a80, a80.plan, backed_off=False, time_limit_s=600)
     half = a80.plan["micro_batch"] // 2
     halved = {**a80.plan, "micro_batch": half, "grad_accum": 2 * a80.plan["grad_accum"]}  # an out-of-memory back-off
-    assert cp.ran_as_planned(a80, halved, backed_off=True, time_limit_s=600)
-    assert not cp.ran_as_planned(a80, halved, backed_off=False, time_limit_s=600)
+    assert ran_as_planned(a80, halved, backed_off=True, time_limit_s=600)
+    assert not ran_as_planned(a80, halved, backed_off=False, time_limit_s=600)
     other_cap = {**a80.plan, "hardware": {**a80.plan["hardware"], "vram_bytes": 70 * 2**30}}
-    assert not cp.ran_as_planned(a80, other_cap, backed_off=False, time_limit_s=600)
+    assert not ran_as_planned(a80, other_cap, backed_off=False, time_limit_s=600)
     member = {**a80.plan, "grad_accum": 7}
-    assert (cp.as_run(member, halved)["micro_batch"], cp.as_run(member, halved)["grad_accum"]) == (half, 14)
+    assert (as_run(member, halved)["micro_batch"], as_run(member, halved)["grad_accum"]) == (half, 14)
 
 
 def test_profiles_are_emulated_on_a_described_card_as_on_a_real_one():
@@ -137,7 +131,7 @@ def test_list_groups_the_pairs_and_runs_nothing(tmp_path, cache_dir):
     assert sorted(n for g in listed["groups"] for n in g) == ["a100_80gb-extended", "a100_80gb-ultra_fast",
                                                               "h100-extended", "h100-ultra_fast"]  # fmt: skip
     assert f"4 profile x mode pairs need {listed['jobs']} distinct jobs, for " in proc.stdout
-    if not _check_plans().gpu_ids(None):
+    if not gpu_ids(None):
         assert "no GPU is visible here" in proc.stdout and "140.4 GiB" in proc.stdout
     assert not (tmp_path / "check").exists()  # nothing ran
 
@@ -166,16 +160,15 @@ def test_two_pairs_with_one_plan_run_once(tmp_path, cache_dir):
 
 
 def test_a_run_planned_otherwise_sends_its_group_to_run_alone(tmp_path):
-    cp = _check_plans()
-    a80, h100 = _pair(cp, "a100_80gb", "extended"), _pair(cp, "h100", "extended")
+    a80, h100 = _pair("a100_80gb", "extended"), _pair("h100", "extended")
     (tmp_path / "logs").mkdir()
     for run_plan, alone in ((a80.plan, []), ({**a80.plan, "micro_batch": a80.plan["micro_batch"] + 8}, [h100])):
-        job = cp.Job("a100_80gb", "extended", tmp_path / "run", rc=0, pairs=[a80, h100])
+        job = Job("a100_80gb", "extended", tmp_path / "run", rc=0, pairs=[a80, h100])
         job.run_dir.mkdir(exist_ok=True)
         (job.run_dir / "plan.json").write_text(json.dumps(run_plan))
         (job.run_dir / "summary.json").write_text(json.dumps({"step": 20, "stopped_by": "schedule",
                                                               "peak_mem_bytes": 70 * 2**30}))  # fmt: skip
-        rows, to_run = cp.read_rows(job, [], tmp_path / "logs", 20, 600)
+        rows, to_run = read_rows(job, [], tmp_path / "logs", 20, 600)
         assert to_run == alone
         assert sorted(rows) == (["a100_80gb-extended"] if alone else ["a100_80gb-extended", "h100-extended"])
         if not alone:

@@ -1,0 +1,142 @@
+"""Jobs packed onto GPUs under memory: started, timed out, killed as a group, and reported as each ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pufferfish.api import compose_config
+
+from .grouping import MODES, Pair, config_overrides, job_overrides
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the jobs run there
+CONTEXT_GIB = 1.0  # per process, outside the allocator's cap: CUDA context, cuBLAS workspaces, kernels
+WHOLE_CARD = 0.9  # a profile with this share of the card's memory or more (h200 on an H200) runs alone
+
+
+@dataclass
+class Job:
+    profile: str
+    mode: str
+    run_dir: Path
+    need_gib: float = 0.0  # memory it is expected to hold on its card
+    gpu: str = ""
+    shared: bool = False  # another job ran on the same card at the same time
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    rc: int | None = None
+    wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    label: str = ""  # the name of its logs, when not profile-mode
+    pairs: list[Pair] = field(default_factory=list)  # the pairs its run stands for; the first is its own
+    peak_bytes: int = 0  # the predicted peak of its plan: the order among jobs of the same memory
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.profile}-{self.mode}"
+
+
+class Cards:
+    """Which jobs run where: a card takes a job while it has a slot and the memory for it."""
+
+    def __init__(self, ids: list[str], capacity_gib: float, per_card: int):
+        self.ids, self.capacity, self.per_card = ids, capacity_gib, per_card
+        self.running: dict[str, list[Job]] = {i: [] for i in ids}
+
+    def free_gib(self, card: str) -> float:
+        return self.capacity - sum(j.need_gib for j in self.running[card])
+
+    def fits(self, card: str, job: Job) -> bool:
+        jobs = self.running[card]
+        return not jobs or (len(jobs) < self.per_card and job.need_gib <= self.free_gib(card))
+
+
+def need_gib(profile: str, extra: list[str], card_gib: float) -> float:
+    """Memory a job can hold on its card: its cap bounds the allocator, and the CUDA context comes on top."""
+    gpu = compose_config([f"gpu={profile}", *config_overrides(extra)]).gpu
+    if float(gpu.vram_gb) >= WHOLE_CARD * card_gib or not gpu.get("emulate", True):
+        return card_gib  # (nearly) the card's own memory: it may use all of it
+    return float(gpu.vram_gb) + CONTEXT_GIB
+
+
+def job_command(job: Job, args, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pufferfish.train", *job_overrides(job.profile, job.mode, args, extra),
+            f"run_dir='{job.run_dir}'", f"hydra.run.dir='{job.run_dir}'"]  # fmt: skip
+
+
+def fresh_run_dir(path: Path) -> None:
+    """A job must not resume an old run: clear the run directory an earlier check left."""
+    if path.exists():
+        if not any((path / marker).exists() for marker in ("plan.json", "config.yaml", ".hydra", "checkpoints")):
+            sys.exit(f"{path} exists and is not a run directory; choose another --out")
+        shutil.rmtree(path)
+
+
+def start(job: Job, card: str, cards: Cards, args, extra: list[str], logs: Path) -> None:
+    fresh_run_dir(job.run_dir)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "" if args.device == "cpu" else card}
+    share = max(1, (os.cpu_count() or 1) // (len(cards.ids) * cards.per_card))
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(share))  # the jobs' compiles share the cores
+    env.setdefault("OMP_NUM_THREADS", str(share))
+    with open(logs / f"{job.name}.out", "w") as out, open(logs / f"{job.name}.err", "w") as err:
+        job.proc = subprocess.Popen(job_command(job, args, extra), cwd=ROOT, env=env, stdout=out, stderr=err,
+                                    start_new_session=True)  # fmt: skip  # its own group, ended as one
+    job.gpu, job.started = card, time.perf_counter()
+    for other in cards.running[card]:
+        job.shared = other.shared = True
+    cards.running[card].append(job)
+    where = "cpu" if args.device == "cpu" else f"GPU {card}"
+    print(f"[{time.strftime('%H:%M:%S')}] start {job.name} on {where} (~{job.need_gib:.1f} GiB)", file=sys.stderr)
+
+
+def stop_group(job: Job) -> None:
+    try:
+        os.killpg(job.proc.pid, signal.SIGKILL)  # the job's own process group (start_new_session)
+    except ProcessLookupError:
+        pass
+    job.proc.wait()
+
+
+def run_jobs(jobs: list[Job], cards: Cards, args, extra: list[str], logs: Path, deadline: float, on_done=None):
+    """Biggest first (by memory, then the longest mode, then the predicted peak), on the fullest card that
+    takes it; the emptiest card is held for the biggest job that cannot start yet. Returns the jobs never
+    started (--max-minutes)."""
+    pending = sorted(jobs, key=lambda j: (-j.need_gib, -MODES.index(j.mode) if j.mode in MODES else 0,
+                                          -j.peak_bytes))  # fmt: skip
+    try:
+        while any(cards.running.values()) or (pending and time.perf_counter() < deadline):
+            now = time.perf_counter()
+            for running in cards.running.values():
+                for job in list(running):
+                    if job.proc.poll() is None:
+                        if now - job.started < args.timeout and now < deadline:
+                            continue
+                        stop_group(job)
+                        job.notes.append("killed at --max-minutes" if now >= deadline else f"killed after "
+                                         f"--timeout {args.timeout:.0f} s")  # fmt: skip
+                    job.rc, job.wall_s = job.proc.returncode, now - job.started
+                    running.remove(job)
+                    print(f"[{time.strftime('%H:%M:%S')}] done  {job.name}: exit {job.rc}, {job.wall_s:.0f} s",
+                          file=sys.stderr)  # fmt: skip
+                    if on_done:
+                        on_done(job)
+            held: set[str] = set()
+            for job in list(pending) if now < deadline else []:
+                open_cards = [c for c in cards.ids if c not in held and cards.fits(c, job)]
+                if open_cards:
+                    start(job, min(open_cards, key=cards.free_gib), cards, args, extra, logs)
+                    pending.remove(job)
+                elif not held:
+                    held.add(max(cards.ids, key=cards.free_gib))
+            time.sleep(0.5)
+    finally:  # Ctrl-C or an error here: no job outlives the check
+        for running in cards.running.values():
+            for job in running:
+                stop_group(job)
+    return pending
