@@ -86,11 +86,14 @@ class OptimizationsConfig:
     name: str = MISSING
     precision: str = "fp32"  # fp32 | auto (bf16 where supported, else fp16 with a scaler) | bf16 | fp16
     grad_ckpt: str = "never"  # never | auto (only when the plan needs it to fit) | always
-    compile: bool = False  # torch.compile each block (GPU only; ignored on CPU)
+    compile: bool = False  # torch.compile the forward and loss as one graph (GPU only; ignored on CPU)
     fused_adamw: bool = False  # fused AdamW kernel where the device has one
     chunked_loss: bool = False  # cross-entropy over sequence chunks: full fp32 logits never exist
     loss_chunk_tokens: int = 4096
     prefetch_batches: int = 2  # background-thread loader queue depth; 0 = load in the training thread
+    # compiled DDP on several GPUs: split (torch's DDPOptimizer cuts the graph at each gradient bucket so the
+    # all-reduces overlap the backward) | whole (one graph; the gradients are all-reduced after the backward)
+    ddp_graphs: str = "split"
 
 
 @dataclass

@@ -81,6 +81,7 @@ RULES = {
     "optimizations.grad_ckpt": one_of("never", "auto", "always"),
     "optimizations.loss_chunk_tokens": whole(1, 2**24),
     "optimizations.prefetch_batches": whole(0, 64),
+    "optimizations.ddp_graphs": one_of("split", "whole"),
     "gpu.vram_gb": within(0, 100_000),
     "gpu.compute_capability": within(0, 100),
     "gpu.tflops_fp32": within(0, 1e6),

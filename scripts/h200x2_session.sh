@@ -20,6 +20,8 @@
 #   bash scripts/h200x2_session.sh fixed OUT    # after the graph-break fix: no break on the GPU (test), 124M
 #                                               # throughput against transformers (GPU 0) beside check3 again
 #                                               # (GPU 1), then DDP scaling on both
+#   bash scripts/h200x2_session.sh ddp2 OUT     # compiled DDP: one graph per gradient bucket (torch's default)
+#                                               # against one graph (optimizations.ddp_graphs=whole)
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -65,6 +67,10 @@ elif [ "$part" = fixed ]; then
   wait
   quiet < "$out/check3.log" | grep -E "^\| |median" | tail -22
   timeout 240 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_fixed.json" 2>&1 | quiet | tail -9
+elif [ "$part" = ddp2 ]; then
+  timeout 280 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_split.json" 2>&1 | quiet | tail -9
+  timeout 280 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_whole.json" \
+    optimizations.ddp_graphs=whole 2>&1 | quiet | tail -9
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
