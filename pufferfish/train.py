@@ -164,7 +164,7 @@ def train(cfg: DictConfig) -> dict:
             loss = lm_loss(parallel, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
             return loss + moe_aux_loss(model)
 
-    if world.enabled and not sharded:  # DDP: one compiled graph, or one per gradient bucket (torch's default)
+    if world.enabled and not sharded and cfg.optimizations.compile:  # DDP: one graph, or one per gradient bucket
         torch._dynamo.config.optimize_ddp = cfg.optimizations.ddp_graphs == "split"
     micro_loss = compile_step(micro_loss, cfg.optimizations.compile and not sharded, device)
     if cfg.optimizations.compile and not sharded and device.startswith("cuda"):

@@ -15,8 +15,8 @@ import argparse
 import json
 import re
 import sys
-from collections import defaultdict
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -187,8 +187,9 @@ def main():
     print(f"# {name}, torch {torch.__version__}, shape {args.shape} {shape}, batch {args.batch} x {args.seq}; "
           f"bf16 matmul ceiling {peaks['measured'] / 1e12:.1f} TFLOP/s", flush=True)  # fmt: skip
     rows = []
+    wanted = args.only or list(TECHNIQUES)  # a trial runs only when named
     for tname, t in {**TECHNIQUES, **TRIALS}.items():
-        if (args.only and tname not in args.only) or (tname in TRIALS and not (args.only and tname in args.only)):
+        if tname not in wanted:
             continue
         if device == "cpu" and (t.precision == "bf16" and not args.tiny or t.attention == "cudnn"):
             continue

@@ -38,10 +38,8 @@ def grid(name: str) -> list[tuple[dict, int, Technique]]:
     """(model fields, micro-batch, technique): depth, width, batch, length, precision, ckpt, GQA, MoE, compile."""
     fp32, bf16 = Technique("fp32", fused=True), Technique("bf16", fused=True)
     ck, comp = replace(bf16, ckpt=True), replace(bf16, compile="step", chunked=True)
-    if name == "check2":
-        return check2_grid()
-    if name == "check3":
-        return check3_grid()
+    if name in HELD_OUT:
+        return HELD_OUT[name]()
     if name == "fit":
         rows = [(L, d, B, T, t) for (L, d, B, T) in [(4, 256, 16, 512), (12, 768, 8, 512), (8, 512, 8, 1024),
                                                      (24, 768, 4, 1024), (6, 1024, 8, 512), (12, 512, 32, 256)]
@@ -66,15 +64,33 @@ def grid(name: str) -> list[tuple[dict, int, Technique]]:
     return out
 
 
+def plan_techniques() -> dict[str, Technique]:
+    """The steps plans run: `optimizations=all` (bf16, fused AdamW, forward+loss compiled), `lean` (+ chunked
+    loss and checkpointing), and eager bf16, bf16 with checkpointing and fp32."""
+    bf16 = Technique("bf16", fused=True)
+    comp = replace(bf16, compile="step")
+    return {"bf16": bf16, "all": comp, "lean": replace(comp, ckpt=True, chunked=True),
+            "ckpt": replace(bf16, ckpt=True), "fp32": Technique("fp32", fused=True)}  # fmt: skip
+
+
+def gqa_rows(rows) -> list[tuple[dict, int, Technique]]:
+    """(layers, dims, batch, seq, technique, vocabulary) rows as grid rows: head_dim 64, kv heads as
+    `attention=gqa` picks them."""
+    out = []
+    for L, d, B, T, t, V in rows:
+        heads = max(1, d // 64)
+        kv = kv_heads_for(heads, SimpleNamespace(heads_per_kv_head=4))
+        out.append((dict(num_layers=L, num_dims=d, num_heads=heads, num_kv_heads=kv, vocab_size=V, seq_len=T), B, t))
+    return out
+
+
 def check2_grid() -> list[tuple[dict, int, Technique]]:
     """A third grid, none of its shapes in the other two, weighted to what the planner runs on Ampere/Hopper:
     bf16 with the whole step compiled (`optimizations=all`), some with checkpointing (`lean`); a few eager
     bf16 and bf16+checkpointing steps, two fp32 and two MoE. GQA as `attention=gqa` gives it. Compilation
     dominates the time (~2.5 s per compiled layer on the H200 host: ~3-4 minutes), so ten shapes compile."""
-    bf16 = Technique("bf16", fused=True)
-    comp = replace(bf16, compile="step")  # optimizations=all
-    lean = replace(comp, ckpt=True, chunked=True)  # optimizations=lean
-    ck, fp32 = replace(bf16, ckpt=True), Technique("fp32", fused=True)
+    t = plan_techniques()
+    bf16, comp, lean, ck, fp32 = t["bf16"], t["all"], t["lean"], t["ckpt"], t["fp32"]
     rows = [  # layers, dims, batch, seq, technique
         (2, 1280, 8, 2048, comp), (3, 256, 64, 256, comp), (5, 640, 32, 512, comp), (8, 1152, 16, 1024, comp),
         (12, 384, 64, 256, comp), (16, 768, 8, 1024, comp),
@@ -85,11 +101,7 @@ def check2_grid() -> list[tuple[dict, int, Technique]]:
         (28, 1024, 8, 512, ck),
         (16, 1280, 16, 512, fp32), (24, 256, 16, 1024, fp32),
     ]  # fmt: skip
-    out = []
-    for L, d, B, T, t in rows:
-        heads = d // 64
-        kv = kv_heads_for(heads, SimpleNamespace(heads_per_kv_head=4))
-        out.append((dict(num_layers=L, num_dims=d, num_heads=heads, num_kv_heads=kv, vocab_size=32000, seq_len=T), B, t))
+    out = gqa_rows([(L, d, B, T, tech, 32000) for L, d, B, T, tech in rows])
     moe = dict(use_moe=True, moe_num_experts=8, moe_active_experts=2)
     out += [(dict(num_layers=4, num_dims=640, num_heads=10, num_kv_heads=2, vocab_size=32000, seq_len=1024, **moe), 16, comp),
             (dict(num_layers=10, num_dims=512, num_heads=8, num_kv_heads=2, vocab_size=32000, seq_len=512, **moe), 16, bf16)]  # fmt: skip
@@ -102,11 +114,9 @@ def check3_grid() -> list[tuple[dict, int, Technique]]:
     tokenizer, 32,000, 50,257) since the compiled step's logits are much of its memory. Weighted like
     check2 to what plans run (compiled, lean, compiled with checkpointing), plus eager bf16, checkpointing,
     fp16 (Turing/Pascal plans), fp32 and MoE. About 80 compiled layers: ~3.5 minutes of compilation."""
-    bf16, fp16 = Technique("bf16", fused=True), Technique("fp16", fused=True)
-    comp = replace(bf16, compile="step")  # optimizations=all
-    comp_ck = replace(comp, ckpt=True)  # `all` where the plan needs checkpointing to fit
-    lean = replace(comp, ckpt=True, chunked=True)  # optimizations=lean
-    ck, fp32 = replace(bf16, ckpt=True), Technique("fp32", fused=True)
+    t = plan_techniques()
+    bf16, comp, lean, ck, fp32 = t["bf16"], t["all"], t["lean"], t["ckpt"], t["fp32"]
+    fp16, comp_ck = Technique("fp16", fused=True), replace(comp, ckpt=True)  # `all` where a plan needs checkpointing
     rows = [  # layers, dims, batch, seq, technique, vocabulary
         (1, 64, 256, 512, comp, 8192), (4, 512, 32, 1024, comp, 8192), (10, 768, 24, 1024, comp, 8192),
         (20, 640, 16, 1024, comp, 8192), (6, 896, 16, 512, comp, 50257), (14, 512, 48, 512, comp, 32000),
@@ -115,15 +125,14 @@ def check3_grid() -> list[tuple[dict, int, Technique]]:
         (16, 896, 8, 1024, ck, 8192), (6, 1280, 16, 512, ck, 32000), (10, 512, 16, 1024, fp16, 8192),
         (8, 768, 8, 1024, fp32, 8192), (3, 384, 32, 512, fp32, 50257),
     ]  # fmt: skip
-    out = []
-    for L, d, B, T, t, V in rows:
-        heads = max(1, d // 64)
-        kv = kv_heads_for(heads, SimpleNamespace(heads_per_kv_head=4))
-        out.append((dict(num_layers=L, num_dims=d, num_heads=heads, num_kv_heads=kv, vocab_size=V, seq_len=T), B, t))
+    out = gqa_rows(rows)
     moe = dict(use_moe=True, moe_num_experts=8, moe_active_experts=2)
     out += [(dict(num_layers=4, num_dims=512, num_heads=8, num_kv_heads=2, vocab_size=8192, seq_len=1024, **moe), 16, comp),
             (dict(num_layers=8, num_dims=640, num_heads=10, num_kv_heads=2, vocab_size=32000, seq_len=1024, **moe), 8, bf16)]  # fmt: skip
     return out
+
+
+HELD_OUT = {"check2": check2_grid, "check3": check3_grid}  # grids measured after fits, as held-out checks
 
 
 def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -> Shape:
@@ -139,7 +148,7 @@ def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=["fit", "check", "check2", "check3"], default="check")
+    p.add_argument("--grid", choices=["fit", "check", *HELD_OUT], default="check")
     p.add_argument("--profile", default="h200")
     p.add_argument("--out")
     p.add_argument("--list", action="store_true", help="print the grid with predicted GiB and tokens/s; run nothing")
