@@ -50,11 +50,15 @@ def grid_rows(path: str) -> list[dict]:
 
 
 def plan_rows(path: str) -> list[dict]:
-    """Runs of check_plans.py, their Shapes rebuilt as the planner builds them (on a described card)."""
-    from pufferfish.resolver.plan import _shape, model_dict
-    from tests.conftest import compose
-    from tests.test_resolver import fake_gpu
+    """Runs of check_plans.py, their Shapes rebuilt as the planner builds them, for the card they ran on (an
+    H200: plan_check's assumed card), by the profile rules check_plans itself plans with (hardware_on)."""
+    from plan_check.cards import ASSUMED_CARD_GIB
 
+    from pufferfish.api import compose_config
+    from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, hardware_on
+    from pufferfish.resolver.plan import _shape, model_dict
+
+    total = int(ASSUMED_CARD_GIB * GIB)
     out = []
     for r in json.loads(Path(path).read_text())["rows"]:
         v = r.get("verdict", "")
@@ -62,9 +66,11 @@ def plan_rows(path: str) -> list[dict]:
             continue
         if v != "OOM" and not r.get("measured_peak_bytes"):
             continue
-        cfg = compose(f"gpu={r['profile']}", f"mode={r['mode']}")
+        cfg = compose_config([f"gpu={r['profile']}", f"mode={r['mode']}"])
+        hw = hardware_on(cfg.gpu, cfg.optimizations, "cuda", "NVIDIA H200", total, total - CUDA_CONTEXT_BYTES)
+        assert hw.precision == r["precision"], f"{r['profile']}: planned {hw.precision}, ran {r['precision']}"
         mc = model_dict(cfg, r["num_layers"], r["num_dims"], 8192, r["seq_len"])
-        s = _shape(mc, cfg, fake_gpu(r["profile"], r["precision"]), r["micro_batch"], r["grad_ckpt"])
+        s = _shape(mc, cfg, hw, r["micro_batch"], r["grad_ckpt"])
         bound = r["cap_bytes"] if v == "OOM" else r["measured_peak_bytes"]  # OOM: the cap is a lower bound
         out.append(dict(src="plans", shape=s, measured=bound, oom=v == "OOM", skip=False,
                         label=f"{r['profile']}/{r['mode']} {s.num_layers}x{s.num_dims} {s.micro_batch}x{s.seq_len}"))
