@@ -134,20 +134,21 @@ def refit(grids: list[dict], plans: list[dict]) -> None:
     memory.COMPILED_LAYER_FACTOR, memory.COMPILED_LOGIT_BYTES = factor, logit
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grids", nargs="+", default=[])
     p.add_argument("--plans")
     p.add_argument("--refit", action="store_true")
     p.add_argument("--rows", action="store_true", help="print every row, not only the summary")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     grids = [r for path in args.grids for r in grid_rows(path)]
     plans = plan_rows(args.plans) if args.plans else []
     report(grids, plans, args.rows)
     if args.refit:
         refit(grids, plans)
         report(grids, plans, False)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,3 +48,31 @@ def test_fit_script_reprints_rows_the_model_predicts_exactly(tmp_path, capsys):
     assert "memory  fit and check2 grids together" in out and "refit on 4 fit-grid rows" in out
     assert (dict(speed.HOST_LAYER_S), speed.HALF_SHARE_DIMS) == before  # the refit is undone on return
 
+
+
+def test_memory_fit_script_reprints_grid_and_plan_rows_the_model_predicts_exactly(tmp_path, capsys):
+    import fit_memory_model
+
+    from pufferfish.api import compose_config
+    from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, hardware_on
+    from pufferfish.resolver.plan import _shape, model_dict
+
+    rows = []
+    for fields, batch, t in calibrate.grid("check3")[:3]:
+        s = calibrate.shape_of(ModelConfig(**fields), batch, t)
+        rows.append({**fields, "batch": batch, "technique": asdict(t), "measured_peak": predict_peak_bytes(s).total})
+    grid = tmp_path / "check3.json"
+    grid.write_text(json.dumps({"rows": rows, "grid": "check3"}))
+    cfg = compose_config(["gpu=rtx3060", "mode=standard"])  # one plan-check run, as the planner shapes it
+    total = int(140.4 * GIB)
+    hw = hardware_on(cfg.gpu, cfg.optimizations, "cuda", "NVIDIA H200", total, total - CUDA_CONTEXT_BYTES)
+    s = _shape(model_dict(cfg, 12, 512, 8192, 1024), cfg, hw, 8, False)
+    run = {"profile": "rtx3060", "mode": "standard", "verdict": "ok", "num_layers": 12, "num_dims": 512,
+           "seq_len": 1024, "micro_batch": 8, "grad_ckpt": False, "precision": hw.precision,
+           "measured_peak_bytes": predict_peak_bytes(s).total}  # fmt: skip
+    plans = tmp_path / "check_plans.json"
+    plans.write_text(json.dumps({"rows": [run]}))
+    assert fit_memory_model.main(["--grids", str(grid), "--plans", str(plans)]) == 0
+    out = capsys.readouterr().out
+    assert "| check3 | 0.0% | 0.0% | 3 |" in out
+    assert "finished runs predicted +0.0% of measured at the least" in out
