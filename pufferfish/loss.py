@@ -22,7 +22,9 @@ def lm_loss(model, x, y, chunked: bool = False, chunk_tokens: int = 4096):
     targets = y.flatten()
     weight = getattr(model, "module", model).output.weight
     total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled()  # evaluation: nothing to recompute, each chunk's logits freed as it ends
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        total = total + checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)  # logits recomputed in backward
+        part = checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False) if grad else _chunk_loss_sum(h, weight, t)
+        total = total + part  # training: logits recomputed in backward
     return total / targets.numel()

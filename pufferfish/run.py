@@ -140,13 +140,16 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, batches, ctx, bytes_per_token: float) -> dict:
+def evaluate(model, batches, ctx, bytes_per_token: float, chunk_tokens: int = 4096) -> dict:
+    """Validation loss, perplexity and bits per byte. The loss is taken in chunks of `chunk_tokens`: the eager
+    full-batch loss would hold ~10 bytes per logit (16-bit logits, their fp32 copy and log-softmax), more than
+    a compiled training step keeps for the same micro-batch, and an evaluation must not peak above training."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
         with ctx:
-            total += lm_loss(model, x, y).item() * y.numel()
+            total += lm_loss(model, x, y, chunked=True, chunk_tokens=chunk_tokens).item() * y.numel()
         count += y.numel()
     model.train(was_training)
     loss = total / max(1, count)

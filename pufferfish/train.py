@@ -149,7 +149,7 @@ def train(cfg: DictConfig) -> dict:
     def run_eval(tokens: int):
         batches = val_batches(data.val_path, data.dtype, plan.seq_len, plan.micro_batch, tokens, device)
         with sdpa_backend(cfg.attention.sdpa_backend):
-            return evaluate(model, batches, ctx, data.val_bytes_per_token)
+            return evaluate(model, batches, ctx, data.val_bytes_per_token, cfg.optimizations.loss_chunk_tokens)
 
     def checkpoint_state():  # FSDP2: a collective; only rank 0 gets the (ordinary, full) state dicts
         weights, optimizer_state = full_state(model, optimizer)

@@ -52,3 +52,34 @@ def test_training_losses_match_across_optimizations(tmp_path, cache_dir):
         assert curve[0] == pytest.approx(curves["baseline"][0], rel=1e-6), option  # the same first step
         # later steps differ by rounding only, which Adam's normalisation amplifies a little step by step
         assert curve == pytest.approx(curves["baseline"], rel=2e-3), option
+
+
+def test_evaluation_in_chunks_is_the_full_loss_without_the_full_logits():
+    """evaluate() takes the loss chunk by chunk (no recomputation under no_grad): the same number as the
+    full-batch loss, while the largest float tensor it makes is one chunk's logits, not the batch's."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pufferfish.run import evaluate
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=2, num_dims=64, num_heads=4, num_kv_heads=2, vocab_size=211, seq_len=32))
+    batches = [(torch.randint(0, 211, (4, 32)), torch.randint(0, 211, (4, 32))) for _ in range(3)]
+    with torch.no_grad():
+        full = sum(lm_loss(model, x, y).item() * y.numel() for x, y in batches) / sum(y.numel() for _, y in batches)
+
+    class Largest(TorchDispatchMode):  # the largest float tensor of logits' width any operator returns
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[-1:] == (211,):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with Largest():
+        result = evaluate(model, iter(batches), contextlib.nullcontext(), bytes_per_token=4.0, chunk_tokens=100)
+    assert result["val_loss"] == pytest.approx(full, rel=1e-6)
+    assert Largest.most == 100 * 211  # one chunk's logits; the batch's would be 4 * 32 * 211
