@@ -82,6 +82,7 @@ def main():
     p.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="accumulation steps per GPU to compare")
     p.add_argument("--steps", type=int, default=80, help="training steps of every run")
     p.add_argument("--no-probe", action="store_true", help="skip the all-reduce probe")
+    p.add_argument("--scaling-only", action="store_true", help="only the runs `one` and `many` (no loss curves)")
     p.add_argument("--probe-worker", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args, extra = p.parse_known_args()
@@ -100,10 +101,12 @@ def main():
         per_gpu = MICRO * SEQ * accum
         one = launch(root / f"one_a{accum}", 1, per_gpu, extra)
         many = launch(root / f"many_a{accum}", n, per_gpu * n, extra)
-        same = launch(root / f"same_a{accum}", 1, per_gpu * n, extra)
-        control = launch(root / f"control_a{accum}", 1, per_gpu * n, extra, 2 * MICRO) if n * accum % 2 == 0 else []
+        same = [] if args.scaling_only else launch(root / f"same_a{accum}", 1, per_gpu * n, extra)
+        curves = not args.scaling_only and n * accum % 2 == 0
+        control = launch(root / f"control_a{accum}", 1, per_gpu * n, extra, 2 * MICRO) if curves else []
         results.append({"accum": accum, "per_gpu_tokens": per_gpu, "one_tps": steady(one), "many_tps": steady(many),
-                        "scaling": steady(many) / steady(one), "worst_relative_loss_diff": differ(same, many),
+                        "scaling": steady(many) / steady(one),
+                        "worst_relative_loss_diff": differ(same, many) if same else None,
                         "control_worst_relative_loss_diff": differ(same, control) if control else None,
                         "losses_one_gpu_same_batch": [r["train_loss"] for r in same],
                         "losses_control": [r["train_loss"] for r in control],
@@ -113,9 +116,10 @@ def main():
           "\n|---|---|---|---|---|---|---|")  # fmt: skip
     for r in results:
         rounding = f"{r['control_worst_relative_loss_diff']:.2%}" if r["losses_control"] else "-"
+        same = f"{r['worst_relative_loss_diff']:.2%}" if r["losses_one_gpu_same_batch"] else "-"
         print(f"| {r['per_gpu_tokens']:,} | {r['accum']} | {r['one_tps']:,.0f} | {r['many_tps']:,.0f} | "
-              f"{r['scaling']:.2f}x | {r['worst_relative_loss_diff']:.2%} | {rounding} |")  # fmt: skip
-    for r in results:
+              f"{r['scaling']:.2f}x | {same} | {rounding} |")  # fmt: skip
+    for r in results if not args.scaling_only else []:
         curves = {"1 GPU": r["losses_one_gpu_same_batch"], f"1 GPU, micro {2 * MICRO}": r["losses_control"],
                   f"{n} GPUs": r["losses_many"]}  # fmt: skip
         print(f"\naccumulation {r['accum']}, train loss every 10 steps:")

@@ -152,14 +152,16 @@ def main():
     p.add_argument("--profile", default="h200")
     p.add_argument("--out")
     p.add_argument("--list", action="store_true", help="print the grid with predicted GiB and tokens/s; run nothing")
+    p.add_argument("--compiled-only", action="store_true", help="only the rows whose step is compiled (to re-measure "
+                   "them after a change to the compiled step, e.g. ed2f2e9's graph-break fix)")
     args = p.parse_args()
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     prof = load_profile(args.profile)
     if args.list:
-        return list_grid(args.grid, args.profile)
+        return list_grid(args.grid, args.profile, args.compiled_only)
     rows = []
-    for fields, batch, t in grid(args.grid):
+    for fields, batch, t in selected(args.grid, args.compiled_only):
         mc = ModelConfig(**fields)
         s = shape_of(mc, batch, t, args.profile)
         pred = predict_peak_bytes(s)
@@ -184,6 +186,8 @@ def main():
                "predicted_tps": predict_tokens_per_s(s, peak_flops, prof.mfu, True),
                "static": pred.weights + pred.gradients + pred.optimizer + pred.autocast_copies}  # fmt: skip
         rows.append(row)
+        if args.out:  # so far: a call cut short keeps what it measured
+            Path(args.out).write_text(json.dumps({"rows": rows, "partial": True, "grid": args.grid}, indent=2))
         print(json.dumps({k: row[k] for k in ("num_layers", "num_dims", "batch", "seq_len", "measured_peak",
                                                "predicted_peak", "measured_tps", "predicted_tps")}), flush=True)  # fmt: skip
     mem_err = [r["predicted_peak"] / r["measured_peak"] - 1 for r in rows]
@@ -221,19 +225,24 @@ def main():
     return 0 if math.isfinite(summary["memory_median_abs_err"]) else 1
 
 
-def list_grid(name: str, profile: str) -> int:
+def selected(name: str, compiled_only: bool) -> list[tuple[dict, int, Technique]]:
+    return [row for row in grid(name) if row[2].compile or not compiled_only]
+
+
+def list_grid(name: str, profile: str, compiled_only: bool = False) -> int:
     prof = load_profile(profile)
     print("| layers | dims | heads/kv | batch x seq | technique | MoE | predicted GiB | predicted tokens/s |")
     print("|" + "---|" * 8)
     largest = compiled_layers = 0
-    for fields, batch, t in grid(name):
+    rows = selected(name, compiled_only)
+    for fields, batch, t in rows:
         s = shape_of(ModelConfig(**fields), batch, t, profile)
         gib = predict_peak_bytes(s).total / GIB
         tps = predict_tokens_per_s(s, profile_peak_flops(prof, t.precision), float(prof.mfu), True)
         largest, compiled_layers = max(largest, gib), compiled_layers + (s.num_layers if t.compile else 0)
         print(f"| {s.num_layers} | {s.num_dims} | {s.num_heads}/{s.num_kv_heads} | {batch} x {s.seq_len} | "
               f"{_key(asdict(t))} | {'8e top-2' if s.moe_layers else ''} | {gib:.2f} | {tps:,.0f} |")  # fmt: skip
-    print(f"\n{len(grid(name))} shapes, largest {largest:.1f} GiB, {compiled_layers} compiled layers")
+    print(f"\n{len(rows)} shapes, largest {largest:.1f} GiB, {compiled_layers} compiled layers")
     return 0
 
 

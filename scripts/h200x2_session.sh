@@ -22,6 +22,14 @@
 #                                               # (GPU 1), then DDP scaling on both
 #   bash scripts/h200x2_session.sh ddp2 OUT     # compiled DDP: one graph per gradient bucket (torch's default)
 #                                               # against one graph (optimizations.ddp_graphs=whole)
+# Fourth session (same machine kind):
+#   bash scripts/h200x2_session.sh ddp3 OUT     # compiled DDP scaling, split against whole (runs one and many
+#                                               # only), with dynamo's recompiles and graph breaks counted
+#   bash scripts/h200x2_session.sh compiled OUT # every grid's compiled rows again after the graph-break fix
+#                                               # (memory: the model's compiled constants are refitted on fit,
+#                                               # check, check2 and checked on check3), then the peak memory per
+#                                               # GPU of one ~0.7B model under DDP and under FSDP2
+#   bash scripts/h200x2_session.sh plans4 OUT   # every profile x mode plan after the refit; the GPU tests
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -71,6 +79,35 @@ elif [ "$part" = ddp2 ]; then
   timeout 280 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_split.json" 2>&1 | quiet | tail -9
   timeout 280 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_whole.json" \
     optimizations.ddp_graphs=whole 2>&1 | quiet | tail -9
+elif [ "$part" = ddp3 ]; then
+  for graphs in split whole; do
+    TORCH_LOGS=recompiles,graph_breaks timeout 270 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe \
+      --scaling-only --out "$out/ddp_$graphs.json" optimizations.ddp_graphs=$graphs > "$out/ddp_$graphs.log" 2>&1
+    echo "$graphs: $(grep -c 'Recompiling' "$out/ddp_$graphs.log") recompile lines, $(grep -ci 'graph break' "$out/ddp_$graphs.log") graph-break lines"
+    grep -E "^\| " "$out/ddp_$graphs.log"
+  done
+elif [ "$part" = compiled ]; then
+  grids() { for g in "$@"; do timeout 330 python scripts/calibrate.py --grid "$g" --compiled-only --out "$out/${g}_compiled.json" 2>&1 \
+    | grep -E "^\| [0-9]" | sed "s/^/$g /"; done; }
+  CUDA_VISIBLE_DEVICES=0 grids fit check > "$out/grids_a.log" &
+  CUDA_VISIBLE_DEVICES=0 grids check2 > "$out/grids_b.log" &
+  CUDA_VISIBLE_DEVICES=1 grids check3 > "$out/grids_c.log" &
+  wait
+  cat "$out"/grids_?.log
+  for parallel in ddp fsdp2; do  # the same ~0.7B model, eager bf16, micro-batch 4 x 1024 on each of 2 GPUs
+    r=$out/mem_$parallel
+    timeout 120 python -m torch.distributed.run --standalone --nproc_per_node=2 -m pufferfish.train gpu=auto \
+      mode=quick_dev model.num_layers=24 model.num_dims=1536 model.seq_len=1024 train.micro_batch=4 \
+      train.batch_tokens=8192 train.max_steps=10 train.log_interval=5 train.sample_tokens=0 train.progress=false \
+      optimizations.compile=false train.parallel=$parallel run_dir="$r" hydra.run.dir="$r" > "$r.log" 2>&1
+    python -c "import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[2], 'params', s['params'], 'peak GiB (rank 0)', round(s['peak_mem_bytes'] / 2**30, 2), 'predicted', round(s['predicted_peak_bytes'] / 2**30, 2), 'tokens/s', round(s['tokens_per_s']))" "$r/summary.json" $parallel || tail -5 "$r.log"
+    rm -rf "$r/checkpoints"
+  done
+elif [ "$part" = plans4 ]; then
+  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 6 --out "$out/check_plans" 2>&1 | tail -3
+  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
+  rm -rf "$out"/check_plans/*/
+  timeout 100 python -m pytest -m gpu tests/ -q 2>&1 | tail -3
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
