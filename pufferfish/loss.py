@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -36,3 +39,22 @@ def chunked_loss_sum(hidden, weight, targets, chunk_tokens: int):
         part = checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False) if grad else _chunk_loss_sum(h, weight, t)
         total = total + part  # training: logits recomputed in backward
     return total
+
+
+class StepLoss(nn.Module):
+    """One micro-batch's training loss (cross-entropy plus the MoE auxiliary loss, under autocast) as a module's
+    forward. The step compiles this module, and data parallelism wraps it: DDP(compiled StepLoss), as PyTorch
+    advises, keeps the forward and the loss in one graph. Compiling a function that calls a DDP-wrapped model
+    instead broke the graph at DDP's forward (its Reducer cannot be traced) and compiled the loss apart from
+    the model (torch 2.11). Holds no parameters of its own: the pure model stays the one saved and evaluated."""
+
+    def __init__(self, model: nn.Module, autocast=None, chunked: bool = False, chunk_tokens: int = 4096):
+        super().__init__()
+        self.model, self.chunked, self.chunk_tokens = model, chunked, chunk_tokens
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+
+    def forward(self, x, y):
+        from .model.moe import moe_aux_loss
+
+        with self.autocast:
+            return lm_loss(self.model, x, y, self.chunked, self.chunk_tokens) + moe_aux_loss(self.model)

@@ -152,16 +152,16 @@ def main():
     p.add_argument("--profile", default="h200")
     p.add_argument("--out")
     p.add_argument("--list", action="store_true", help="print the grid with predicted GiB and tokens/s; run nothing")
-    p.add_argument("--compiled-only", action="store_true", help="only the rows whose step is compiled (to re-measure "
-                   "them after a change to the compiled step, e.g. ed2f2e9's graph-break fix)")
+    p.add_argument("--only", choices=list(SUBSETS), help="only these rows, to re-measure them after a change to "
+                   "that step (compiled: ed2f2e9's graph-break fix; chunked: the chunked loss kept out of the graph)")
     args = p.parse_args()
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     prof = load_profile(args.profile)
     if args.list:
-        return list_grid(args.grid, args.profile, args.compiled_only)
+        return list_grid(args.grid, args.profile, args.only)
     rows = []
-    for fields, batch, t in selected(args.grid, args.compiled_only):
+    for fields, batch, t in selected(args.grid, args.only):
         mc = ModelConfig(**fields)
         s = shape_of(mc, batch, t, args.profile)
         pred = predict_peak_bytes(s)
@@ -225,16 +225,19 @@ def main():
     return 0 if math.isfinite(summary["memory_median_abs_err"]) else 1
 
 
-def selected(name: str, compiled_only: bool) -> list[tuple[dict, int, Technique]]:
-    return [row for row in grid(name) if row[2].compile or not compiled_only]
+SUBSETS = {"compiled": lambda t: bool(t.compile), "chunked": lambda t: t.chunked}
 
 
-def list_grid(name: str, profile: str, compiled_only: bool = False) -> int:
+def selected(name: str, only: str | None) -> list[tuple[dict, int, Technique]]:
+    return [row for row in grid(name) if only is None or SUBSETS[only](row[2])]
+
+
+def list_grid(name: str, profile: str, only: str | None = None) -> int:
     prof = load_profile(profile)
     print("| layers | dims | heads/kv | batch x seq | technique | MoE | predicted GiB | predicted tokens/s |")
     print("|" + "---|" * 8)
     largest = compiled_layers = 0
-    rows = selected(name, compiled_only)
+    rows = selected(name, only)
     for fields, batch, t in rows:
         s = shape_of(ModelConfig(**fields), batch, t, profile)
         gib = predict_peak_bytes(s).total / GIB

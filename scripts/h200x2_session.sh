@@ -29,6 +29,9 @@
 #                                               # (memory: the model's compiled constants are refitted on fit,
 #                                               # check, check2 and checked on check3), then the peak memory per
 #                                               # GPU of one ~0.7B model under DDP and under FSDP2
+#   bash scripts/h200x2_session.sh ddp4 OUT     # compiled DDP scaling again with DDP around the compiled step
+#                                               # (StepLoss), whole and split; the chunked-loss rows of every grid
+#                                               # with the chunked loss now kept out of the compiled graph
 #   bash scripts/h200x2_session.sh plans4 OUT   # every profile x mode plan after the refit; the GPU tests
 set -uo pipefail
 part=$1 out=$2
@@ -86,8 +89,21 @@ elif [ "$part" = ddp3 ]; then
     echo "$graphs: $(grep -c 'Recompiling' "$out/ddp_$graphs.log") recompile lines, $(grep -ci 'graph break' "$out/ddp_$graphs.log") graph-break lines"
     grep -E "^\| " "$out/ddp_$graphs.log"
   done
+elif [ "$part" = ddp4 ]; then
+  for graphs in whole split; do
+    TORCH_LOGS=graph_breaks timeout 150 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe \
+      --scaling-only --out "$out/ddp4_$graphs.json" optimizations.ddp_graphs=$graphs > "$out/ddp4_$graphs.log" 2>&1
+    echo "$graphs: $(grep -ci 'graph break' "$out/ddp4_$graphs.log") graph-break lines"
+    grep -E "^\| [0-9]" "$out/ddp4_$graphs.log"
+  done
+  chunked() { for g in "$@"; do timeout 200 python scripts/calibrate.py --grid "$g" --only chunked --out "$out/${g}_chunked.json" 2>&1 \
+    | grep -E "^\| [0-9]" | sed "s/^/$g /"; done; }
+  CUDA_VISIBLE_DEVICES=0 chunked fit check > "$out/chunked_a.log" &
+  CUDA_VISIBLE_DEVICES=1 chunked check2 check3 > "$out/chunked_b.log" &
+  wait
+  cat "$out"/chunked_?.log
 elif [ "$part" = compiled ]; then
-  grids() { for g in "$@"; do timeout 330 python scripts/calibrate.py --grid "$g" --compiled-only --out "$out/${g}_compiled.json" 2>&1 \
+  grids() { for g in "$@"; do timeout 330 python scripts/calibrate.py --grid "$g" --only compiled --out "$out/${g}_compiled.json" 2>&1 \
     | grep -E "^\| [0-9]" | sed "s/^/$g /"; done; }
   CUDA_VISIBLE_DEVICES=0 grids fit check > "$out/grids_a.log" &
   CUDA_VISIBLE_DEVICES=0 grids check2 > "$out/grids_b.log" &

@@ -1,5 +1,7 @@
 """The `optimizations` group changes speed and memory only: losses and gradients stay the same."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from pufferfish.model import ModelConfig, build_model
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
 from pufferfish.transforms import apply_activation_checkpointing, compile_step
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import compose, tiny_overrides, traced_shapes
 
 
 def _loss_and_grads(checkpointing: bool, chunked: bool):
@@ -95,19 +97,9 @@ def test_compiled_step_leaves_the_chunked_loss_eager():
     x, y = torch.randint(0, V, (4, 32)), torch.randint(0, V, (4, 32))
     widths = {}
     for chunked in (False, True):
-        shapes = []
-
-        def record(gm, example_inputs):  # a torch.compile backend that runs each graph as traced
-            for g in gm.modules():  # with the subgraphs of higher-order ops (checkpoint's body)
-                if isinstance(g, torch.fx.GraphModule):
-                    values = [n.meta.get("example_value") for n in g.graph.nodes]
-                    shapes.extend(tuple(v.shape) for v in values if isinstance(v, torch.Tensor))
-            return gm.forward
-
-        torch._dynamo.reset()
-        fn = torch.compile(lambda x, y: lm_loss(model, x, y, chunked=chunked, chunk_tokens=40), backend=record)
-        loss = fn(x, y)
+        fn = partial(lm_loss, model, chunked=chunked, chunk_tokens=40)
+        loss, graphs = traced_shapes(fn, x, y)
         assert loss.item() == pytest.approx(lm_loss(model, x, y).item(), rel=1e-6)
         loss.backward()
-        widths[chunked] = [s for s in shapes if s[-1:] == (V,)]
+        widths[chunked] = [s for shapes in graphs for s in shapes if s[-1:] == (V,)]
     assert widths[False] and not widths[True], widths
