@@ -91,9 +91,10 @@ class OptimizationsConfig:
     chunked_loss: bool = False  # cross-entropy over sequence chunks: full fp32 logits never exist
     loss_chunk_tokens: int = 4096
     prefetch_batches: int = 2  # background-thread loader queue depth; 0 = load in the training thread
-    # compiled DDP on several GPUs: split (torch's DDPOptimizer cuts the graph at each gradient bucket so the
-    # all-reduces overlap the backward) | whole (one graph; the gradients are all-reduced after the backward)
-    ddp_graphs: str = "split"
+    # compiled DDP on several GPUs: whole (one graph; the gradients are all-reduced after the backward: 2-GPU
+    # scaling 1.62x on two H200s) | split (torch's default: DDPOptimizer cuts the graph at each gradient bucket
+    # so the all-reduces overlap the backward; 1.24x there, docs/benchmarks.md)
+    ddp_graphs: str = "whole"
 
 
 @dataclass

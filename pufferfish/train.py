@@ -39,9 +39,9 @@ from .distributed import agree_to_stop, barrier, gradient_sync, init_world, mean
 from .distributed import close as close_world
 from .errors import ConfigError, exit_on_user_error
 from .loggers import attach_loggers
-from .loss import StepLoss
+from .loss import lm_loss
 from .model import build_model
-from .model.moe import moe_metrics, update_moe_biases
+from .model.moe import moe_aux_loss, moe_metrics, update_moe_biases
 from .optim import build_optimizer
 from .reliability import (
     NonFiniteGuard,
@@ -69,7 +69,7 @@ from .runlog import MetricsLog, git_revision, peak_memory_bytes
 from .schedule import lr_at
 from .sharding import full_state, plain, unsharded
 from .sharding import grad_scaler as sharded_grad_scaler
-from .transforms import apply_speed_transforms, autocast, grad_scaler, sdpa_backend
+from .transforms import apply_speed_transforms, autocast, compile_step, grad_scaler, sdpa_backend
 from .validate import check_overrides, validate
 
 CALIBRATE_FROM = 2  # steps before this include compilation and allocator warm-up
@@ -115,21 +115,11 @@ def train(cfg: DictConfig) -> dict:
     torch.manual_seed(tc.seed)
     model = build_model(plan.model_config(), device)  # the pure model: checkpoints save its state
     sharded = world.enabled and tc.parallel == "fsdp2"  # FSDP2 compiles block by block, before sharding
-    chunking = (cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
     applied = apply_speed_transforms(model, plan.grad_ckpt, cfg.optimizations.compile and sharded, device)
-    ctx = autocast(precision, device)
-    if sharded:  # FSDP2 shards the model in place; the loss around it runs as it is
-        micro_loss = StepLoss(wrap(model, world, device, "fsdp2", precision), ctx, *chunking)
-    else:  # the forward and loss as one compiled graph (1.4x faster than per block on the H200), inside DDP
-        micro_loss = StepLoss(model, ctx, *chunking)
-        if cfg.optimizations.compile and device.startswith("cuda"):
-            if world.enabled:  # DDP: one graph, or one per gradient bucket
-                torch._dynamo.config.optimize_ddp = cfg.optimizations.ddp_graphs == "split"
-            micro_loss.compile()
-            applied.append("torch.compile (forward + loss)")
-        micro_loss = wrap(micro_loss, world, device, "ddp", precision)  # several ranks: DDP
+    parallel = wrap(model, world, device, tc.parallel, precision)  # DDP or FSDP2 with several ranks, else model
     optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw)  # after FSDP2
     scaler = sharded_grad_scaler(precision, device) if sharded else grad_scaler(precision, device)
+    ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
     val_tokens = min(tc.eval_tokens, data.val_tokens)
     loss_sum, window_steps = 0.0, 0  # finite step losses since the last train line, and how many
@@ -169,13 +159,24 @@ def train(cfg: DictConfig) -> dict:
                 "skipped_steps": skipped, "rng": rng_state(), "model_config": plan.model,
                 "window": (loss_sum, window_steps), "val_tokens": val_tokens}  # fmt: skip
 
+    def micro_loss(x, y):  # forward and loss: one graph when compiled (1.4x faster than per block on the H200)
+        with ctx:
+            loss = lm_loss(parallel, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
+            return loss + moe_aux_loss(model)
+
+    if world.enabled and not sharded and cfg.optimizations.compile:  # DDP: one graph, or one per gradient bucket
+        torch._dynamo.config.optimize_ddp = cfg.optimizations.ddp_graphs == "split"
+    micro_loss = compile_step(micro_loss, cfg.optimizations.compile and not sharded, device)
+    if cfg.optimizations.compile and not sharded and device.startswith("cuda"):
+        applied.append("torch.compile (forward + loss)")
+
     def forward_backward() -> torch.Tensor:
         """The step's micro-batches; gradients land in .grad. Returns the step's mean loss (on the device)."""
         total = torch.zeros((), device=device)
         for i in range(plan.grad_accum):
             x, y = loader.next()
             last = i == plan.grad_accum - 1
-            with gradient_sync(micro_loss, last):  # DDP: once a step; FSDP2: every micro-batch
+            with gradient_sync(parallel, last):  # DDP: once a step; FSDP2: every micro-batch
                 loss = micro_loss(x, y)
                 scaler.scale(loss / plan.grad_accum).backward()
             total += loss.detach()

@@ -49,22 +49,3 @@ def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 def run_cli(module: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})  # fmt: skip
-
-
-def traced_shapes(fn, *args, wrap=None):
-    """(fn(*args) run through torch.compile, one list per graph it traced of the shapes of the graph's tensors,
-    the subgraphs of higher-order ops such as checkpoint's body included). The graphs run as traced: no
-    compiler, CPU-quick. `wrap`: called on the compiled fn (e.g. DDP around a compiled module)."""
-    import torch
-
-    graphs = []
-
-    def record(gm, example_inputs):
-        values = [n.meta.get("example_value") for g in gm.modules() if isinstance(g, torch.fx.GraphModule)
-                  for n in g.graph.nodes]  # fmt: skip
-        graphs.append([tuple(v.shape) for v in values if isinstance(v, torch.Tensor)])
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=record)
-    return (wrap(compiled) if wrap else compiled)(*args), graphs

@@ -98,34 +98,3 @@ def test_an_unknown_parallel_strategy_names_the_allowed_ones():
 
     with pytest.raises(ConfigError, match="train.parallel='zero3'.*ddp, fsdp2"):
         validate(compose("train.parallel=zero3"))
-
-
-def test_ddp_keeps_the_compiled_forward_and_loss_in_one_graph(tmp_path):
-    """train.py compiles StepLoss (forward + loss) and DDP wraps it: one graph holding the logits, as on one
-    GPU. The earlier way, compiling a function that calls DDP(model), broke at DDP's forward and traced the
-    loss as a graph of its own (torch 2.11, H200: 2-GPU scaling 1.62x with whole graphs). One-process gloo."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from pufferfish.loss import StepLoss, lm_loss
-    from pufferfish.model import ModelConfig, build_model
-    from tests.conftest import traced_shapes
-
-    V = 211
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(num_layers=2, num_dims=64, num_heads=4, num_kv_heads=2, vocab_size=V,
-                                        seq_len=32))  # fmt: skip
-        x, y = torch.randint(0, V, (4, 32)), torch.randint(0, V, (4, 32))
-        with torch._dynamo.config.patch(optimize_ddp=False):  # optimizations.ddp_graphs=whole
-            loss, graphs = traced_shapes(StepLoss(model), x, y, wrap=DDP)
-            loss.backward()
-            ddp = DDP(model)
-            _, old_way = traced_shapes(lambda x, y: lm_loss(ddp, x, y), x, y)
-        assert loss.item() == pytest.approx(lm_loss(model, x, y).item(), rel=1e-6)
-        assert len(graphs) == 1 and any(s[-1:] == (V,) for s in graphs[0]), [len(g) for g in graphs]
-        assert len(old_way) > 1  # the check sees a split step
-        assert all(p.grad is not None for p in model.parameters())  # DDP's hooks saw every gradient
-    finally:
-        dist.destroy_process_group()

@@ -1,7 +1,5 @@
 """The `optimizations` group changes speed and memory only: losses and gradients stay the same."""
 
-from functools import partial
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from pufferfish.model import ModelConfig, build_model
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
 from pufferfish.transforms import apply_activation_checkpointing, compile_step
-from tests.conftest import compose, tiny_overrides, traced_shapes
+from tests.conftest import compose, tiny_overrides
 
 
 def _loss_and_grads(checkpointing: bool, chunked: bool):
@@ -85,21 +83,3 @@ def test_evaluation_in_chunks_is_the_full_loss_without_the_full_logits():
         result = evaluate(model, iter(batches), contextlib.nullcontext(), bytes_per_token=4.0, chunk_tokens=100)
     assert result["val_loss"] == pytest.approx(full, rel=1e-6)
     assert Largest.most == 100 * 211  # one chunk's logits; the batch's would be 4 * 32 * 211
-
-
-def test_compiled_step_leaves_the_chunked_loss_eager():
-    """Traced into the step's graph, the chunked loss kept the whole batch's 16-bit logits on the H200 (the
-    lean rows of scripts/calibrate.py): no graph torch.compile makes of a chunked step may hold a tensor of
-    the vocabulary's width, while the unchunked step's graph does (so the check can see one)."""
-    V = 211
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=2, num_dims=64, num_heads=4, num_kv_heads=2, vocab_size=V, seq_len=32))
-    x, y = torch.randint(0, V, (4, 32)), torch.randint(0, V, (4, 32))
-    widths = {}
-    for chunked in (False, True):
-        fn = partial(lm_loss, model, chunked=chunked, chunk_tokens=40)
-        loss, graphs = traced_shapes(fn, x, y)
-        assert loss.item() == pytest.approx(lm_loss(model, x, y).item(), rel=1e-6)
-        loss.backward()
-        widths[chunked] = [s for shapes in graphs for s in shapes if s[-1:] == (V,)]
-    assert widths[False] and not widths[True], widths

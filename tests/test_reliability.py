@@ -60,9 +60,8 @@ def straight(tmp_path_factory, cache_dir) -> Path:
 
 
 def inject(monkeypatch, fault) -> None:
-    """Wrap the training step's lm_loss (StepLoss's): fault(call_number, x) may return "nan", raise, or return
-    None (no fault). Evaluation's loss is left alone."""
-    import pufferfish.loss as loop
+    """Wrap the loop's lm_loss: fault(call_number, x) may return "nan", raise, or return None (no fault)."""
+    import pufferfish.train as loop
 
     real, calls = loop.lm_loss, itertools.count(1)
 
