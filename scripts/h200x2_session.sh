@@ -120,10 +120,10 @@ elif [ "$part" = compiled ]; then
     rm -rf "$r/checkpoints"
   done
 elif [ "$part" = plans4 ]; then
-  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 6 --out "$out/check_plans" 2>&1 | tail -3
+  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 5.3 --out "$out/check_plans" 2>&1 | tail -3
   cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
   rm -rf "$out"/check_plans/*/
-  timeout 100 python -m pytest -m gpu tests/ -q 2>&1 | tail -3
+  timeout 75 python -m pytest -m gpu tests/ -q 2>&1 | tail -3
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \

@@ -14,18 +14,20 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # 22 shapes (scripts/calibrate.py --grid fit, 2026-11-29; docs/benchmarks.md). fp16 is taken to match bf16.
 ACTIVATION_CALIBRATION = {"fp32": 1.04, "bf16": 1.11, "fp16": 1.11}
 # A torch.compile'd step (forward + loss as one graph) is counted by what that graph keeps, not as a share of
-# the eager step (compiled_bytes_per_token, logit_bytes). Fitted by scripts/fit_memory_model.py --refit on
-# the H200 grids fit, check and check2 (scripts/calibrate.py; docs/benchmarks.md) and bounded by the second
-# session's plan check (scripts/check_plans.py), 2026-11-29, torch 2.11. The check2 grid's compiled steps
-# (bench.make_train_step) fit a factor of 1.0 within 6 %, but real runs of train.py (the plan check's 6-30 x
-# 256-768 plans, vocab 8192) kept 1.2-1.3x the count: 1.32 keeps every such run predicted above its measured
-# peak and every plan that ran out of memory above its cap (safety first). Those plan runs predate ed2f2e9,
-# the fix of a graph break that left the compiled layers running eagerly on torch 2.11; whether the
-# difference survives the fix is not yet measured (the held-out check3 grid's fixed compiled rows are
-# over-predicted by up to 24 %, and 94 % where the logits dominate: docs/benchmarks.md).
-COMPILED_LAYER_FACTOR = 1.32  # measured / counted bytes of a compiled block's saved tensors
-COMPILED_LOGIT_BYTES = 4  # per logit element, compiled and unchunked: 16-bit logits + their 16-bit gradient
-COMPILED_CHUNK_BYTES = 4  # per logit element of one chunk, compiled: its fp32 logits (gradient in place)
+# the eager step (compiled_bytes_per_token, logit_bytes). Fitted (scripts/fit_memory_model.py --refit) on the
+# 25 compiled rows of the H200 grids fit, check, check2 and check3 re-measured after ed2f2e9's graph-break fix
+# (scripts/calibrate.py --only compiled, 2026-11-30, torch 2.11; docs/benchmarks.md), weighing under-predictions
+# 1.5x over-predictions, since a plan sized by an under-prediction can run out of memory.
+COMPILED_LAYER_FACTOR = 1.12  # measured / counted bytes of a compiled block's saved tensors
+COMPILED_MOE_FACTOR = 2.0  # and of a compiled MoE block's, on top (the expert dispatch keeps more: 2 rows)
+COMPILED_LOGIT_BYTES = 2  # per logit element: the graph keeps the 16-bit logits; their gradient reuses them
+# a vocabulary that is not a multiple of 64 (e.g. GPT-2's 50,257) costs more per logit in the compiled loss
+# (padded copies for the matmul, we take it): +3 bytes fitted on the one such row (check3, 6 x 896, V 50,257)
+COMPILED_UNALIGNED_VOCAB_BYTES = 3
+# checkpointed and compiled: each block's kept input counted at this share of fp32 (the graph keeps some in
+# 16 bits), and the loss's phase at this multiple of its logits (6 rows: check2's and check3's lean rows)
+COMPILED_CKPT_INPUT_FACTOR = 0.75
+COMPILED_CKPT_LOGIT_FACTOR = 1.25
 ALLOCATOR_SLACK = 1.05  # fragmentation and rounding in the caching allocator
 FIXED_BYTES = 64 * 1024**2  # workspaces and small buffers inside the allocator
 
@@ -141,15 +143,17 @@ def logit_bytes(s: Shape) -> float:
     """The loss's tensors at its peak. Eager: logits in the compute dtype, their fp32 log-softmax and fp32
     gradient (~12 bytes per element at bf16). Compiled and unchunked: the graph keeps the 16-bit logits and
     fuses the fp32 softmax into its reductions, so their gradient is the only other full-size tensor.
-    Chunked: one chunk's logits (recomputed in backward; eager: and its fp32 copies as above), plus the hidden
-    states' gradient. Compiled constants: see COMPILED_LOGIT_BYTES."""
+    Chunked and eager: one chunk's logits (recomputed in backward) and its fp32 copies as above, plus the
+    hidden states' gradient. Compiled, chunked or not: the 16-bit logits of the whole micro-batch, measured
+    (the partitioner keeps every chunk's); see COMPILED_LOGIT_BYTES."""
     tokens = s.micro_batch * s.seq_len
+    if s.compiled:  # chunked or not: traced into the graph, the chunked loss kept every chunk's logits too
+        unaligned = COMPILED_UNALIGNED_VOCAB_BYTES if s.vocab_size % 64 else 0
+        return tokens * s.vocab_size * (COMPILED_LOGIT_BYTES + unaligned)
     if s.chunked_loss:
-        per_element = COMPILED_CHUNK_BYTES if s.compiled else BYTES[s.precision] + 8
-        chunk = min(tokens, s.loss_chunk_tokens) * s.vocab_size * per_element
+        chunk = min(tokens, s.loss_chunk_tokens) * s.vocab_size * (BYTES[s.precision] + 8)
         return chunk + tokens * s.num_dims * 4
-    per_element = COMPILED_LOGIT_BYTES if s.compiled else BYTES[s.precision] + 8
-    return tokens * s.vocab_size * per_element
+    return tokens * s.vocab_size * (BYTES[s.precision] + 8)
 
 
 def dynamic_bytes(s: Shape) -> tuple[float, float]:
@@ -158,18 +162,20 @@ def dynamic_bytes(s: Shape) -> tuple[float, float]:
     two do not coexist: the peak holds the larger, and `logits` counts only its excess over the block."""
     tokens = s.micro_batch * s.seq_len
     kinds = [False] * (s.moe_layers < s.num_layers) + [True] * (s.moe_layers > 0)  # dense, MoE layers
-    per_token = {moe: block_bytes_per_token(s, moe) for moe in kinds}
+    per_token = {moe: block_bytes_per_token(s, moe) * (COMPILED_MOE_FACTOR if moe and s.compiled else 1)
+                 for moe in kinds}  # fmt: skip
     dense = s.num_layers - s.moe_layers
     if s.compiled:
         act_k, logit_k = COMPILED_LAYER_FACTOR, 1.0
+        input_k, ckpt_logit_k = COMPILED_CKPT_INPUT_FACTOR, COMPILED_CKPT_LOGIT_FACTOR
     else:
-        act_k = logit_k = ACTIVATION_CALIBRATION[s.precision]
+        act_k = logit_k = input_k = ckpt_logit_k = ACTIVATION_CALIBRATION[s.precision]
     kept = tokens * 4 * s.num_dims * 2  # embedding output and final norm input
     if s.grad_ckpt:  # keep each block's (fp32) input; recompute one block at a time in backward
-        kept += tokens * s.num_layers * 4 * s.num_dims
+        inputs = tokens * s.num_layers * 4 * s.num_dims
         block = tokens * max(per_token.values()) * act_k
-        logits = logit_bytes(s) * logit_k
-        return kept * act_k + block, max(0.0, logits - block)
+        logits = logit_bytes(s) * ckpt_logit_k
+        return kept * act_k + inputs * input_k + block, max(0.0, logits - block)
     kept += tokens * (dense * per_token.get(False, 0) + s.moe_layers * per_token.get(True, 0))
     return kept * act_k, logit_bytes(s) * logit_k
 
