@@ -76,3 +76,20 @@ def test_memory_fit_script_reprints_grid_and_plan_rows_the_model_predicts_exactl
     out = capsys.readouterr().out
     assert "| check3 | 0.0% | 0.0% | 3 |" in out
     assert "finished runs predicted +0.0% of measured at the least" in out
+
+
+def test_memory_fit_script_leaves_out_the_compiled_rows_of_eager_only_grids(tmp_path, capsys):
+    """--eager-only: a grid whose compiled rows predate a change to the compiled step counts its eager rows
+    alone (the fourth session re-measured the compiled rows after ed2f2e9's graph-break fix)."""
+    import fit_memory_model
+
+    rows = []
+    for fields, batch, t in calibrate.grid("check3"):
+        s = calibrate.shape_of(ModelConfig(**fields), batch, t)
+        rows.append({**fields, "batch": batch, "technique": asdict(t), "measured_peak": predict_peak_bytes(s).total})
+    grid = tmp_path / "check3.json"
+    grid.write_text(json.dumps({"rows": rows, "grid": "check3"}))
+    compiled = sum(1 for r in rows if r["technique"]["compile"])
+    assert 0 < compiled < len(rows)
+    assert fit_memory_model.main(["--eager-only", str(grid)]) == 0
+    assert f"| check3 | 0.0% | 0.0% | {len(rows) - compiled} |" in capsys.readouterr().out
