@@ -152,6 +152,8 @@ def main():
     p.add_argument("--profile", default="h200")
     p.add_argument("--out")
     p.add_argument("--list", action="store_true", help="print the grid with predicted GiB and tokens/s; run nothing")
+    p.add_argument("--shape", help="one row instead of a grid: LAYERSxDIMS:BATCHxSEQ[:TECHNIQUE[:VOCAB]], e.g. "
+                   f"12x512:512x512:all:8192 (techniques: {', '.join(plan_techniques())}; GQA as attention=gqa)")
     p.add_argument("--only", choices=list(SUBSETS), help="only these rows, to re-measure them after a change to "
                    "that step (compiled: ed2f2e9's graph-break fix; chunked: the chunked loss kept out of the graph)")
     args = p.parse_args()
@@ -159,9 +161,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     prof = load_profile(args.profile)
     if args.list:
-        return list_grid(args.grid, args.profile, args.only)
+        return list_grid(args.grid, args.profile, args.only, args.shape)
     rows = []
-    for fields, batch, t in selected(args.grid, args.only):
+    for fields, batch, t in selected(args.grid, args.only, args.shape):
         mc = ModelConfig(**fields)
         s = shape_of(mc, batch, t, args.profile)
         pred = predict_peak_bytes(s)
@@ -228,16 +230,32 @@ def main():
 SUBSETS = {"compiled": lambda t: bool(t.compile), "chunked": lambda t: t.chunked}
 
 
-def selected(name: str, only: str | None) -> list[tuple[dict, int, Technique]]:
-    return [row for row in grid(name) if only is None or SUBSETS[only](row[2])]
+def selected(name: str, only: str | None, shape: str | None = None) -> list[tuple[dict, int, Technique]]:
+    rows = parse_shape(shape) if shape else grid(name)
+    return [row for row in rows if only is None or SUBSETS[only](row[2])]
 
 
-def list_grid(name: str, profile: str, only: str | None = None) -> int:
+def parse_shape(text: str) -> list[tuple[dict, int, Technique]]:
+    """`--shape` as one grid row: LAYERSxDIMS:BATCHxSEQ[:TECHNIQUE[:VOCAB]] (default technique all, vocab 8192)."""
+    parts = text.split(":")
+    techniques = plan_techniques()
+    try:
+        (L, d), (B, T) = (map(int, parts[0].split("x")), map(int, parts[1].split("x")))
+        technique, vocab = (parts[2:3] or ["all"])[0], int((parts[3:4] or ["8192"])[0])
+        if technique not in techniques or len(parts) > 4:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise SystemExit(f"--shape {text!r}: expected LAYERSxDIMS:BATCHxSEQ[:TECHNIQUE[:VOCAB]], e.g. "
+                         f"12x512:512x512:all:8192, TECHNIQUE one of {', '.join(techniques)}") from None  # fmt: skip
+    return gqa_rows([(L, d, B, T, techniques[technique], vocab)])
+
+
+def list_grid(name: str, profile: str, only: str | None = None, shape: str | None = None) -> int:
     prof = load_profile(profile)
+    rows = selected(name, only, shape)
     print("| layers | dims | heads/kv | batch x seq | technique | MoE | predicted GiB | predicted tokens/s |")
     print("|" + "---|" * 8)
     largest = compiled_layers = 0
-    rows = selected(name, only)
     for fields, batch, t in rows:
         s = shape_of(ModelConfig(**fields), batch, t, profile)
         gib = predict_peak_bytes(s).total / GIB

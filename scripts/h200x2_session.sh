@@ -33,6 +33,10 @@
 #                                               # (StepLoss), whole and split; the chunked-loss rows of every grid
 #                                               # with the chunked loss now kept out of the compiled graph
 #   bash scripts/h200x2_session.sh plans4 OUT   # every profile x mode plan after the refit; the GPU tests
+#                                               # (a cold machine: give it 8 minutes, PLAN_MINUTES=8)
+#   bash scripts/h200x2_session.sh gap OUT      # one shape (12 x 512 at 512 x 512, as quick_dev plans it) measured
+#                                               # by calibrate.py's step and by pufferfish.train (no evaluation;
+#                                               # then accumulation 2): why runs keep more than the grids' steps
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -102,6 +106,19 @@ elif [ "$part" = ddp4 ]; then
   CUDA_VISIBLE_DEVICES=1 chunked check2 check3 > "$out/chunked_b.log" &
   wait
   cat "$out"/chunked_?.log
+elif [ "$part" = gap ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python scripts/calibrate.py --shape 12x512:512x512:all:8192 --out "$out/gap_calibrate.json" \
+    2>&1 | grep -E "^\| [0-9]" | sed "s/^/calibrate.py step: /" &
+  for accum in 1 2; do  # accumulation 2: the gradients exist during the second micro-batch's forward
+    r=$out/gap_train_a$accum
+    CUDA_VISIBLE_DEVICES=1 timeout 150 python -m pufferfish.train gpu=auto mode=quick_dev model.num_layers=12 \
+      model.num_dims=512 model.seq_len=512 train.micro_batch=512 train.batch_tokens=$((262144 * accum)) \
+      train.max_steps=4 train.eval_interval=1000 train.sample_tokens=0 train.progress=false run_dir="$r" \
+      hydra.run.dir="$r" > "$r.log" 2>&1
+    python -c "import json, sys; s = json.load(open(sys.argv[1])); print('pufferfish.train, accumulation', sys.argv[2], 'peak GiB', round(s['peak_mem_bytes'] / 2**30, 2), 'predicted', round(s['predicted_peak_bytes'] / 2**30, 2))" "$r/summary.json" $accum || tail -3 "$r.log"
+    rm -rf "$r/checkpoints"
+  done
+  wait
 elif [ "$part" = compiled ]; then
   grids() { for g in "$@"; do timeout 330 python scripts/calibrate.py --grid "$g" --only compiled --out "$out/${g}_compiled.json" 2>&1 \
     | grep -E "^\| [0-9]" | sed "s/^/$g /"; done; }
@@ -120,7 +137,7 @@ elif [ "$part" = compiled ]; then
     rm -rf "$r/checkpoints"
   done
 elif [ "$part" = plans4 ]; then
-  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 5.3 --out "$out/check_plans" 2>&1 | tail -3
+  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes "${PLAN_MINUTES:-5.3}" --out "$out/check_plans" 2>&1 | tail -3
   cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
   rm -rf "$out"/check_plans/*/
   timeout 75 python -m pytest -m gpu tests/ -q 2>&1 | tail -3

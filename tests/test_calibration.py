@@ -5,6 +5,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from pufferfish.model import ModelConfig
 from pufferfish.resolver import predict_peak_bytes, speed
 from pufferfish.resolver.hardware import load_profile, profile_peak_flops
@@ -93,3 +95,16 @@ def test_memory_fit_script_leaves_out_the_compiled_rows_of_eager_only_grids(tmp_
     assert 0 < compiled < len(rows)
     assert fit_memory_model.main(["--eager-only", str(grid)]) == 0
     assert f"| check3 | 0.0% | 0.0% | {len(rows) - compiled} |" in capsys.readouterr().out
+
+
+def test_one_shape_instead_of_a_grid():
+    """--shape: one row as plans run it (GQA as attention=gqa, the plan's techniques); a malformed one is
+    refused with the expected form."""
+    (fields, batch, t), = calibrate.parse_shape("12x512:512x512:lean:32000")
+    assert (fields["num_layers"], fields["num_dims"], fields["num_heads"], fields["num_kv_heads"]) == (12, 512, 8, 2)
+    assert (batch, fields["seq_len"], fields["vocab_size"]) == (512, 512, 32000)
+    assert t == calibrate.plan_techniques()["lean"] and t.ckpt and t.chunked and t.compile == "step"
+    assert calibrate.parse_shape("4x256:8x128")[0][2] == calibrate.plan_techniques()["all"]  # the defaults
+    for bad in ("12x512", "12x512:512", "12x512:512x512:turbo", "12x512:512x512:all:8192:x"):
+        with pytest.raises(SystemExit, match="LAYERSxDIMS:BATCHxSEQ"):
+            calibrate.parse_shape(bad)
