@@ -73,8 +73,8 @@ def job_prediction(cfg, hw, num_layers: int, num_dims: int, micro_batch: int, vo
     gpu_target = hw.profile != "cpu"
     math_kernel = cfg.attention.sdpa_backend == "math" or (grouped and gpu_target and not flash)
 
-    def shape(ckpt: bool):
-        return replace(_shape(mc, cfg, target, micro_batch, ckpt), attention_math=math_kernel)
+    def shape(ckpt: bool):  # a measuring job's step is one micro-batch: its gradients are made in the backward
+        return replace(_shape(mc, cfg, target, micro_batch, ckpt), attention_math=math_kernel, grads_in_forward=False)
 
     policy = cfg.optimizations.grad_ckpt
     budget = allocator_cap(hw) * USABLE_MEMORY  # the plan's headroom, so `auto` decides as in training

@@ -136,14 +136,15 @@ HELD_OUT = {"check2": check2_grid, "check3": check3_grid}  # grids measured afte
 
 
 def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -> Shape:
-    """The Shape the resolver builds for this model, micro-batch and technique on the profile's GPU."""
+    """The Shape the resolver builds for this model, micro-batch and technique on the profile's GPU, for a
+    step of one micro-batch (as make_train_step runs it: no gradients during the forward)."""
     prof = load_profile(profile)
     hw = Hardware(profile, "cuda:0", profile, int(float(prof.vram_gb) * GIB), t.precision,
                   profile_peak_flops(prof, t.precision), float(prof.mfu), False, [], float(prof.compute_capability))  # fmt: skip
     cfg = SimpleNamespace(attention=SimpleNamespace(sdpa_backend="auto"),
                           optimizations=SimpleNamespace(chunked_loss=t.chunked, loss_chunk_tokens=4096,
                                                         compile=bool(t.compile)))  # fmt: skip
-    return _shape(mc.to_dict(), cfg, hw, batch, t.ckpt)
+    return replace(_shape(mc.to_dict(), cfg, hw, batch, t.ckpt), grads_in_forward=False)  # one micro-batch a step
 
 
 def main():

@@ -270,7 +270,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         reasons["binding"] = f"the largest shape mode={mode.name} allows; the budget could train a bigger one"
     elif binding == "time" and ckpt and ckpt_policy == "auto":
         binding = "memory"
-    peak = predict_peak_bytes(replace(shape, micro_batch=micro))
+    # planned with the gradients alive all step (safe); reported as the run will hold them
+    peak = predict_peak_bytes(replace(shape, micro_batch=micro, grads_in_forward=accum > 1))
     lr = float(cfg.optim.lr) if cfg.optim.lr else min(3e-3, 6e-4 * 768 / d)
     reasons["lr"] = f"{lr:.2e}: " + ("set by you" if cfg.optim.lr else "6e-4 at 768 dims, scaled by 1/width, capped at 3e-3")
     reasons["memory"] = (f"predicted peak {peak.total / 2**30:.2f} GiB of {hw.vram_bytes / 2**30:.2f} GiB "
