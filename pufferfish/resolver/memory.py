@@ -150,11 +150,11 @@ def block_bytes_per_token(s: Shape, moe: bool) -> float:
 
 def logit_bytes(s: Shape) -> float:
     """The loss's tensors at its peak. Eager: logits in the compute dtype, their fp32 log-softmax and fp32
-    gradient (~12 bytes per element at bf16). Compiled and unchunked: the graph keeps the 16-bit logits and
-    fuses the fp32 softmax into its reductions, so their gradient is the only other full-size tensor.
-    Chunked and eager: one chunk's logits (recomputed in backward) and its fp32 copies as above, plus the
-    hidden states' gradient. Compiled, chunked or not: the 16-bit logits of the whole micro-batch, measured
-    (the partitioner keeps every chunk's); see COMPILED_LOGIT_BYTES."""
+    gradient (~12 bytes per element at bf16). Eager and chunked: one chunk's logits (recomputed in backward)
+    and its fp32 copies as above, plus the hidden states' gradient. Compiled, chunked or not: the graph fuses
+    the fp32 softmax into its reductions and keeps the 16-bit logits of the whole micro-batch, their gradient
+    written over them (measured: ~2 bytes per element; traced, the chunked loss keeps every chunk's logits);
+    see COMPILED_LOGIT_BYTES."""
     tokens = s.micro_batch * s.seq_len
     if s.compiled:  # chunked or not: traced into the graph, the chunked loss kept every chunk's logits too
         unaligned = COMPILED_UNALIGNED_VOCAB_BYTES if s.vocab_size % 64 else 0
