@@ -95,6 +95,18 @@ def test_a_step_of_one_micro_batch_makes_its_gradients_in_the_backward():
     assert P < count_params(big)
 
 
+def test_a_plan_reports_the_gradients_its_run_will_hold():
+    """Planned with every gradient alive (safe), reported as the run holds them: a plan of one micro-batch
+    a step counts at its peak only what its backward has made by then; with accumulation, all of them."""
+    fixed = ("gpu=rtx3060", "mode=quick_dev", "model.num_layers=4", "model.num_dims=256", "model.seq_len=512",
+             "train.micro_batch=16")  # fmt: skip
+    hw = fake_gpu("rtx3060")
+    one, two = (make_plan(compose(*fixed, f"train.batch_tokens={16 * 512 * k}"), hw, 8192, 10**9) for k in (1, 2))
+    assert (one.grad_accum, two.grad_accum) == (1, 2)
+    assert two.memory_breakdown["gradients"] == 4 * two.params  # fp32 gradients, there from the first micro-batch
+    assert one.memory_breakdown["gradients"] < 4 * one.params and one.predicted_peak_bytes < two.predicted_peak_bytes
+
+
 def test_fsdp2_shards_weights_gradients_and_optimizer_state():
     s = small_shape(micro_batch=2)
     P, layer = count_params(s), 2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 + 3 * 64 * 192
