@@ -20,7 +20,7 @@ def format_plan(plan: Plan) -> str:
                   f"= {plan.batch_tokens:,} tokens per step"),
         ("precision", plan.precision + (", gradient checkpointing" if plan.grad_ckpt else "")),
         ("memory", f"{mem['total'] / GIB:.2f} GiB predicted of {plan.vram_bytes / GIB:.2f} GiB"),
-        ("", "  ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total" and v)),
+        ("", "at the peak: " + "  ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total" and v)),
         ("speed", f"{plan.predicted_tokens_per_s:,.0f} tokens/s predicted"),
         ("budget", f"{plan.time_budget_s / 3600:.3f} h -> {plan.steps:,} steps, {plan.train_tokens / 1e6:.2f}M tokens"),
         ("data", f"{plan.data_fraction:.1%} of {plan.corpus_tokens / 1e6:.2f}M tokens, {plan.epochs:.2f} epochs"),
