@@ -119,12 +119,13 @@ def main():
         same = f"{r['worst_relative_loss_diff']:.2%}" if r["losses_one_gpu_same_batch"] else "-"
         print(f"| {r['per_gpu_tokens']:,} | {r['accum']} | {r['one_tps']:,.0f} | {r['many_tps']:,.0f} | "
               f"{r['scaling']:.2f}x | {same} | {rounding} |")  # fmt: skip
-    for r in results if not args.scaling_only else []:
-        curves = {"1 GPU": r["losses_one_gpu_same_batch"], f"1 GPU, micro {2 * MICRO}": r["losses_control"],
-                  f"{n} GPUs": r["losses_many"]}  # fmt: skip
-        print(f"\naccumulation {r['accum']}, train loss every 10 steps:")
-        for name, losses in curves.items():
-            print(f"  {name:>14}: " + ", ".join(f"{x:.4f}" for x in losses))
+    if not args.scaling_only:  # the loss curves
+        for r in results:
+            curves = {"1 GPU": r["losses_one_gpu_same_batch"], f"1 GPU, micro {2 * MICRO}": r["losses_control"],
+                      f"{n} GPUs": r["losses_many"]}  # fmt: skip
+            print(f"\naccumulation {r['accum']}, train loss every 10 steps:")
+            for name, losses in curves.items():
+                print(f"  {name:>14}: " + ", ".join(f"{x:.4f}" for x in losses))
     if link:  # again, last: the runs' output comes between
         print(f"\nall-reduce of {link['bytes'] / 1e6:.0f} MB fp32 on {n} GPUs: {link['seconds'] * 1e3:.1f} ms, "
               f"bus bandwidth {link['bus_gb_per_s']:.0f} GB/s")  # fmt: skip

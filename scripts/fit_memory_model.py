@@ -1,4 +1,4 @@
-"""Re-predict measured peak memory with the committed memory model; optionally refit its compiled constants.
+"""Re-predict measured peak memory with the committed memory model; optionally refit its constants.
 
     python scripts/fit_memory_model.py --grids fit_compiled.json ... --eager-only fit.json ... --rows
     python scripts/fit_memory_model.py --grids ... --plans check_plans.json --refit   # refit the constants
@@ -10,8 +10,9 @@ fit.json has its MoE and fp32 GQA rows skipped (measured before 58cac20 / 03a5d1
 --predates). --eager-only: grids whose compiled rows are left out (measured before ed2f2e9's graph-break fix;
 re-measured with calibrate.py --only compiled). --plans: scripts/check_plans.py JSON: runs that finished
 (ok / not memory-bound) must be predicted no more than ~2 % below their measured peak; OOM runs must be
-predicted at or above the cap they hit. --refit grid-searches the compiled constants (memory.COMPILED_*) for
-the smallest worst grid error, an under-prediction weighing 1.5x an over-prediction (a plan sized by an
+predicted at or above the cap they hit. --refit grid-searches the eager factors (ACTIVATION_CALIBRATION) for
+the smallest worst error on the eager rows, then the compiled constants (memory.COMPILED_*) for the smallest
+worst error on the compiled rows, an under-prediction weighing 1.5x an over-prediction (a plan sized by an
 under-prediction can run out of memory), within those plan bounds. Offline, CPU, seconds.
 """
 
@@ -131,23 +132,16 @@ CONSTANTS = {  # the compiled constants --refit searches, and the values it trie
     "COMPILED_CKPT_INPUT_FACTOR": [0.5, 0.75, 1.0, 1.25],
     "COMPILED_CKPT_LOGIT_FACTOR": [1.0, 1.25, 1.5, 1.75],
 }
+EAGER = {"fp32": [0.8 + 0.02 * i for i in range(26)], "bf16": [0.8 + 0.02 * i for i in range(26)]}
 
 
-def refit_eager(grids: list[dict]) -> None:
-    """ACTIVATION_CALIBRATION (fp32; bf16, which fp16 shares) on the eager rows, by the worst absolute error
-    (unweighted: plans run compiled steps on the GPUs that have them, so no plan bound is at stake here)."""
-    eager = [r for r in grids if not r["shape"].compiled and not r["skip"]]
-    scale = memory.ACTIVATION_CALIBRATION
-    best = None
-    for fp32, half in itertools.product(*[[0.8 + 0.02 * i for i in range(26)]] * 2):
-        scale.update(fp32=fp32, bf16=half, fp16=half)
-        score = (weighted_worst(eager, under=1.0), statistics.median(abs(err(r)) for r in eager))
-        if best is None or score < best[0]:
-            best = (score, fp32, half)
-    (worst, med), fp32, half = best
-    scale.update(fp32=fp32, bf16=half, fp16=half)
-    print(f"\nrefit (eager rows: worst {worst:.1%}, median {med:.1%}): ACTIVATION_CALIBRATION fp32 = "
-          f"{fp32:.2f}, bf16 = fp16 = {half:.2f}")
+def set_compiled(**values) -> None:
+    for name, v in values.items():
+        setattr(memory, name, v)
+
+
+def set_eager(fp32: float, bf16: float) -> None:  # ACTIVATION_CALIBRATION; fp16 shares bf16's
+    memory.ACTIVATION_CALIBRATION.update(fp32=fp32, bf16=bf16, fp16=bf16)
 
 
 def weighted_worst(grids: list[dict], under: float = 1.5) -> float:
@@ -156,23 +150,35 @@ def weighted_worst(grids: list[dict], under: float = 1.5) -> float:
     return max(max(errors), -under * min(errors))
 
 
-def refit(grids: list[dict], plans: list[dict]) -> None:
-    compiled = [r for r in grids if r["shape"].compiled and not r["skip"]]  # the rows the constants move
+def search(what: str, candidates: dict, apply, rows: list[dict], under: float, plans: list[dict]) -> None:
+    """Every combination of `candidates` applied to the memory model; keep the one with the smallest
+    (weighted worst, median) error over `rows` whose plan-check margins hold, and leave it applied."""
     best = None
-    for values in itertools.product(*CONSTANTS.values()):
-        for name, v in zip(CONSTANTS, values):
-            setattr(memory, name, v)
+    for values in itertools.product(*candidates.values()):
+        apply(**dict(zip(candidates, values)))
         ran, oom = plan_margin(plans) if plans else (0.0, 0.0)
-        score = (weighted_worst(compiled), statistics.median(abs(err(r)) for r in compiled))
+        score = (weighted_worst(rows, under), statistics.median(abs(err(r)) for r in rows))
         if ran >= -0.02 and oom >= 0 and (best is None or score < best[0]):
-            best = (score, values)
+            best = (score, dict(zip(candidates, values)))
     if best is None:
-        print("no constants keep the plan check's bounds")
+        print(f"\n{what}: no constants keep the plan check's bounds")
         return
-    for name, v in zip(CONSTANTS, best[1]):
-        setattr(memory, name, v)
-    print(f"\nrefit (compiled rows: weighted worst {best[0][0]:.1%}, median {best[0][1]:.1%}): "
-          + ", ".join(f"{n} = {v:g}" for n, v in zip(CONSTANTS, best[1])))
+    apply(**best[1])
+    print(f"\nrefit ({what}: weighted worst {best[0][0]:.1%}, median {best[0][1]:.1%}): "
+          + ", ".join(f"{n} = {v:g}" for n, v in best[1].items()))
+
+
+def refit(grids: list[dict], plans: list[dict]) -> None:
+    """Eager factors by the plain worst error (plans run compiled steps on the GPUs that have them, so no
+    plan bound is at stake), then the compiled constants, under-predictions weighing 1.5x, within the
+    plan check's bounds."""
+    counted = [r for r in grids if not r["skip"]]
+    eager = [r for r in counted if not r["shape"].compiled]
+    compiled = [r for r in counted if r["shape"].compiled]  # the rows the compiled constants move
+    if eager:
+        search("eager rows, ACTIVATION_CALIBRATION", EAGER, set_eager, eager, 1.0, [])
+    if compiled:
+        search("compiled rows", CONSTANTS, set_compiled, compiled, 1.5, plans)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     plans = plan_rows(args.plans) if args.plans else []
     report(grids, plans, args.rows)
     if args.refit:
-        refit_eager(grids)
         refit(grids, plans)
         report(grids, plans, False)
     return 0

@@ -41,6 +41,9 @@ set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 quiet() { grep -v -i -E "warn|^\s*$" ; }
+summary() {  # LABEL RUN_DIR: a pufferfish.train run's peak memory (rank 0) against its plan's, and its speed
+  python -c "import json, sys; s = json.load(open(sys.argv[2] + '/summary.json')); print(sys.argv[1], 'params', s['params'], 'peak GiB', round(s['peak_mem_bytes'] / 2**30, 2), 'predicted', round(s['predicted_peak_bytes'] / 2**30, 2), 'tokens/s', round(s['tokens_per_s']))" "$1" "$2" || tail -5 "$2.log"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 if [ "$part" = budget ]; then
@@ -115,7 +118,7 @@ elif [ "$part" = gap ]; then
       model.num_dims=512 model.seq_len=512 train.micro_batch=512 train.batch_tokens=$((262144 * accum)) \
       train.max_steps=4 train.eval_interval=1000 train.sample_tokens=0 train.progress=false run_dir="$r" \
       hydra.run.dir="$r" > "$r.log" 2>&1
-    python -c "import json, sys; s = json.load(open(sys.argv[1])); print('pufferfish.train, accumulation', sys.argv[2], 'peak GiB', round(s['peak_mem_bytes'] / 2**30, 2), 'predicted', round(s['predicted_peak_bytes'] / 2**30, 2))" "$r/summary.json" $accum || tail -3 "$r.log"
+    summary "pufferfish.train, accumulation $accum:" "$r"
     rm -rf "$r/checkpoints"
   done
   wait
@@ -133,7 +136,7 @@ elif [ "$part" = compiled ]; then
       mode=quick_dev model.num_layers=24 model.num_dims=1536 model.seq_len=1024 train.micro_batch=4 \
       train.batch_tokens=8192 train.max_steps=10 train.log_interval=5 train.sample_tokens=0 train.progress=false \
       optimizations.compile=false train.parallel=$parallel run_dir="$r" hydra.run.dir="$r" > "$r.log" 2>&1
-    python -c "import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[2], 'params', s['params'], 'peak GiB (rank 0)', round(s['peak_mem_bytes'] / 2**30, 2), 'predicted', round(s['predicted_peak_bytes'] / 2**30, 2), 'tokens/s', round(s['tokens_per_s']))" "$r/summary.json" $parallel || tail -5 "$r.log"
+    summary "$parallel (rank 0):" "$r"
     rm -rf "$r/checkpoints"
   done
 elif [ "$part" = plans4 ]; then

@@ -165,15 +165,6 @@ def logit_bytes(s: Shape) -> float:
     return tokens * s.vocab_size * (BYTES[s.precision] + 8)
 
 
-def dynamic_bytes(s: Shape) -> tuple[float, float]:
-    """(activations, logits), calibrated, with the gradients alive throughout: what the forward pass keeps
-    for backward, and what the loss adds at the peak. With checkpointing the loss's backward is over before
-    the last block is recomputed, so the two do not coexist: the peak holds the larger, and `logits` counts
-    only its excess over the block."""
-    kept, block, loss = dynamic_parts(s)
-    return kept + block, max(0.0, loss - block)
-
-
 def dynamic_parts(s: Shape) -> tuple[float, float, float]:
     """(kept, block, loss), calibrated: what stays from the forward to the backward (every block's saved
     tensors; with checkpointing each block's input), the one block recomputed at a time (checkpointing;
@@ -212,14 +203,16 @@ def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
         weights, grads = -(-weights // s.shards) + gathered, -(-grads // s.shards) + gathered
         optim = -(-optim // s.shards)
         autocast = 0 if s.precision == "bf16" else autocast
-    acts, logits = dynamic_bytes(s)
-    if not s.grads_in_forward:  # the larger of two moments: the loss's backward, when only the tied output
-        # weight has its gradient, and the end of the blocks' backward, every gradient made
-        kept, block, loss = dynamic_parts(s)
-        at_loss = kept + loss + min(grads, 4 * s.vocab_size * s.num_dims)
+    kept, block, loss = dynamic_parts(s)
+    if s.grads_in_forward:  # every gradient all step. With checkpointing the loss's backward is over before
+        # the last block is recomputed, so the two do not coexist: `logits` counts the loss's excess over the block
+        acts, logits = kept + block, max(0.0, loss - block)
+    else:  # the larger of two moments: the loss's backward, when only the tied output weight has its
+        # gradient, and the end of the blocks' backward, every gradient made
+        output_grad = min(grads, 4 * s.vocab_size * s.num_dims)
         at_end = grads + (kept + block if s.grad_ckpt else 0)
-        grads, acts, logits = (min(grads, 4 * s.vocab_size * s.num_dims), kept, loss) if at_loss >= at_end \
-            else (grads, kept + block if s.grad_ckpt else 0, 0)  # fmt: skip
+        grads, acts, logits = (output_grad, kept, loss) if kept + loss + output_grad >= at_end \
+            else (grads, at_end - grads, 0)  # fmt: skip
     scores = 0
     if s.attention_math:  # (B, H, T, T) scores and probabilities, kept per layer unless recomputed
         layers_kept = 1 if s.grad_ckpt else s.num_layers
