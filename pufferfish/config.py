@@ -155,6 +155,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "ddp"  # torchrun: ddp (a whole model per rank) | fsdp2 (weights, grads, optimizer sharded)
     progress: bool = True
+    profile_steps: int = 0  # >0: torch.profiler over this many steps; tables and traces in the run directory
+    profile_start: int = 10  # steps of this run (after a resume: from there) before profiling: compile, warm-up
     measure_steps: int = 2  # job=measure: training steps run (peak memory over all; tokens/s after warm-up)
     measure_batches: str = "random"  # job=measure: random (tokens, no data preparation) | data (the real loader)
 

@@ -43,6 +43,7 @@ from .loss import lm_loss
 from .model import build_model
 from .model.moe import moe_aux_loss, moe_metrics, update_moe_biases
 from .optim import build_optimizer
+from .profiling import StepProfiler
 from .reliability import (
     NonFiniteGuard,
     PendingSteps,
@@ -222,6 +223,7 @@ def train(cfg: DictConfig) -> dict:
     calibrate_at = [] if tc.max_steps or plan.measured_tokens_per_s else [0.03, 0.15, 0.4, 0.7]
     calib_t0 = calib_overhead0 = overhead_s = 0.0
     model.train()
+    profiler = StepProfiler(run_dir, world.rank, tc.profile_steps, tc.profile_start, device)
     try:
         while step < plan.steps:
             lr = lr_at(step, plan.steps, plan.lr, cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio,
@@ -268,6 +270,7 @@ def train(cfg: DictConfig) -> dict:
             tokens_seen += plan.batch_tokens
             window_tokens += plan.batch_tokens
             bar.update(1)
+            profiler.step()
 
             log_now = step % tc.log_interval == 0 or step == plan.steps
             ckpt_due = time.perf_counter() - last_ckpt > tc.ckpt_interval_s
@@ -331,7 +334,8 @@ def train(cfg: DictConfig) -> dict:
             if why:
                 stopped_by = why
                 break
-    finally:  # also on an error: no loader thread or signal handler outlives the loop
+    finally:  # also on an error: no loader thread, signal handler or profiler outlives the loop
+        profiler.stop()
         bar.close()
         loader.close()
         stop.restore()

@@ -112,6 +112,8 @@ RULES = {
     "train.max_bad_steps": whole(1),
     "train.sample_tokens": whole(0, 100_000),
     "train.parallel": one_of("ddp", "fsdp2"),
+    "train.profile_steps": whole(0, 1000),
+    "train.profile_start": whole(0),
 }
 MOE_RULES = {  # only when moe.enabled
     "moe.num_experts": whole(1, 1024),

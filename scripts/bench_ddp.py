@@ -8,6 +8,8 @@ Four runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16, `opti
   same     1 GPU,  accumulation N x A: many's global batch      (loss curve: the same samples in the same steps)
   control  1 GPU,  micro-batch 2 x 16, accumulation N x A / 2: the same samples and steps as `same`,
            split differently, so it differs from `same` by rounding alone: how far rounding moves the curve
+  apart    (--apart) N runs like `one` at the same time, one on each GPU, not communicating: the ceiling
+           for `many` on this host (shared CPU, power, memory bandwidth), which `one` alone does not show
 and an all-reduce probe (the gradient's size in fp32) that says what the GPUs' link carries, since
 DDP all-reduces every parameter's gradient once per step. Extra arguments are Hydra overrides for every
 run, e.g. `optimizations.precision=fp32 optimizations.compile=false` to compare curves without bf16.
@@ -34,13 +36,31 @@ SHAPE = ["gpu=auto", "mode=quick_dev", "model.num_layers=12", "model.num_dims=76
          "train.sample_tokens=0", "train.progress=false"]  # fmt: skip
 
 
-def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int = MICRO) -> list[dict]:
+def command(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int = MICRO) -> list[str]:
     args = [*SHAPE, f"train.micro_batch={micro}", f"train.batch_tokens={batch_tokens}", f"run_dir={run}",
             f"hydra.run.dir={run}", *extra]  # fmt: skip
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus > 1 \
         else [sys.executable]  # fmt: skip
-    subprocess.run([*prefix, "-m", "pufferfish.train", *args], check=True, cwd=ROOT)
+    return [*prefix, "-m", "pufferfish.train", *args]
+
+
+def train_rows(run: Path) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int = MICRO) -> list[dict]:
+    subprocess.run(command(run, gpus, batch_tokens, extra, micro), check=True, cwd=ROOT)
+    return train_rows(run)
+
+
+def launch_apart(root: Path, gpus: int, batch_tokens: int, extra: list[str]) -> list[list[dict]]:
+    """One single-GPU run on each GPU, all at once: every run's train rows."""
+    runs = [root / f"gpu{i}" for i in range(gpus)]
+    procs = [subprocess.Popen(command(run, 1, batch_tokens, extra), cwd=ROOT,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}) for i, run in enumerate(runs)]  # fmt: skip
+    if any(proc.wait() for proc in procs):
+        sys.exit(f"a run of --apart failed: {[proc.returncode for proc in procs]}")
+    return [train_rows(run) for run in runs]
 
 
 def probe_all_reduce(gpus: int) -> dict:
@@ -83,6 +103,7 @@ def main():
     p.add_argument("--steps", type=int, default=80, help="training steps of every run")
     p.add_argument("--no-probe", action="store_true", help="skip the all-reduce probe")
     p.add_argument("--scaling-only", action="store_true", help="only the runs `one` and `many` (no loss curves)")
+    p.add_argument("--apart", action="store_true", help="also N one-GPU runs at once, one per GPU (the ceiling)")
     p.add_argument("--probe-worker", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args, extra = p.parse_known_args()
@@ -101,24 +122,28 @@ def main():
         per_gpu = MICRO * SEQ * accum
         one = launch(root / f"one_a{accum}", 1, per_gpu, extra)
         many = launch(root / f"many_a{accum}", n, per_gpu * n, extra)
+        apart = launch_apart(root / f"apart_a{accum}", n, per_gpu, extra) if args.apart else []
         same = [] if args.scaling_only else launch(root / f"same_a{accum}", 1, per_gpu * n, extra)
         curves = not args.scaling_only and n * accum % 2 == 0
         control = launch(root / f"control_a{accum}", 1, per_gpu * n, extra, 2 * MICRO) if curves else []
         results.append({"accum": accum, "per_gpu_tokens": per_gpu, "one_tps": steady(one), "many_tps": steady(many),
                         "scaling": steady(many) / steady(one),
+                        "apart_tps": [steady(rows) for rows in apart],  # each GPU's run, at the same time
+                        "apart_scaling": sum(map(steady, apart)) / steady(one) if apart else None,
                         "worst_relative_loss_diff": differ(same, many) if same else None,
                         "control_worst_relative_loss_diff": differ(same, control) if control else None,
                         "losses_one_gpu_same_batch": [r["train_loss"] for r in same],
                         "losses_control": [r["train_loss"] for r in control],
                         "losses_many": [r["train_loss"] for r in many]})  # fmt: skip
-    print(f"\n| per-GPU batch (tokens) | accumulation | 1 GPU tokens/s | {n} GPUs tokens/s | scaling | largest loss "
-          f"difference, {n} GPUs vs 1 GPU at the same global batch | same, 1 GPU at micro-batch {2 * MICRO} (rounding alone) |"
-          "\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(f"\n| per-GPU batch (tokens) | accumulation | 1 GPU tokens/s | {n} GPUs tokens/s | scaling | {n} runs apart, "
+          f"tokens/s each (ceiling) | largest loss difference, {n} GPUs vs 1 GPU at the same global batch | same, 1 GPU at "
+          f"micro-batch {2 * MICRO} (rounding alone) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in results:
         rounding = f"{r['control_worst_relative_loss_diff']:.2%}" if r["losses_control"] else "-"
         same = f"{r['worst_relative_loss_diff']:.2%}" if r["losses_one_gpu_same_batch"] else "-"
+        apart = " / ".join(f"{t:,.0f}" for t in r["apart_tps"]) + f" ({r['apart_scaling']:.2f}x)" if r["apart_tps"] else "-"
         print(f"| {r['per_gpu_tokens']:,} | {r['accum']} | {r['one_tps']:,.0f} | {r['many_tps']:,.0f} | "
-              f"{r['scaling']:.2f}x | {same} | {rounding} |")  # fmt: skip
+              f"{r['scaling']:.2f}x | {apart} | {same} | {rounding} |")  # fmt: skip
     if not args.scaling_only:  # the loss curves
         for r in results:
             curves = {"1 GPU": r["losses_one_gpu_same_batch"], f"1 GPU, micro {2 * MICRO}": r["losses_control"],

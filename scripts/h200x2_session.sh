@@ -37,6 +37,12 @@
 #   bash scripts/h200x2_session.sh gap OUT      # one shape (12 x 512 at 512 x 512, as quick_dev plans it) measured
 #                                               # by calibrate.py's step and by pufferfish.train (no evaluation;
 #                                               # then accumulation 2): why runs keep more than the grids' steps
+# Fifth session (same machine kind):
+#   bash scripts/h200x2_session.sh plans5a OUT  # every plan of the large profiles (h200 ... rtx4090), 8.3 minutes
+#   bash scripts/h200x2_session.sh plans5b OUT  # every plan of the small profiles (gtx1650 ... rtx4060), 7.2
+#                                               # minutes, then the GPU tests
+#   bash scripts/h200x2_session.sh ddp5 OUT     # the `gap` part, then compiled DDP scaling beside two one-GPU
+#                                               # runs at once (the host's ceiling), each profiled for 3 steps
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -144,6 +150,26 @@ elif [ "$part" = plans4 ]; then
   cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
   rm -rf "$out"/check_plans/*/
   timeout 75 python -m pytest -m gpu tests/ -q 2>&1 | tail -3
+elif [ "$part" = plans5a ] || [ "$part" = plans5b ]; then
+  if [ "$part" = plans5a ]; then profiles=h200,h100,a100_80gb,a100_40gb,rtx3090,rtx4090 minutes=8.3
+  else profiles=gtx1650,gtx1060,rtx2060,rtx3060,rtx4060 minutes=7.2; fi
+  python scripts/check_plans.py --profiles $profiles --gpus 2 --jobs-per-gpu 6 --max-minutes $minutes \
+    --out "$out/check_plans" 2>&1 | tail -3
+  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
+  rm -rf "$out"/check_plans/*/
+  if [ "$part" = plans5b ]; then timeout 75 python -m pytest -m gpu tests/ -q 2>&1 | tail -3; fi
+elif [ "$part" = ddp5 ]; then
+  bash "$0" gap "$out" | grep -v -E "^NVIDIA|^torch "
+  rm -rf /tmp/bench_ddp_*
+  timeout 330 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 50 --no-probe --scaling-only --apart \
+    --out "$out/ddp5.json" train.profile_steps=3 train.profile_start=21 > "$out/ddp5.log" 2>&1
+  grep -E "^\| " "$out/ddp5.log"
+  mkdir -p "$out/profiles"
+  for f in /tmp/bench_ddp_*/*/profile_rank*.txt; do
+    cp "$f" "$out/profiles/$(basename "$(dirname "$f")")_$(basename "$f")"
+  done
+  head -2 "$out"/profiles/*.txt
+  (cd "$out" && tar czf results.tgz --exclude=results.tgz . && find . -mindepth 1 -maxdepth 1 ! -name results.tgz -exec rm -rf {} +)
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \

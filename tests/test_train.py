@@ -53,6 +53,21 @@ def test_run_directory_describes_itself(tmp_path, cache_dir):
     assert "peak_rss_bytes" in json.loads((run / "summary.json").read_text())
 
 
+def test_profile_steps_write_a_table_and_a_trace(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    train(compose(*tiny_overrides(run, cache_dir, "train.max_steps=8", "train.profile_steps=3", "train.profile_start=2",
+                                  "train.sample_tokens=0")))  # fmt: skip
+    text = (run / "profile_rank0.txt").read_text()
+    head = text.splitlines()[0]
+    assert head.startswith("rank 0: 3 step(s) recorded after 3;"), head
+    assert float(head.split("wall ")[1].split(" ms")[0]) > 0
+    assert "aten::" in text and "Self CPU" in text  # the ops table, by host time on CPU
+    trace = json.loads((run / "profile_rank0.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert any(str(n).startswith("ProfilerStep#") for n in names)  # the recorded steps, marked in the trace
+    assert sum(str(n).startswith("ProfilerStep#") for n in names) == 3
+
+
 def test_interrupted_and_resumed_run_reproduces_losses_exactly(tmp_path, cache_dir):
     common = ("train.max_steps=16", "train.log_interval=1", "train.eval_interval=5", "model.num_layers=2",
               "train.batch_tokens=1024", "train.micro_batch=4")  # two micro-steps: accumulation is resumed too
