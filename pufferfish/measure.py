@@ -25,7 +25,14 @@ from .model import ModelConfig, build_model
 from .model.moe import moe_aux_loss, update_moe_biases
 from .optim import build_optimizer
 from .reliability import is_out_of_memory
-from .resolver import apply_memory_cap, count_params, detect_hardware, make_plan, predict_peak_bytes
+from .resolver import (
+    apply_memory_cap,
+    count_params,
+    detect_hardware,
+    make_plan,
+    predict_peak_bytes,
+    prefer_expandable_segments,
+)
 from .resolver.hardware import GIB
 from .resolver.speed import flops_per_token, predict_tokens_per_s
 from .run import run_directory, save_config
@@ -110,6 +117,7 @@ def _attempt(*args) -> tuple[dict | None, str | None]:
 
 
 def measure(cfg) -> dict:
+    prefer_expandable_segments()  # as train() does: the same allocator as the runs it measures for
     run_dir = run_directory(cfg)
     save_config(cfg, run_dir)
     identity = job_identity()

@@ -145,7 +145,7 @@ def back_off(plan, step: int, error: str) -> dict:
             f"always, a shorter model.seq_len, a smaller model (model.num_layers, model.num_dims, or a shorter "
             f"mode), or the gpu profile of a smaller card so the plan leaves more room. ({error})"
         )
-    new = max(d for d in range(1, old // 2 + 1) if old % d == 0)  # half: the planner's micro-batches are multiples of 4 or 8
+    new = max(d for d in range(1, old // 2 + 1) if old % d == 0)  # half: the planner's are even from 8 up
     plan.grad_accum *= old // new
     plan.micro_batch = new
     plan.reasons["micro_batch"] = (plan.reasons.get("micro_batch", "") + f"; out of memory at step {step}: {new} "

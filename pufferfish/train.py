@@ -55,7 +55,7 @@ from .reliability import (
     reset_moe_counts,
     skip_on_device,
 )
-from .resolver import Plan, apply_memory_cap, format_plan
+from .resolver import Plan, apply_memory_cap, format_plan, prefer_expandable_segments
 from .run import (
     StopFlag,
     check_disk_for_checkpoints,
@@ -78,6 +78,7 @@ CALIBRATE_FROM = 2  # steps before this include compilation and allocator warm-u
 
 def train(cfg: DictConfig) -> dict:
     validate(cfg)  # every value once, before anything is written or loaded
+    prefer_expandable_segments()  # before CUDA starts
     tc = cfg.train
     world, _ = init_world(tc.device)  # torchrun / SLURM: one process per GPU; otherwise a world of one
     run_dir = same_on_all(world, run_directory(cfg))  # rank 0's: Hydra's clock may differ by a second

@@ -2,11 +2,11 @@
 
     python scripts/bench_ddp.py --gpus 2 --out ddp.json     # on a machine with at least 2 GPUs
 
-Four runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16, `optimizations=all`):
+Four runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16 or --micro, `optimizations=all`):
   one      1 GPU,  accumulation A: the per-GPU batch            (tokens/s baseline)
   many     N GPUs, accumulation A each: the same per-GPU batch  (tokens/s: scaling = many / one)
   same     1 GPU,  accumulation N x A: many's global batch      (loss curve: the same samples in the same steps)
-  control  1 GPU,  micro-batch 2 x 16, accumulation N x A / 2: the same samples and steps as `same`,
+  control  1 GPU,  twice the micro-batch, accumulation N x A / 2: the same samples and steps as `same`,
            split differently, so it differs from `same` by rounding alone: how far rounding moves the curve
   apart    (--apart) N runs like `one` at the same time, one on each GPU, not communicating: the ceiling
            for `many` on this host (shared CPU, power, memory bandwidth), which `one` alone does not show
@@ -36,7 +36,7 @@ SHAPE = ["gpu=auto", "mode=quick_dev", "model.num_layers=12", "model.num_dims=76
          "train.sample_tokens=0", "train.progress=false"]  # fmt: skip
 
 
-def command(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int = MICRO) -> list[str]:
+def command(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int) -> list[str]:
     args = [*SHAPE, f"train.micro_batch={micro}", f"train.batch_tokens={batch_tokens}", f"run_dir={run}",
             f"hydra.run.dir={run}", *extra]  # fmt: skip
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus > 1 \
@@ -48,15 +48,15 @@ def train_rows(run: Path) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
 
 
-def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int = MICRO) -> list[dict]:
+def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int) -> list[dict]:
     subprocess.run(command(run, gpus, batch_tokens, extra, micro), check=True, cwd=ROOT)
     return train_rows(run)
 
 
-def launch_apart(root: Path, gpus: int, batch_tokens: int, extra: list[str]) -> list[list[dict]]:
+def launch_apart(root: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int) -> list[list[dict]]:
     """One single-GPU run on each GPU, all at once: every run's train rows."""
     runs = [root / f"gpu{i}" for i in range(gpus)]
-    procs = [subprocess.Popen(command(run, 1, batch_tokens, extra), cwd=ROOT,
+    procs = [subprocess.Popen(command(run, 1, batch_tokens, extra, micro), cwd=ROOT,
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}) for i, run in enumerate(runs)]  # fmt: skip
     if any(proc.wait() for proc in procs):
         sys.exit(f"a run of --apart failed: {[proc.returncode for proc in procs]}")
@@ -101,6 +101,7 @@ def main():
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="accumulation steps per GPU to compare")
     p.add_argument("--steps", type=int, default=80, help="training steps of every run")
+    p.add_argument("--micro", type=int, default=MICRO, help="sequences per forward on every GPU")
     p.add_argument("--no-probe", action="store_true", help="skip the all-reduce probe")
     p.add_argument("--scaling-only", action="store_true", help="only the runs `one` and `many` (no loss curves)")
     p.add_argument("--apart", action="store_true", help="also N one-GPU runs at once, one per GPU (the ceiling)")
@@ -119,14 +120,15 @@ def main():
     steady = lambda rows: statistics.median(r["tokens_per_s"] for r in rows[2:] or rows[-1:])  # noqa: E731 (past compile)
     results = []
     for accum in args.accum:
-        per_gpu = MICRO * SEQ * accum
-        one = launch(root / f"one_a{accum}", 1, per_gpu, extra)
-        many = launch(root / f"many_a{accum}", n, per_gpu * n, extra)
-        apart = launch_apart(root / f"apart_a{accum}", n, per_gpu, extra) if args.apart else []
-        same = [] if args.scaling_only else launch(root / f"same_a{accum}", 1, per_gpu * n, extra)
+        m = args.micro
+        per_gpu = m * SEQ * accum
+        one = launch(root / f"one_a{accum}", 1, per_gpu, extra, m)
+        many = launch(root / f"many_a{accum}", n, per_gpu * n, extra, m)
+        apart = launch_apart(root / f"apart_a{accum}", n, per_gpu, extra, m) if args.apart else []
+        same = [] if args.scaling_only else launch(root / f"same_a{accum}", 1, per_gpu * n, extra, m)
         curves = not args.scaling_only and n * accum % 2 == 0
-        control = launch(root / f"control_a{accum}", 1, per_gpu * n, extra, 2 * MICRO) if curves else []
-        results.append({"accum": accum, "per_gpu_tokens": per_gpu, "one_tps": steady(one), "many_tps": steady(many),
+        control = launch(root / f"control_a{accum}", 1, per_gpu * n, extra, 2 * m) if curves else []
+        results.append({"accum": accum, "micro_batch": m, "per_gpu_tokens": per_gpu, "one_tps": steady(one), "many_tps": steady(many),
                         "scaling": steady(many) / steady(one),
                         "apart_tps": [steady(rows) for rows in apart],  # each GPU's run, at the same time
                         "apart_scaling": sum(map(steady, apart)) / steady(one) if apart else None,
@@ -137,7 +139,7 @@ def main():
                         "losses_many": [r["train_loss"] for r in many]})  # fmt: skip
     print(f"\n| per-GPU batch (tokens) | accumulation | 1 GPU tokens/s | {n} GPUs tokens/s | scaling | {n} runs apart, "
           f"tokens/s each (ceiling) | largest loss difference, {n} GPUs vs 1 GPU at the same global batch | same, 1 GPU at "
-          f"micro-batch {2 * MICRO} (rounding alone) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+          f"micro-batch {2 * args.micro} (rounding alone) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in results:
         rounding = f"{r['control_worst_relative_loss_diff']:.2%}" if r["losses_control"] else "-"
         same = f"{r['worst_relative_loss_diff']:.2%}" if r["losses_one_gpu_same_batch"] else "-"
@@ -146,7 +148,7 @@ def main():
               f"{r['scaling']:.2f}x | {apart} | {same} | {rounding} |")  # fmt: skip
     if not args.scaling_only:  # the loss curves
         for r in results:
-            curves = {"1 GPU": r["losses_one_gpu_same_batch"], f"1 GPU, micro {2 * MICRO}": r["losses_control"],
+            curves = {"1 GPU": r["losses_one_gpu_same_batch"], f"1 GPU, micro {2 * args.micro}": r["losses_control"],
                       f"{n} GPUs": r["losses_many"]}  # fmt: skip
             print(f"\naccumulation {r['accum']}, train loss every 10 steps:")
             for name, losses in curves.items():

@@ -43,6 +43,10 @@
 #                                               # minutes, then the GPU tests
 #   bash scripts/h200x2_session.sh ddp5 OUT     # the `gap` part, then compiled DDP scaling beside two one-GPU
 #                                               # runs at once (the host's ceiling), each profiled for 3 steps
+#   bash scripts/h200x2_session.sh plans6 OUT   # every profile x mode plan after expandable segments and the
+#                                               # finer micro-batch rounding (8 minutes)
+#   bash scripts/h200x2_session.sh ddp6 OUT     # ddp5's scaling at micro-batch 64 (one step = one micro-batch):
+#                                               # is the 16-sequence step's scaling a host limit?
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -158,6 +162,17 @@ elif [ "$part" = plans5a ] || [ "$part" = plans5b ]; then
   cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
   rm -rf "$out"/check_plans/*/
   if [ "$part" = plans5b ]; then timeout 75 python -m pytest -m gpu tests/ -q 2>&1 | tail -3; fi
+elif [ "$part" = plans6 ]; then
+  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes "${PLAN_MINUTES:-8}" --out "$out/check_plans" 2>&1 | tail -3
+  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
+  rm -rf "$out"/check_plans/*/
+elif [ "$part" = ddp6 ]; then
+  timeout 280 python scripts/bench_ddp.py --gpus 2 --micro 64 --accum 1 --steps 50 --no-probe --scaling-only --apart \
+    --out "$out/ddp6.json" train.profile_steps=3 train.profile_start=21 > "$out/ddp6.log" 2>&1
+  grep -E "^\| " "$out/ddp6.log"
+  for f in /tmp/bench_ddp_*/*/profile_rank*.txt /tmp/bench_ddp_*/*/*/profile_rank*.txt; do
+    [ -f "$f" ] && head -2 "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"
+  done
 elif [ "$part" = ddp5 ]; then
   bash "$0" gap "$out" | grep -v -E "^NVIDIA|^torch "
   rm -rf /tmp/bench_ddp_*
@@ -169,7 +184,7 @@ elif [ "$part" = ddp5 ]; then
     cp "$f" "$out/profiles/$(basename "$(dirname "$f")")_$(basename "$f")"
   done
   head -2 "$out"/profiles/*.txt
-  (cd "$out" && tar czf results.tgz --exclude=results.tgz . && find . -mindepth 1 -maxdepth 1 ! -name results.tgz -exec rm -rf {} +)
+  (cd "$out" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
   timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \

@@ -1,5 +1,6 @@
 """The resolver: memory terms by hand, monotonicity, fit, explanations, bad values."""
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,7 @@ from pufferfish.resolver.hardware import (
     nearest_profile,
 )
 from pufferfish.resolver.memory import ACTIVATION_CALIBRATION
-from pufferfish.resolver.plan import _shape, kv_heads_for, memory_budget
+from pufferfish.resolver.plan import _shape, kv_heads_for, memory_budget, micro_batch_step
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
 
@@ -215,9 +216,10 @@ def test_every_plan_fits_its_memory_and_respects_mode_bounds_or_says_why(gpu, mo
     assert plan.binding_constraint in ("time", "memory", "data", "mode", "user")
     for key in ("shape", "batch", "steps", "data", "lr", "memory"):
         assert plan.reasons[key]
-    if plan.grad_accum > 1:  # memory binds the micro-batch: the next size up (a multiple of 4 or 8) would not fit
-        assert plan.micro_batch < 8 or plan.micro_batch % 4 == 0
-        bigger = _shape(plan.model, cfg, hw, plan.micro_batch + (4 if plan.micro_batch < 32 else 8), plan.grad_ckpt)
+    if plan.grad_accum > 1:  # memory binds the micro-batch: the next size up (in the planner's steps) would not fit
+        step = micro_batch_step(plan.micro_batch)
+        assert plan.micro_batch % step == 0 and (plan.micro_batch < 8 or plan.micro_batch % 2 == 0)
+        bigger = _shape(plan.model, cfg, hw, plan.micro_batch + step, plan.grad_ckpt)
         assert predict_peak_bytes(bigger).total > memory_budget(hw)
 
 
@@ -302,3 +304,27 @@ def test_the_plan_says_whose_micro_batch_it_is():
     given = make_plan(compose("gpu=rtx3060", "mode=standard", "train.micro_batch=2"), hw, 8192, 10**9)
     assert "(the largest that fits)" in chosen.reasons["micro_batch"]
     assert given.micro_batch == 2 and "(set by you)" in given.reasons["micro_batch"]
+
+
+def test_allocator_prefers_expandable_segments_but_keeps_the_users_setting(monkeypatch):
+    from pufferfish.resolver import prefer_expandable_segments
+
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: False)
+    monkeypatch.setattr("sys.platform", "linux")
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: True)  # too late: the allocator has read it
+    prefer_expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_micro_batches_round_down_by_at_most_a_ninth():
+    for mb in range(1, 600):
+        rounded = mb - mb % micro_batch_step(mb)
+        assert rounded == mb if mb < 8 else rounded % 2 == 0 and (mb - rounded) / mb <= 1 / 9 + 1e-9, mb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,6 +170,17 @@ def hardware_on(gpu_cfg, optimizations_cfg, device: str, device_name: str, total
             vram = free
     return Hardware(profile, device, device_name, vram, precision, peak, float(prof.mfu), emulated, notes,
                     float(prof.compute_capability), 1e9 * float(prof.get("bandwidth_gbs", 0) or 0))  # fmt: skip
+
+
+def prefer_expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow its segments in place rather than cache fixed-size ones: far less
+    memory reserved but unusable (an emulated 4 GiB plan once ran out with 240 MiB of it). Set before CUDA
+    starts (the allocator reads it once), on Linux (elsewhere it is not supported), and never over the
+    user's own PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF."""
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return
+    if sys.platform.startswith("linux") and not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def apply_memory_cap(hw: Hardware) -> None:

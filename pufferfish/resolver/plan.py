@@ -130,9 +130,15 @@ def memory_budget(hw: Hardware) -> int:
     return int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)) * USABLE_MEMORY)
 
 
+def micro_batch_step(mb: int) -> int:
+    """The planner's micro-batches are multiples of this: even from 8 (an out-of-memory back-off halves them
+    exactly), of 4 from 32 and of 8 from 64, so rounding down gives up at most about a ninth of the fit."""
+    return 1 if mb < 8 else 2 if mb < 32 else 4 if mb < 64 else 8
+
+
 def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1) -> int:
-    """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of 4 (8
-    from 32 up) so an out-of-memory back-off can halve it; train.micro_batch is kept as given."""
+    """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of
+    micro_batch_step; train.micro_batch is kept as given."""
     fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt, shards)).total <= budget_bytes  # noqa: E731
     if cfg.train.micro_batch:
         return cap if fits(cap) else 0
@@ -142,7 +148,7 @@ def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, 
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo if lo < 8 else lo - lo % (4 if lo < 32 else 8)
+    return lo - lo % micro_batch_step(lo)
 
 
 def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1) -> Plan:
