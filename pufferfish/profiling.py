@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 
@@ -59,11 +60,13 @@ class StepProfiler:
         sort_by = _device_metric(events) if self.cuda else "self_cpu_time_total"
         lines = [f"rank {self.rank}: {self.steps} step(s) recorded after {self.start + 1}; "
                  f"wall {wall_ms:.2f} ms per step"]  # fmt: skip
-        if self.cuda:
-            device_ms = sum(getattr(e, sort_by) for e in events) / 1e3 / self.steps
-            nccl_ms = sum(getattr(e, sort_by) for e in events if "nccl" in e.key.lower()) / 1e3 / self.steps
-            lines.append(f"device self time {device_ms:.2f} ms per step, of it NCCL {nccl_ms:.2f} ms "
-                         f"(kernels on several streams can overlap: the sum can exceed the wall time)")  # fmt: skip
+        if self.cuda:  # the kernels themselves: not the ops that launched them, nor annotations (ProfilerStep#)
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+            busy_ms = sum(getattr(e, sort_by) for e in kernels) / 1e3 / self.steps
+            nccl_ms = sum(getattr(e, sort_by) for e in kernels if "nccl" in e.key.lower()) / 1e3 / self.steps
+            lines.append(f"kernels {busy_ms:.2f} ms per step ({busy_ms / wall_ms:.0%} of the wall time; below 100 %, "
+                         f"the host is what the GPU waits for), of them NCCL {nccl_ms:.2f} ms (a rank waiting for "
+                         f"another counts here)")  # fmt: skip
         lines.append(events.table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
         (self.run_dir / f"profile_rank{self.rank}.txt").write_text("\n".join(lines) + "\n")
         prof.export_chrome_trace(str(self.run_dir / f"profile_rank{self.rank}.json"))
