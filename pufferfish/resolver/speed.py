@@ -45,7 +45,10 @@ HOST_STEP_S = 4.0e-3
 # afresh) compiled steps took 2-3 ms per layer, on the older fit and check grids 1.1-1.8 ms; after the
 # graph-break fix (ed2f2e9; check2 ran without the break: its call's 124M benchmark ran at full speed, but
 # beside a training run on the other GPU, sharing the host) the six compiled rows of check3 measured again
-# are predicted within 6 % median, 17 % worst (docs/benchmarks.md), so the value stands until refitted
+# were predicted within 6 % median, 17 % worst (third session). On the fourth session's machine, whose host
+# launched faster (the same 124M step: 443k tokens/s there, 289-354k on three others), check3's ten compiled
+# rows ran 6-37 % faster than predicted (median 17 %): host-bound speeds differ by machine more than the
+# model's error, so the value stands; each run re-plans from the speed it measures
 HOST_LAYER_S = {"eager": 2.35e-3, "compiled": 2.25e-3}
 # checkpointed blocks launch their forward again in the backward (eager: plus torch.utils.checkpoint's
 # hooks); fitted on eager rows of all grids and the compiled checkpointed rows of check2 (5.6-7 ms per layer
