@@ -55,15 +55,16 @@ class StepProfiler:
 
     def _write(self, prof) -> None:
         first = self.start + 1  # the index in self.times where the recorded steps begin
-        wall_ms = (self.times[-1] - self.times[first]) * 1e3 / self.steps
+        steps = max(1, len(self.times) - 1 - first)  # fewer than asked when the loop ended first
+        wall_ms = (self.times[-1] - self.times[first]) * 1e3 / steps
         events = prof.key_averages()
         sort_by = _device_metric(events) if self.cuda else "self_cpu_time_total"
-        lines = [f"rank {self.rank}: {self.steps} step(s) recorded after {self.start + 1}; "
+        lines = [f"rank {self.rank}: {steps} step(s) recorded after {self.start + 1}; "
                  f"wall {wall_ms:.2f} ms per step"]  # fmt: skip
         if self.cuda:  # the kernels themselves: not the ops that launched them, nor annotations (ProfilerStep#)
             kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
-            busy_ms = sum(getattr(e, sort_by) for e in kernels) / 1e3 / self.steps
-            nccl_ms = sum(getattr(e, sort_by) for e in kernels if "nccl" in e.key.lower()) / 1e3 / self.steps
+            busy_ms = sum(getattr(e, sort_by) for e in kernels) / 1e3 / steps
+            nccl_ms = sum(getattr(e, sort_by) for e in kernels if "nccl" in e.key.lower()) / 1e3 / steps
             lines.append(f"kernels {busy_ms:.2f} ms per step ({busy_ms / wall_ms:.0%} of the wall time; below 100 %, "
                          f"the host is what the GPU waits for), of them NCCL {nccl_ms:.2f} ms (a rank waiting for "
                          f"another counts here)")  # fmt: skip

@@ -66,6 +66,10 @@ def test_profile_steps_write_a_table_and_a_trace(tmp_path, cache_dir):
     names = {e.get("name") for e in trace["traceEvents"]}
     assert any(str(n).startswith("ProfilerStep#") for n in names)  # the recorded steps, marked in the trace
     assert sum(str(n).startswith("ProfilerStep#") for n in names) == 3
+    cut = tmp_path / "cut"  # the run ends inside the recorded steps: the table says how many it holds
+    train(compose(*tiny_overrides(cut, cache_dir, "train.max_steps=4", "train.profile_steps=4", "train.profile_start=1",
+                                  "train.sample_tokens=0")))  # fmt: skip
+    assert (cut / "profile_rank0.txt").read_text().startswith("rank 0: 2 step(s) recorded after 2;")
 
 
 def test_interrupted_and_resumed_run_reproduces_losses_exactly(tmp_path, cache_dir):
