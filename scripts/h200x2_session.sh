@@ -47,6 +47,8 @@
 #                                               # finer micro-batch rounding (8 minutes)
 #   bash scripts/h200x2_session.sh ddp6 OUT     # ddp5's scaling at micro-batch 64 (one step = one micro-batch):
 #                                               # is the 16-sequence step's scaling a host limit?
+#   bash scripts/h200x2_session.sh budget5 OUT  # a real 0.03 h run on one GPU with the current code, checked by
+#                                               # budget_check.py (the last device minutes: 0.1 h did not fit)
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -173,6 +175,13 @@ elif [ "$part" = ddp6 ]; then
   for f in /tmp/bench_ddp_*/*/profile_rank*.txt /tmp/bench_ddp_*/*/*/profile_rank*.txt; do
     [ -f "$f" ] && head -2 "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"
   done
+elif [ "$part" = budget5 ]; then
+  run=$out/budget_run
+  timeout 210 python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.03 train.progress=false \
+    train.sample_tokens=0 run_dir="$run" hydra.run.dir="$run" > "$out/budget_run.log" 2>&1
+  tail -3 "$out/budget_run.log"
+  python scripts/budget_check.py "$run" | tail -3
+  rm -rf "$run/checkpoints" "$run/tokenizer.model"
 elif [ "$part" = ddp5 ]; then
   bash "$0" gap "$out" | grep -v -E "^NVIDIA|^torch "
   rm -rf /tmp/bench_ddp_*
