@@ -45,7 +45,13 @@ def _step(line: str) -> int:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl; a torn last line (a killed run's) is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(line) for line in lines[-1:]]
+    except ValueError:
+        return records
 
 
 def git_revision() -> str:

@@ -156,7 +156,7 @@ def main():
     p.add_argument("--shape", help="one row instead of a grid: LAYERSxDIMS:BATCHxSEQ[:TECHNIQUE[:VOCAB]], e.g. "
                    f"12x512:512x512:all:8192 (techniques: {', '.join(plan_techniques())}; GQA as attention=gqa)")
     p.add_argument("--only", choices=list(SUBSETS), help="only these rows, to re-measure them after a change to "
-                   "that step (compiled: ed2f2e9's graph-break fix; chunked: the chunked loss kept out of the graph)")
+                   "that step (e.g. compiled after ed2f2e9's graph-break fix)")
     args = p.parse_args()
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -56,6 +56,22 @@ quiet() { grep -v -i -E "warn|^\s*$" ; }
 summary() {  # LABEL RUN_DIR: a pufferfish.train run's peak memory (rank 0) against its plan's, and its speed
   python -c "import json, sys; s = json.load(open(sys.argv[2] + '/summary.json')); print(sys.argv[1], 'params', s['params'], 'peak GiB', round(s['peak_mem_bytes'] / 2**30, 2), 'predicted', round(s['predicted_peak_bytes'] / 2**30, 2), 'tokens/s', round(s['tokens_per_s']))" "$1" "$2" || tail -5 "$2.log"
 }
+plan_check() {  # MINUTES [check_plans.py args]: every chosen profile x mode plan on both GPUs, its table, no run dirs
+  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes "$1" "${@:2}" --out "$out/check_plans" 2>&1 | tail -3
+  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
+  rm -rf "$out"/check_plans/*/
+}
+ddp_profiled() {  # NAME [bench_ddp.py args]: compiled DDP scaling beside two runs apart, 3 steps of each profiled
+  rm -rf /tmp/bench_ddp_*
+  timeout 330 python scripts/bench_ddp.py --gpus 2 --steps 50 --no-probe --scaling-only --apart "${@:2}" \
+    --out "$out/$1.json" train.profile_steps=3 train.profile_start=21 > "$out/$1.log" 2>&1
+  grep -E "^\| " "$out/$1.log"
+  mkdir -p "$out/profiles"
+  for f in /tmp/bench_ddp_*/*/profile_rank*.txt /tmp/bench_ddp_*/*/*/profile_rank*.txt; do
+    [ -f "$f" ] && cp "$f" "$out/profiles/$(basename "$(dirname "$f")")_$(basename "$f")"
+  done
+  head -2 "$out"/profiles/*.txt
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 if [ "$part" = budget ]; then
@@ -86,9 +102,7 @@ elif [ "$part" = plans3 ]; then
   CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=graph_breaks,recompiles timeout 110 python scripts/bench_throughput.py --no-peer \
     --profile --only "bf16+fused+compile(step)" "bf16+fused+compile(step, CUDA graphs)" --out "$out/diag124.json" 2>&1 \
     | grep -E "^#|^\||cudagraph|Graph break|graph_break|Recompil" | grep -v "^# *$" | cut -c1-220 | head -80
-  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 6.2 --out "$out/check_plans" 2>&1 | tail -3
-  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
-  rm -rf "$out"/check_plans/*/
+  plan_check 6.2
 elif [ "$part" = fixed ]; then
   timeout 60 python -m pytest -m gpu tests/test_model.py -q -k one_graph 2>&1 | tail -2
   CUDA_VISIBLE_DEVICES=1 timeout 200 python scripts/calibrate.py --grid check3 --out "$out/check3_fixed.json" > "$out/check3.log" 2>&1 &
@@ -152,29 +166,17 @@ elif [ "$part" = compiled ]; then
     rm -rf "$r/checkpoints"
   done
 elif [ "$part" = plans4 ]; then
-  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes "${PLAN_MINUTES:-5.3}" --out "$out/check_plans" 2>&1 | tail -3
-  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
-  rm -rf "$out"/check_plans/*/
+  plan_check "${PLAN_MINUTES:-5.3}"
   timeout 75 python -m pytest -m gpu tests/ -q 2>&1 | tail -3
 elif [ "$part" = plans5a ] || [ "$part" = plans5b ]; then
   if [ "$part" = plans5a ]; then profiles=h200,h100,a100_80gb,a100_40gb,rtx3090,rtx4090 minutes=8.3
   else profiles=gtx1650,gtx1060,rtx2060,rtx3060,rtx4060 minutes=7.2; fi
-  python scripts/check_plans.py --profiles $profiles --gpus 2 --jobs-per-gpu 6 --max-minutes $minutes \
-    --out "$out/check_plans" 2>&1 | tail -3
-  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
-  rm -rf "$out"/check_plans/*/
+  plan_check $minutes --profiles $profiles
   if [ "$part" = plans5b ]; then timeout 75 python -m pytest -m gpu tests/ -q 2>&1 | tail -3; fi
 elif [ "$part" = plans6 ]; then
-  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes "${PLAN_MINUTES:-8}" --out "$out/check_plans" 2>&1 | tail -3
-  cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
-  rm -rf "$out"/check_plans/*/
+  plan_check "${PLAN_MINUTES:-8}"
 elif [ "$part" = ddp6 ]; then
-  timeout 280 python scripts/bench_ddp.py --gpus 2 --micro 64 --accum 1 --steps 50 --no-probe --scaling-only --apart \
-    --out "$out/ddp6.json" train.profile_steps=3 train.profile_start=21 > "$out/ddp6.log" 2>&1
-  grep -E "^\| " "$out/ddp6.log"
-  for f in /tmp/bench_ddp_*/*/profile_rank*.txt /tmp/bench_ddp_*/*/*/profile_rank*.txt; do
-    [ -f "$f" ] && head -2 "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"
-  done
+  ddp_profiled ddp6 --micro 64 --accum 1
 elif [ "$part" = budget5 ]; then
   run=$out/budget_run
   timeout 210 python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.03 train.progress=false \
@@ -184,15 +186,7 @@ elif [ "$part" = budget5 ]; then
   rm -rf "$run/checkpoints" "$run/tokenizer.model"
 elif [ "$part" = ddp5 ]; then
   bash "$0" gap "$out" | grep -v -E "^NVIDIA|^torch "
-  rm -rf /tmp/bench_ddp_*
-  timeout 330 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 50 --no-probe --scaling-only --apart \
-    --out "$out/ddp5.json" train.profile_steps=3 train.profile_start=21 > "$out/ddp5.log" 2>&1
-  grep -E "^\| " "$out/ddp5.log"
-  mkdir -p "$out/profiles"
-  for f in /tmp/bench_ddp_*/*/profile_rank*.txt; do
-    cp "$f" "$out/profiles/$(basename "$(dirname "$f")")_$(basename "$f")"
-  done
-  head -2 "$out"/profiles/*.txt
+  ddp_profiled ddp5 --accum 4
   (cd "$out" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
 elif [ "$part" = final ]; then
   timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8

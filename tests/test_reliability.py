@@ -592,3 +592,12 @@ def test_gpu_interrupted_run_resumes_within_tolerance(tmp_path, cache_dir):
     for x, y in zip(a, b):
         value_a, value_b = x[2] if x[0] == "train" else x[3], y[2] if y[0] == "train" else y[3]
         assert value_b == pytest.approx(value_a, rel=1e-3)
+
+
+def test_metrics_reader_leaves_out_a_killed_runs_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "tra')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"kind": "train", "st\n{"kind": "train", "step": 2}\n')  # torn inside: damaged, not cut short
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(path)

@@ -20,10 +20,10 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ACTIVATION_CALIBRATION = {"fp32": 0.96, "bf16": 1.20, "fp16": 1.20}
 # A torch.compile'd step (forward + loss as one graph) is counted by what that graph keeps, not as a share of
 # the eager step (compiled_bytes_per_token, logit_bytes): an under-prediction weighing 1.5x an over-prediction,
-# within the bounds of the plan check of the same day (scripts/check_plans.py): real runs of train.py keep
-# more per block than calibrate.py's step of the same kind (12 x 512 at 512 x 512: 1.34x the count against
-# 1.1-1.25x on the grids; why is not traced), so the plans' bound sets the block factor and the grids the
-# rest. Compiled rows: median 3.8 %, worst 14 %.
+# within the bounds of the plan check of the same day (scripts/check_plans.py): the plans' large micro-batches
+# keep more per block than the grids' shapes (12 x 512 at 512 x 512: 1.34x the count, in train.py and in
+# calibrate.py's step alike, measured 2026-11-30; 1.1-1.25x on the grids), so the plans' bound sets the
+# block factor and the grids the rest. Compiled rows: median 3.8 %, worst 14 %.
 COMPILED_LAYER_FACTOR = 1.30  # measured / counted bytes of a compiled block's saved tensors
 COMPILED_MOE_FACTOR = 1.8  # and of a compiled MoE block's, on top (the expert dispatch keeps more: 2 rows)
 COMPILED_LOGIT_BYTES = 2  # per logit element: the graph keeps the 16-bit logits; their gradient reuses them

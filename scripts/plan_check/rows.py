@@ -8,6 +8,7 @@ from pathlib import Path
 from pufferfish.api import compose_config
 from pufferfish.resolver import Hardware, make_plan, predict_peak_bytes
 from pufferfish.resolver.plan import _shape, memory_budget
+from pufferfish.runlog import read_metrics
 from pufferfish.sweep_tools import allocator_cap
 
 from .grouping import Pair, as_run, config_overrides, hardware_of, ran_as_planned
@@ -53,13 +54,7 @@ def read_row(job: Job, pair: Pair, extra: list[str], logs: Path, steps: int) -> 
     plan, summary = read_json(d / "plan.json"), read_json(d / "summary.json", {})
     if plan and pair is not job.pairs[0]:
         plan = as_run(pair.plan, plan)
-    lines = (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").exists() else []
-    metrics = []
-    for line in lines:
-        try:
-            metrics.append(json.loads(line))
-        except ValueError:  # a line torn by a killed job
-            pass
+    metrics = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []  # a killed job's too
     row["oom_backoffs"] = [m for m in metrics if m.get("kind") == "oom_backoff"]
     row["oom"] = bool(row["oom_backoffs"]) or (job.rc != 0 and "out of memory" in err.lower())
     row["steps"] = summary.get("step", max((m["step"] for m in metrics if m.get("kind") == "train"), default=0))
