@@ -19,6 +19,7 @@ import torch
 from .errors import CheckpointError
 
 POINTER = "latest"
+BEST = "best.pt"  # the weights of the lowest validation loss seen: what a run hands over
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -89,14 +90,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("step_*.pt"))
 
 
-def save_checkpoint(folder: Path, state: dict, step: int, keep: int = 3) -> Path:
-    """Write step_N.pt, its checksum, then the `latest` pointer; keep the newest `keep` (0 = all)."""
-    folder = Path(folder)
-    path = folder / f"step_{step:08d}.pt"
-    tmp = folder / f".{path.name}.tmp{os.getpid()}"
+def _write_verified(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, rename into place, then the SHA-256 sidecar."""
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".step_*.pt.tmp*"):  # left by a process that died while writing
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kind = path.name.split("_")[0].removesuffix(".pt")  # step or best
+        for stale in path.parent.glob(f".{kind}*.pt.tmp*"):  # left by a process that died while writing
             stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -104,10 +104,19 @@ def save_checkpoint(folder: Path, state: dict, step: int, keep: int = 3) -> Path
             os.fsync(f.fileno())
         digest = _sha256(tmp)
         os.replace(tmp, path)
-        atomic_write_text(folder / f"{path.name}.sha256", digest + "\n")
+        atomic_write_text(path.parent / f"{path.name}.sha256", digest + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(folder: Path, state: dict, step: int, keep: int = 3) -> Path:
+    """Write step_N.pt, its checksum, then the `latest` pointer; keep the newest `keep` (0 = all)."""
+    folder = Path(folder)
+    path = folder / f"step_{step:08d}.pt"
+    try:
+        _write_verified(path, state)
         atomic_write_text(folder / POINTER, path.name + "\n")  # last: a crash before this keeps the old pointer
     except OSError as e:  # a full disk, a vanished mount: the previous checkpoint and pointer are intact
-        tmp.unlink(missing_ok=True)
         kept = [f.name for f in checkpoint_files(folder) if f != path] if folder.is_dir() else []
         raise CheckpointError(
             f"could not write checkpoint {path} ({e.strerror or e}); "
@@ -117,6 +126,18 @@ def save_checkpoint(folder: Path, state: dict, step: int, keep: int = 3) -> Path
     for old in checkpoint_files(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         Path(f"{old}.sha256").unlink(missing_ok=True)
+    return path
+
+
+def save_best(folder: Path, weights: dict, model_config: dict, record: dict) -> Path:
+    """best.pt: the weights (no optimizer state) of the best evaluation, with the model config to build
+    them and the evaluation's record (step, val_loss, ...)."""
+    path = Path(folder) / BEST
+    try:
+        _write_verified(path, {"model": weights, "model_config": model_config, **record})
+    except OSError as e:
+        raise CheckpointError(f"could not write {path} ({e.strerror or e}); free some disk space (or fix the "
+                              f"folder) and run the same command again to resume") from None  # fmt: skip
     return path
 
 
@@ -174,13 +195,25 @@ def load_latest(folder: Path, map_location="cpu") -> tuple[dict, Path] | None:
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A run directory, its checkpoints folder, or one checkpoint file -> the file to load.
+    """A run directory, its checkpoints folder, its `latest` pointer, or one checkpoint file -> the file to load.
 
-    In a folder, the newest checkpoint that matches its checksum (as a resumed run would pick).
+    In a folder: best.pt, the weights a run hands over, when it verifies; else the newest checkpoint that
+    matches its checksum. `RUN_DIR/checkpoints/latest` names the last weights instead of the best.
     """
     p = Path(path)
+    if p.name == POINTER and p.parent.is_dir() and not p.is_dir():  # the last weights, not the best
+        if not checkpoint_files(p.parent):
+            raise CheckpointError(f"checkpoint={path}: no checkpoints in {p.parent}")
+        return _first_good(p.parent, verify)[1]
     if p.is_dir():
         folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        best = folder / BEST
+        if best.exists():
+            try:
+                verify(best)
+                return best
+            except CheckpointError as e:
+                warnings.warn(f"{e}; using the newest step checkpoint instead of the best weights", stacklevel=2)
         if not checkpoint_files(folder):
             raise CheckpointError(f"checkpoint={path}: no checkpoints in {folder}")
         return _first_good(folder, verify)[1]

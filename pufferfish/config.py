@@ -99,8 +99,9 @@ class OptimizationsConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # pystdlib | text_files | tinystories | wikitext103 | fineweb_edu
-    source: str = MISSING  # pystdlib | text | hub
+    name: str = MISSING  # pysource | pystdlib | text_files | tinystories | wikitext103 | fineweb_edu
+    source: str = MISSING  # python | pystdlib | text | hub
+    max_mb: float | None = None  # source=python: at most this much source text; null = what the budget can use
     paths: list[str] = field(default_factory=list)  # text_files: files or folders (*.txt, *.md, *.py)
     val_paths: list[str] = field(default_factory=list)  # optional held-out files; else a hashed split
     hub_name: str = ""  # hub datasets: path for datasets.load_dataset
@@ -110,7 +111,7 @@ class DataConfig:
     max_hub_documents: int = 0  # 0 = all
     sample_by: str = "document"  # text_files: document | paragraph | line
     val_fraction: float = 0.02  # share of documents held out for validation (hashed, stable)
-    vocab_size: int = 8192
+    vocab_size: int | None = None  # tokenizer pieces; null = sized to the corpus (data.tokenizer.auto_vocab_size)
     tokenizer_train_mb: float = 20.0  # text sampled for tokenizer training
     cache_dir: str = ""  # "" = $PUFFERFISH_CACHE or ~/.cache/pufferfish
     prompt: str = "\n"  # default prompt for the end-of-run sample
@@ -145,8 +146,9 @@ class TrainConfig:
     micro_batch: int | None = None  # sequences per forward; null = the largest that fits
     max_steps: int | None = None  # fixes the number of steps (the schedule runs over it) instead of the budget
     stop_at_step: int | None = None  # stop early at this step, as an interruption would (for tests and demos)
-    eval_interval: int | None = None  # steps between evaluations; null = about 10 per run
-    eval_tokens: int = 65536  # validation tokens per evaluation
+    eval_interval: int | None = None  # steps between evaluations; null = about 20 per run
+    eval_tokens: int = 65536  # validation tokens per evaluation (at most; the plan keeps evaluations cheap)
+    early_stop: bool = True  # end a time-budgeted run whose validation loss keeps rising above its best
     log_interval: int = 10  # steps between train lines (reading the loss syncs the device)
     ckpt_interval_s: float = 600.0  # wall seconds between checkpoints (and one at the end)
     keep_checkpoints: int = 3

@@ -49,27 +49,23 @@ def _bytes_per_token(vocab_size: int) -> float:
 
 def corpus_tokens(data_cfg) -> tuple[int, int, str]:
     """(train tokens, vocab size, where they come from), from a prepared cache entry or else an estimate."""
-    from .data import SOURCES, TRAINER_SETTINGS
-    from .data.tokens import FORMAT_VERSION, cache_root, content_hash
+    from .data import cache_folder
+    from .data.tokenizer import auto_vocab_size
 
-    try:  # the key prepare_data names its cache entry by (pufferfish/data/__init__.py)
-        key = {
-            "format": FORMAT_VERSION, "source": data_cfg.source, "corpus": SOURCES[data_cfg.source].fingerprint(data_cfg),
-            "split": {"val_fraction": data_cfg.val_fraction, "val_paths": bool(data_cfg.val_paths)},
-            "tokenizer": {"vocab_size": data_cfg.vocab_size, "train_mb": data_cfg.tokenizer_train_mb, **TRAINER_SETTINGS},
-        }  # fmt: skip
-        meta_path = cache_root(data_cfg.cache_dir) / f"{data_cfg.name}-{content_hash(key)[:16]}" / "meta.json"
+    try:
+        meta_path = cache_folder(data_cfg)[0] / "meta.json"
     except (PufferfishError, KeyError, OSError) as e:
-        return 10_000_000, data_cfg.vocab_size, f"assumed 10M tokens ({e})"
+        return 10_000_000, data_cfg.vocab_size or 8192, f"assumed 10M tokens ({e})"
     if meta_path.is_file():
         meta = OmegaConf.load(meta_path)
         return int(meta.train.tokens), int(meta.vocab_size), f"prepared: {meta_path.parent}"
     size = _source_bytes(data_cfg)
     if size is None:
-        return 100_000_000, data_cfg.vocab_size, "assumed 100M tokens: a hub corpus's size is known once prepared"
-    bpt = _bytes_per_token(data_cfg.vocab_size)
+        return 100_000_000, data_cfg.vocab_size or 8192, "assumed 100M tokens: a hub corpus's size is known once prepared"
+    vocab = data_cfg.vocab_size or auto_vocab_size(int(size * (1 - data_cfg.val_fraction)))
+    bpt = _bytes_per_token(vocab)
     tokens = int(size * (1 - data_cfg.val_fraction) / bpt)
-    return tokens, data_cfg.vocab_size, f"estimated from {size / 1e6:.1f} MB of text at ~{bpt:.1f} bytes/token"
+    return tokens, vocab, f"estimated from {size / 1e6:.1f} MB of text at ~{bpt:.1f} bytes/token"
 
 
 def _source_bytes(data_cfg) -> int | None:

@@ -143,7 +143,7 @@ def _measure(cfg) -> dict:
     hw = detect_hardware(cfg.gpu, cfg.optimizations, tc.device)
     device, cuda = hw.device, hw.device.startswith("cuda")
     data = prepare_data(cfg.data, progress=False) if tc.measure_batches == "data" else None
-    vocab = cfg.model.vocab_size or (data.vocab_size if data else cfg.data.vocab_size)
+    vocab = cfg.model.vocab_size or (data.vocab_size if data else cfg.data.vocab_size or 8192)
     L, d, micro = cfg.model.num_layers, cfg.model.num_dims, tc.micro_batch
     if not (L and d and micro):  # the resolver's choice for whatever the config leaves open
         plan = make_plan(cfg, target_hardware(cfg, hw), vocab, NOMINAL_CORPUS_TOKENS)

@@ -17,6 +17,7 @@ from .checkpoint import atomic_write_text, checkpoint_files
 from .errors import CheckpointError, ConfigError
 from .loss import lm_loss
 from .resolver import Plan, detect_hardware, make_plan
+from .resolver.plan import corpus_mb_wanted
 
 MIN_FREE_DISK = 256 * 1024**2
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights and AdamW's two fp32 moments; the rest is small
@@ -74,6 +75,16 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
+def data_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """cfg.data, with the default corpus capped to what the budget can use (data.max_mb=null)."""
+    if cfg.data.source != "python" or cfg.data.max_mb:
+        return cfg.data
+    data = cfg.data.copy()
+    hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
+    data.max_mb = corpus_mb_wanted(cfg, hw, world_size)
+    return data
+
+
 def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool,
              checkpoint_model: dict | None = None, world_size: int = 1) -> tuple[Plan, bool]:  # fmt: skip
     """The frozen plan of a resumed run, or a new one. Returns (plan, reused).
@@ -92,7 +103,7 @@ def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool,
             atomic_write_text(path, json.dumps(plan.to_dict(), indent=2))  # the other ranks read it from here
         return plan, True
     hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
-    plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens, world_size)
+    plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens, world_size, val_tokens=data.val_tokens)
     if checkpoint_model and checkpoint_model != plan.model:
         changed = {k: (v, plan.model.get(k)) for k, v in checkpoint_model.items() if plan.model.get(k) != v}
         raise CheckpointError(

@@ -98,16 +98,35 @@ def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> N
     dcp.set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
+def full_weights(model) -> dict:
+    """The model's weights as one process's state_dict(), copied to the CPU (a snapshot that training does
+    not change). A collective under FSDP2: every rank calls it; only rank 0 gets the weights."""
+    if not is_sharded(model):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    return dcp.get_model_state_dict(model, options=dcp.StateDictOptions(**FULL))
+
+
+def load_full_weights(model, weights: dict) -> None:
+    """The inverse of full_weights. Under FSDP2 every rank calls it; rank 0's weights are broadcast."""
+    if not is_sharded(model):
+        model.load_state_dict(weights)
+        return
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dcp.set_model_state_dict(model, weights, options=options)
+
+
 def unsharded(model, world, device: str):
     """A model with all its weights for rank 0 to sample from (generation is no collective): the model
     itself, or under FSDP2 a plain copy, gathered with every rank taking part (the others get None)."""
     if not is_sharded(model):
         return model
-    from torch.distributed.checkpoint import state_dict as dcp
-
     from .model import build_model
 
-    weights = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(**FULL))
+    weights = full_weights(model)
     if not world.is_main:
         return None
     copy = build_model(model.config, device)

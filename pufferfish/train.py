@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import config as _schemas  # noqa: F401  (registers the schemas with Hydra)
 from .api import CONF_DIR
+from .best import BestModel
 from .checkpoint import (
     atomic_write_bytes,
     atomic_write_text,
@@ -55,11 +56,12 @@ from .reliability import (
     reset_moe_counts,
     skip_on_device,
 )
-from .resolver import Plan, apply_memory_cap, format_plan, prefer_expandable_segments
+from .resolver import EVALS_PER_RUN, Plan, apply_memory_cap, format_plan, prefer_expandable_segments
 from .run import (
     StopFlag,
     check_disk_for_checkpoints,
     check_same_run,
+    data_config,
     evaluate,
     plan_for,
     run_directory,
@@ -68,7 +70,7 @@ from .run import (
 )
 from .runlog import MetricsLog, git_revision, peak_memory_bytes
 from .schedule import lr_at
-from .sharding import full_state, plain, unsharded
+from .sharding import full_state, full_weights, plain, unsharded
 from .sharding import grad_scaler as sharded_grad_scaler
 from .transforms import apply_speed_transforms, autocast, compile_step, grad_scaler, sdpa_backend
 from .validate import check_overrides, validate
@@ -85,7 +87,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     if not world.is_main:
         barrier(world)  # rank 0 prepares the data cache and the plan first
-    data = prepare_data(cfg.data, progress=tc.progress and world.is_main)
+    data = prepare_data(data_config(cfg, world.size), progress=tc.progress and world.is_main)
     found = load_latest(ckpt_dir)
     if world.is_main:
         if found:
@@ -123,7 +125,8 @@ def train(cfg: DictConfig) -> dict:
     scaler = sharded_grad_scaler(precision, device) if sharded else grad_scaler(precision, device)
     ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
-    val_tokens = min(tc.eval_tokens, data.val_tokens)
+    val_tokens = min(plan.eval_tokens, data.val_tokens)
+    best = BestModel(ckpt_dir, plan.model, plan.early_stop_evals, plan.early_stop_rise)
     loss_sum, window_steps = 0.0, 0  # finite step losses since the last train line, and how many
     if found:
         state, path = found
@@ -132,6 +135,8 @@ def train(cfg: DictConfig) -> dict:
         sample_index, skipped = state["sample"], state.get("skipped_steps", 0)
         loss_sum, window_steps = state.get("window", (0.0, 0))
         val_tokens = state.get("val_tokens", val_tokens)
+        if "best" in state:
+            best.load_state_dict(state["best"])
     if world.is_main:  # rank 0 alone writes the run directory
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if found else None)
         attach_loggers(cfg, log, plan, run_dir)
@@ -159,7 +164,7 @@ def train(cfg: DictConfig) -> dict:
                 "step": step, "tokens": tokens_seen, "elapsed_s": elapsed,
                 "sample": loader.sample - world.rank * plan.micro_batch,  # the stream's position, rank 0's
                 "skipped_steps": skipped, "rng": rng_state(), "model_config": plan.model,
-                "window": (loss_sum, window_steps), "val_tokens": val_tokens}  # fmt: skip
+                "window": (loss_sum, window_steps), "val_tokens": val_tokens, "best": best.state_dict()}  # fmt: skip
 
     def micro_loss(x, y):  # forward and loss: one graph when compiled (1.4x faster than per block on the H200)
         with ctx:
@@ -187,11 +192,20 @@ def train(cfg: DictConfig) -> dict:
     def save() -> None:
         state = checkpoint_state()  # every rank: FSDP2 gathers the full state dicts onto rank 0
         if world.is_main:
+            best.save(world.is_main)  # first: the checkpoint's counters name these best weights
             save_checkpoint(ckpt_dir, state, step, tc.keep_checkpoints)
+
+    def evaluation(at_step: int) -> dict:
+        """Evaluate, log, and keep the weights if they are the best so far."""
+        record = run_eval(val_tokens)
+        is_best = best.update(at_step, record, lambda: full_weights(model))
+        log.log({"kind": "eval", "step": at_step, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - start,
+                 **record, "best": is_best})  # fmt: skip
+        return record
 
     if not found:  # a first checkpoint now: a disk that cannot hold one fails here, and a rollback has a target
         save()
-    eval_every = tc.eval_interval or max(1, plan.steps // 10)
+    last_eval_step = -1
     guard = NonFiniteGuard(tc.max_bad_steps, divergence_advice(plan.lr, cfg.optim.grad_clip, precision, ckpt_dir))
     on_device = skip_on_device(optimizer) and not scaler.is_enabled()  # fp16: the GradScaler decides, on the host
     pending, grad_norm_value = PendingSteps(), math.nan
@@ -231,11 +245,16 @@ def train(cfg: DictConfig) -> dict:
                        cfg.optim.decay_frac)  # fmt: skip
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if step > 0 and step % eval_every == 0:
+            if step > 0 and step % plan.eval_interval == 0 and step != last_eval_step:
                 t = time.perf_counter()
-                log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval(val_tokens)})
+                evaluation(step)
+                last_eval_step = step
                 last_eval_s = time.perf_counter() - t
                 overhead_s += last_eval_s
+                if best.stop and not world.enabled:  # the run has stopped paying (ranks: rank 0 decides, below)
+                    stopped_by = "early stop"
+                    print(f"\n{best.why_stop(step, time.perf_counter() - start, budget)}", flush=True)
+                    break
             step_start = loader.sample
             while True:  # out of memory: the same step again with half the micro-batch, twice as many of them
                 try:
@@ -310,16 +329,16 @@ def train(cfg: DictConfig) -> dict:
                   and (log_now or not world.enabled)):  # with ranks: only where they agree on the steps, below
                 calibrate_at.pop(0)
                 per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
-                evals_left = 10 * (1 - elapsed / budget) + 1
+                evals_left = EVALS_PER_RUN * (1 - elapsed / budget) + 1
                 plan.recalibrate(step, per_step, budget - elapsed - evals_left * last_eval_s - 1.0)
                 atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
-                eval_every = tc.eval_interval or max(1, plan.steps // 10)
-                # ten evaluations should cost at most ~5 % of the budget (a forward is ~1/3 of a training step)
-                val_tokens = int(min(val_tokens, max(plan.seq_len, 0.005 * budget * 3 * plan.measured_tokens_per_s)))
+                val_tokens = min(val_tokens, plan.eval_tokens)
                 bar.total = plan.steps
                 bar.refresh()
             why = None
-            if stop:
+            if world.enabled and best.stop:
+                why = best.why_stop(step, elapsed, budget)
+            elif stop:
                 why = f"signal {stop.signal}"
             elif tc.stop_at_step and step >= tc.stop_at_step:
                 why = "stop_at_step"
@@ -329,11 +348,14 @@ def train(cfg: DictConfig) -> dict:
                 if log_now:
                     why, steps, val_tokens = agree_to_stop(world, why, plan.steps, val_tokens)
                     if steps != plan.steps:  # rank 0 re-planned from its measured speed
-                        plan.steps, eval_every = steps, tc.eval_interval or max(1, steps // 10)
+                        plan.steps = steps
+                        plan.eval_interval = tc.eval_interval or max(1, steps // EVALS_PER_RUN)
                 else:
                     why = None
             if why:
-                stopped_by = why
+                stopped_by = "early stop" if why.startswith("stopped early") else why
+                if stopped_by == "early stop" and world.is_main:
+                    print(f"\n{why}", flush=True)
                 break
     finally:  # also on an error: no loader thread, signal handler or profiler outlives the loop
         profiler.stop()
@@ -343,10 +365,15 @@ def train(cfg: DictConfig) -> dict:
     settle()  # the last steps' counts (no rollback now: a skipped step left the weights as they were)
     elapsed = time.perf_counter() - start
     save()
-    finished = step >= plan.steps or stopped_by == "time budget"
+    finished = step >= plan.steps or stopped_by in ("time budget", "early stop")
     result = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "stopped_by": stopped_by,
               "skipped_steps": skipped, **peak_memory_bytes(device)}  # fmt: skip
-    if finished:
+    if finished:  # hand over the best weights, unless the last are as good
+        last_loss = evaluation(step)["val_loss"] if step != last_eval_step else best.last_loss
+        handed = best.hand_over(model, last_loss)
+        best.save(world.is_main)
+        result.update({"handed_over": "best" if handed else "last", "handed_over_step": best.step if handed else step,
+                       "last_val_loss": last_loss, "best_val_loss": min(best.loss, last_loss)})  # fmt: skip
         result.update(run_eval(min(tc.eval_tokens, data.val_tokens)))  # the final number: the full eval set
         log.log({"kind": "eval", "step": step, "tokens": tokens_seen, "final": True, **result})
         sampler = unsharded(model, world, device) if tc.sample_tokens else None  # FSDP2: every rank gathers

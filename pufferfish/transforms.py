@@ -45,6 +45,9 @@ def apply_speed_transforms(model, grad_ckpt: bool, compile: bool, device: str) -
 def compile_step(fn, compile: bool, device: str):
     """The forward pass and loss as one compiled graph on a GPU; unchanged on CPU."""
     if compile and not str(device).startswith("cpu"):
+        # a new run in the same process (a multirun's next job) starts afresh: the last job's graphs would
+        # otherwise count towards dynamo's recompile limit, and past it a job would silently run eager
+        torch._dynamo.reset()
         return torch.compile(fn)
     return fn
 

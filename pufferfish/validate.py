@@ -174,7 +174,7 @@ def validate(cfg) -> None:
         if _get(cfg, low) > _get(cfg, high):
             raise ConfigError(f"{low}={_get(cfg, low)} is above {high}={_get(cfg, high)}")
     model_vocab, data_vocab = _get(cfg, "model.vocab_size"), _get(cfg, "data.vocab_size")
-    if model_vocab and model_vocab < data_vocab:
+    if model_vocab and data_vocab and model_vocab < data_vocab:
         raise ConfigError(f"model.vocab_size={model_vocab} is below data.vocab_size={data_vocab}: tokens past "
                           f"{model_vocab - 1} would have no embedding; make them equal, or leave "
                           f"model.vocab_size null")  # fmt: skip

@@ -55,7 +55,7 @@ def predicted_records(gpu: str, extra: list[str]) -> list[dict]:
         for technique in str(sweep["experiment/memory@memory"]).split(","):
             cfg = compose("train", ["experiment=memory_table", f"gpu={gpu}", f"experiment/memory@memory={technique}", *extra])
             hw = detect_hardware(cfg.gpu, cfg.optimizations, "cpu")
-            d, micro, vocab = cfg.model.num_dims, cfg.train.micro_batch, cfg.model.vocab_size or cfg.data.vocab_size
+            d, micro, vocab = cfg.model.num_dims, cfg.train.micro_batch, cfg.model.vocab_size or cfg.data.vocab_size or 8192
             best = predicted_max_layers(cfg, hw, d, micro, vocab)
             for L in map(int, str(sweep["model.num_layers"]).split(",")):
                 _, ckpt, shape = job_prediction(cfg, hw, L, d, micro, vocab)

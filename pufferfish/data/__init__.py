@@ -17,9 +17,9 @@ from pathlib import Path
 import datasets
 
 from ..errors import ConfigError, DataError, one_of
-from .corpora import SAMPLE_BY, SOURCES
+from .corpora import SAMPLE_BY, SOURCES, corpus_bytes
 from .loader import TrainBatches, val_batches
-from .tokenizer import TRAINER_SETTINGS, Tokenizer, sample_lines, train_tokenizer
+from .tokenizer import TRAINER_SETTINGS, Tokenizer, auto_vocab_size, sample_lines, train_tokenizer
 from .tokens import (
     FORMAT_VERSION,
     cache_root,
@@ -57,7 +57,7 @@ def _check(cfg) -> None:
         raise one_of("data.sample_by", cfg.sample_by, SAMPLE_BY)
     if not 0 < cfg.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 (e.g. 0.02)")
-    if cfg.vocab_size < 300:
+    if cfg.vocab_size is not None and cfg.vocab_size < 300:
         raise ConfigError(
             f"data.vocab_size={cfg.vocab_size} is too small: 256 byte pieces come first; use >= 300"
         )
@@ -81,24 +81,25 @@ def _datasets_progress(show: bool):
             datasets.enable_progress_bars()
 
 
-def prepare_data(cfg, progress: bool = True) -> PreparedData:
-    _check(cfg)
-    source = SOURCES[cfg.source]
-    tokenizer_settings = {
-        "vocab_size": cfg.vocab_size,
-        "train_mb": cfg.tokenizer_train_mb,
-        **TRAINER_SETTINGS,
-    }
+def cache_folder(cfg) -> tuple[Path, dict]:
+    """The cache entry a data config's corpus is prepared into, and the key that names it: the corpus's
+    cheap fingerprint, the split and the tokenizer settings (no text is read)."""
+    tokenizer_settings = {"vocab_size": cfg.vocab_size or "auto", "train_mb": cfg.tokenizer_train_mb, **TRAINER_SETTINGS}
     key = {
         "format": FORMAT_VERSION,
         "source": cfg.source,
-        "corpus": source.fingerprint(cfg),
+        "corpus": SOURCES[cfg.source].fingerprint(cfg),
         "split": {"val_fraction": cfg.val_fraction, "val_paths": bool(cfg.val_paths)},
         "tokenizer": tokenizer_settings,
     }
-    digest = content_hash(key)
-    root = cache_root(cfg.cache_dir)
-    folder = root / f"{cfg.name}-{digest[:16]}"
+    return cache_root(cfg.cache_dir) / f"{cfg.name}-{content_hash(key)[:16]}", key
+
+
+def prepare_data(cfg, progress: bool = True) -> PreparedData:
+    _check(cfg)
+    source = SOURCES[cfg.source]
+    folder, key = cache_folder(cfg)
+    digest, tokenizer_settings, root = content_hash(key), key["tokenizer"], folder.parent
     if (folder / "meta.json").exists():
         return load_prepared(folder)
     with entry_lock(folder):
@@ -110,10 +111,11 @@ def prepare_data(cfg, progress: bool = True) -> PreparedData:
         with _datasets_progress(progress):
             corpus = source.load(cfg, root / "hf_datasets")
         lines = sample_lines(corpus.train, cfg.tokenizer_train_mb)
+        vocab_size = cfg.vocab_size or auto_vocab_size(corpus_bytes(corpus.train))
         t = time.perf_counter()
         if progress:  # sentencepiece has no progress callback: say what is happening and how long it took
-            print(f"training a {cfg.vocab_size}-piece BPE tokenizer on {len(lines):,} lines ...", file=sys.stderr)
-        tokenizer = train_tokenizer(lines, folder / "tokenizer.model", cfg.vocab_size)
+            print(f"training a {vocab_size}-piece BPE tokenizer on {len(lines):,} lines ...", file=sys.stderr)
+        tokenizer = train_tokenizer(lines, folder / "tokenizer.model", vocab_size)
         if progress:
             print(f"tokenizer trained in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         dtype = token_dtype(tokenizer.vocab_size)

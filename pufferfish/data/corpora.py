@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import site
 import sys
 import sysconfig
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, load_dataset
+from datasets import Dataset, are_progress_bars_disabled, load_dataset
+from tqdm import tqdm
 
 from ..errors import DataError
 
@@ -44,6 +47,11 @@ class Source:
 def iter_texts(ds: Dataset, batch_size: int = 1024) -> Iterator[list[str]]:
     for batch in ds.iter(batch_size=batch_size):
         yield batch["text"]
+
+
+def corpus_bytes(ds: Dataset) -> int:
+    """UTF-8 bytes of a split's text."""
+    return sum(len(t.encode("utf-8")) for texts in iter_texts(ds) for t in texts)
 
 
 def _digest(items) -> str:
@@ -140,6 +148,96 @@ def _stdlib_load(cfg, hf_cache: Path) -> Corpus:
     if not texts:
         raise DataError(f"data=pystdlib found no readable .py files under {root}")
     return split_documents(Dataset.from_dict({"id": ids, "text": texts}), cfg.val_fraction)
+
+
+# ---------------------------------------------------------------- pysource: all Python source on the machine
+
+PYSOURCE_VAL_BYTES = 2 * 2**20  # validation text: enough for any evaluation, the same whatever the cap
+
+
+def _python_roots() -> list[tuple[str, Path]]:
+    """(label, folder): the standard library, then every site-packages folder, each once."""
+    paths = sysconfig.get_paths()
+    found = [("stdlib", paths["stdlib"]), ("site", paths["purelib"]), ("site", paths["platlib"])]
+    found += [("site", p) for p in site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        found.append(("user", site.getusersitepackages()))
+    roots: dict[Path, str] = {}
+    for label, folder in found:
+        path = Path(folder)
+        if path.is_dir():
+            roots.setdefault(path.resolve(), label)
+    return [(label, path) for path, label in roots.items()]
+
+
+def _python_files() -> list[tuple[str, Path, int]]:
+    """(id, file, size) of every .py file under the roots, keyed by a stable hash of the id."""
+    out, seen = [], set()
+    for label, root in _python_roots():
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "dist-packages", "__pycache__")
+                                   and not d.startswith("."))  # fmt: skip
+            for n in names:
+                f = Path(folder, n)
+                if n.endswith(".py") and f not in seen:
+                    seen.add(f)
+                    try:
+                        out.append((f"{label}/{f.relative_to(root).as_posix()}", f, f.stat().st_size))
+                    except OSError:  # a broken link: not text we can read
+                        continue
+    return sorted(out, key=lambda r: _key(r[0]))
+
+
+def _key(doc_id: str) -> float:
+    return int.from_bytes(hashlib.md5(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _pysource_fingerprint(cfg) -> dict:
+    files = _python_files()
+    return {"python": sys.version.split()[0], "files": len(files), "max_mb": cfg.max_mb,
+            "stats": _digest((i, s, f.stat().st_mtime_ns) for i, f, s in files)}  # fmt: skip
+
+
+def _read_source(f: Path) -> tuple[str | None, str]:
+    try:
+        text = f.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):  # a few test fixtures are deliberately Latin-1 or broken
+        return None, ""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest(), text
+
+
+def _pysource_load(cfg, hf_cache: Path) -> Corpus:
+    """The files in the order of their hashed ids: those under val_fraction are the validation set (up to
+    PYSOURCE_VAL_BYTES), the rest train, up to data.max_mb. A larger cap adds files and keeps the others, and
+    a file that appears twice (vendored copies) is kept once, so validation text never appears in training."""
+    files = _python_files()
+    cap = cfg.max_mb * 2**20 if cfg.max_mb else float("inf")
+    val, train, val_bytes, train_bytes = [], [], 0, 0
+    for doc_id, f, size in files:
+        if _key(doc_id) < cfg.val_fraction:
+            if val_bytes < PYSOURCE_VAL_BYTES:
+                val.append((doc_id, f))
+                val_bytes += size
+        elif train_bytes < cap:
+            train.append((doc_id, f))
+            train_bytes += size
+    chosen = val + train
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:  # reading and hashing: file I/O and hashlib release the GIL
+        read = list(tqdm(pool.map(_read_source, [f for _, f in chosen], chunksize=64), total=len(chosen),
+                         desc="read python source", unit="file", disable=are_progress_bars_disabled()))  # fmt: skip
+    seen: set[str] = set()
+    parts: dict[str, dict[str, list]] = {"val": {"id": [], "text": []}, "train": {"id": [], "text": []}}
+    for i, ((doc_id, _), (digest, text)) in enumerate(zip(chosen, read)):
+        if digest is None or digest in seen or not text.strip():
+            continue
+        seen.add(digest)
+        part = parts["val" if i < len(val) else "train"]
+        part["id"].append(doc_id)
+        part["text"].append(text)
+    if not parts["train"]["text"] or not parts["val"]["text"]:
+        raise DataError("data=pysource found too few readable .py files on this machine; use data=text_files")
+    return Corpus(Dataset.from_dict(parts["train"]), Dataset.from_dict(parts["val"]), "hash")
 
 
 # ---------------------------------------------------------------- text files
@@ -288,6 +386,7 @@ def _hub_load(cfg, hf_cache: Path) -> Corpus:
 
 SOURCES = {
     "pystdlib": Source(_stdlib_fingerprint, _stdlib_load),
+    "python": Source(_pysource_fingerprint, _pysource_load),
     "text": Source(_text_fingerprint, _text_load),
     "hub": Source(_hub_fingerprint, _hub_load),
 }

@@ -9,6 +9,7 @@ space; it does not occur in ordinary text.)
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import sys
@@ -89,6 +90,17 @@ def sample_lines(train: Dataset, max_mb: float, seed: int = 0) -> list[str]:
                         if budget <= 0:
                             return lines
     return lines
+
+
+MIN_AUTO_VOCAB, MAX_AUTO_VOCAB = 512, 8192
+
+
+def auto_vocab_size(corpus_bytes: int) -> int:
+    """Tokenizer pieces for a corpus: about 4 x sqrt(bytes), a power of two from 512 to 8192. A small
+    corpus cannot teach a large vocabulary (rare pieces are seen a few times), and a small model trained on
+    it would be mostly embedding table: 60 KB -> 1024, 1 MB -> 4096, 4 MB and more -> 8192."""
+    want = 4 * math.sqrt(max(1, corpus_bytes))
+    return int(min(MAX_AUTO_VOCAB, max(MIN_AUTO_VOCAB, 2 ** round(math.log2(want)))))
 
 
 def _train_bytes(lines: list[str], vocab_size: int) -> bytes:

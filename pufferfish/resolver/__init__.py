@@ -1,10 +1,10 @@
 from .explain import format_plan
 from .hardware import Hardware, apply_memory_cap, detect_hardware, prefer_expandable_segments
 from .memory import MemoryBreakdown, Shape, count_params, predict_peak_bytes
-from .plan import Plan, make_plan
+from .plan import EVALS_PER_RUN, Plan, make_plan
 from .speed import flops_per_token, predict_tokens_per_s
 
 __all__ = [
-    "Hardware", "detect_hardware", "apply_memory_cap", "prefer_expandable_segments", "Shape", "MemoryBreakdown", "count_params",
+    "EVALS_PER_RUN", "Hardware", "detect_hardware", "apply_memory_cap", "prefer_expandable_segments", "Shape", "MemoryBreakdown", "count_params",
     "predict_peak_bytes", "Plan", "make_plan", "flops_per_token", "predict_tokens_per_s", "format_plan",
 ]  # fmt: skip

@@ -13,14 +13,21 @@ from ..errors import ConfigError
 from ..model import ModelConfig
 from .hardware import CUDA_CONTEXT_BYTES, Hardware
 from .memory import Shape, count_params, predict_peak_bytes
+from .scaling import TOKENS_PER_PARAM, effective_tokens, predicted_loss
 from .speed import predict_tokens_per_s
 
-TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
-MAX_EPOCHS = 4  # repeated data is almost as good as fresh up to ~4 epochs (Muennighoff et al. 2023)
 MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long before
 USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up
 ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
+ASPECT_WEIGHT = 0.02  # share of the predicted loss added per e-fold away from ASPECT (the law is blind to shape)
+OUTSIDE_MODE_GAIN = 0.02  # a shape outside the mode's bounds must predict a loss this much lower to be chosen
+MIN_STEPS = 300  # optimizer steps a run should get at least (the batch is sized for it)
+MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
+EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
+EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
+EARLY_STOP_EVALS = 3  # evaluations in a row that end above the best by EARLY_STOP_RISE before a run stops
+EARLY_STOP_RISE = 0.01  # relative: 1 % above the best loss seen
 
 
 @dataclass
@@ -50,6 +57,12 @@ class Plan:
     reasons: dict = field(default_factory=dict)
     measured_tokens_per_s: float | None = None  # set once early in the run; steps re-planned from it
     world_size: int = 1  # data-parallel processes; batch_tokens and the speeds are totals over them
+    eval_interval: int = 0  # steps between evaluations (0: about EVALS_PER_RUN a run)
+    eval_tokens: int = 65536  # validation tokens each evaluation reads
+    early_stop_evals: int = 0  # stop after this many evaluations in a row above the best (0: never)
+    early_stop_rise: float = EARLY_STOP_RISE
+    predicted_loss: float = 0.0  # the scaling law's loss for the plan (its units, for comparing plans)
+    limits: dict = field(default_factory=dict)  # what the hours allow, what the data allows, which binds
 
     def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float) -> None:
         """Fit the schedule to the measured speed, so the run ends on time with its schedule complete."""
@@ -60,6 +73,14 @@ class Plan:
                                  f"{self.predicted_tokens_per_s:,.0f})")  # fmt: skip
         self.steps, self.train_tokens = steps, steps * self.batch_tokens
         self.epochs = self.train_tokens / max(1, self.data_fraction * self.corpus_tokens)
+        self.eval_tokens = eval_tokens_for(self.eval_tokens, self.time_budget_s, self.measured_tokens_per_s,
+                                           self.seq_len)  # fmt: skip
+        if not self.reasons.get("eval", "").endswith("set by you"):
+            self.eval_interval = max(1, steps // EVALS_PER_RUN)
+
+    def evaluations_at(self, step: int) -> bool:
+        """Whether the step (counted from 1) ends with an evaluation."""
+        return step > 0 and step % max(1, self.eval_interval) == 0
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
@@ -151,8 +172,118 @@ def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, 
     return lo - lo % micro_batch_step(lo)
 
 
-def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1) -> Plan:
-    mode, train, opt = cfg.mode, cfg.train, cfg.optimizations
+@dataclass
+class Candidate:
+    """One shape as the planner weighs it: what fits, how fast, and what the scaling law predicts."""
+
+    layers: int
+    dims: int
+    grad_ckpt: bool
+    fit_micro_batch: int  # the largest micro-batch that fits
+    micro_batch: int  # as planned for the target batch
+    target_batch: int  # tokens per optimizer step
+    model: dict
+    shape: Shape
+    params: int
+    tokens_per_s: float
+    tokens: float  # what the budget processes
+    loss: float  # the law's loss on this corpus
+    loss_unlimited: float  # the same with unlimited fresh data
+    inside: bool  # within the mode's shape bounds
+
+    def score(self, loss: float) -> float:
+        aspect = abs(math.log(self.dims / self.layers / ASPECT))
+        return loss * (1 + ASPECT_WEIGHT * aspect + (0 if self.inside else OUTSIDE_MODE_GAIN))
+
+
+def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int) -> int:
+    """Tokens per step: a power of two giving >= MIN_STEPS steps in the budget and, with little data,
+    >= MIN_STEPS_PER_EPOCH steps per epoch; capped where larger batches stop helping small models."""
+    cap = 2**19 if params > 100e6 else 2**18
+    want = min(tokens / MIN_STEPS, unique / MIN_STEPS_PER_EPOCH)
+    target = 2 ** int(math.log2(max(want, seq_len * world_size)))
+    return max(seq_len * world_size, min(cap, target))
+
+
+def eval_tokens_for(wanted: int, budget_s: float, tokens_per_s: float, seq_len: int) -> int:
+    """Validation tokens per evaluation: EVALS_PER_RUN of them (a forward is ~1/3 of a training step)
+    should take at most EVAL_SHARE of the budget."""
+    affordable = EVAL_SHARE * budget_s * 3 * tokens_per_s / EVALS_PER_RUN
+    return int(min(wanted, max(seq_len, affordable)))
+
+
+def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, compute_s: float, unique: float,
+           world_size: int, shards: int) -> Candidate:  # fmt: skip
+    seq_len, on_gpu = mc["seq_len"], hw.profile != "cpu"
+
+    def speed(micro: int) -> float:
+        s = _shape(mc, cfg, hw, micro, ckpt, shards)
+        return predict_tokens_per_s(s, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
+
+    shape = _shape(mc, cfg, hw, mb, ckpt, shards)
+    n = count_params(shape)
+    tps = speed(mb)
+    target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
+        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size)  # fmt: skip
+    micro = min(mb, max(1, target // (seq_len * world_size)))
+    if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
+        tps = speed(micro)
+    tokens = tps * compute_s
+    # the law counts the blocks' (active) parameters: a small model's embedding table is most of its
+    # parameters but little of what it can learn (Kaplan et al. 2020 fit non-embedding counts)
+    n_law = count_params(shape, active=True) - mc["vocab_size"] * d
+    mode, spec = cfg.mode, cfg.model
+    inside = bool(spec.num_layers or mode.min_layers <= L) and bool(spec.num_dims or mode.min_dims <= d)
+    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, tokens, predicted_loss(n_law, tokens, unique),
+                     predicted_loss(n_law, tokens), inside)  # fmt: skip
+
+
+def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
+            shards: int) -> list[Candidate]:  # fmt: skip
+    """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits."""
+    ckpt_policy = cfg.optimizations.grad_ckpt
+    mem_budget, cap = memory_budget(hw), cfg.train.micro_batch or MAX_MICRO_BATCH
+    out = []
+    for L, d in _candidates(cfg, relaxed=True):
+        mc = model_dict(cfg, L, d, vocab, seq_len)
+        for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
+            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards)
+            if mb:
+                out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards))
+                break  # checkpointing only when the plain step does not fit
+    return out
+
+
+def _choose(cands: list[Candidate], loss) -> tuple[Candidate, Candidate | None]:
+    """The best shape by `loss` (a Candidate's field), and the best within the mode's bounds (None if none
+    fits). A shape outside the bounds must beat the best inside by OUTSIDE_MODE_GAIN; shapes trained on at
+    least a token per parameter are preferred whenever one exists."""
+
+    def best_of(group):
+        trained = [c for c in group if c.tokens >= c.params] or group
+        return min(trained, key=lambda c: c.score(getattr(c, loss))) if trained else None
+
+    inside = best_of([c for c in cands if c.inside])
+    overall = best_of(cands)
+    if inside is not None and inside.score(getattr(inside, loss)) <= overall.score(getattr(overall, loss)):
+        overall = inside
+    return overall, inside
+
+
+SOURCE_BYTES_PER_TOKEN = 4.0  # Python source per token at 8192 pieces (3.6 measured on the stdlib) and a margin
+
+
+def corpus_mb_wanted(cfg, hw: Hardware, world_size: int = 1) -> float:
+    """The most text the budget can use: what the best plan would read were data unlimited, in MB of Python
+    source, rounded up to a power of two (budgets close together share one prepared corpus)."""
+    unlimited = make_plan(cfg, hw, cfg.model.vocab_size or 8192, 10**13, world_size)
+    mb = unlimited.limits["hours_tokens"] * SOURCE_BYTES_PER_TOKEN / 2**20
+    return float(2 ** max(3, math.ceil(math.log2(max(mb, 1)))))
+
+
+def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1,
+              val_tokens: int | None = None) -> Plan:  # fmt: skip
+    mode, train = cfg.mode, cfg.train
     reasons: dict[str, str] = {}
     if mode.target_hours <= 0:
         raise ConfigError(f"mode.target_hours={mode.target_hours} must be positive (hours of training)")
@@ -164,50 +295,17 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     budget_s = mode.target_hours * 3600
     vocab = cfg.model.vocab_size or vocab_size
     seq_len = cfg.model.seq_len or mode.seq_len
-    on_gpu = hw.profile != "cpu"  # a GPU profile planned on a CPU-only machine is planned as that GPU
     mem_budget = memory_budget(hw)
-    ckpt_policy = opt.grad_ckpt
+    ckpt_policy = cfg.optimizations.grad_ckpt
     if ckpt_policy not in ("never", "auto", "always"):
         raise ConfigError(f"optimizations.grad_ckpt={ckpt_policy!r}; allowed: never, auto, always")
     compute_s = budget_s * (1 - OVERHEAD_SHARE)
     # FSDP2 splits weights, gradients and AdamW state across the ranks: each GPU holds 1/shards of them
     shards = world_size if train.get("parallel", "ddp") == "fsdp2" else 1
+    unique = max(1, corpus_tokens)
 
-    def score_candidates(relaxed: bool) -> list:
-        scored = []
-        for L, d in _candidates(cfg, relaxed):
-            mc = model_dict(cfg, L, d, vocab, seq_len)
-            for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
-                mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, train.micro_batch or MAX_MICRO_BATCH, shards)
-                if mb == 0:
-                    continue
-                shape = _shape(mc, cfg, hw, mb, ckpt, shards)
-                tps = predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
-                tokens = tps * compute_s
-                n = count_params(shape)
-                wanted = min(TOKENS_PER_PARAM * n, MAX_EPOCHS * corpus_tokens)  # data-limited: grow the model
-                score = abs(math.log(tokens / wanted)) + 0.15 * abs(math.log(d / L / ASPECT))
-                scored.append((score, L, d, ckpt, mb, mc, shape, tps, tokens, wanted))
-                break  # checkpointing only when the plain step does not fit
-        return scored
-
-    scored = score_candidates(relaxed=False)
-    best = min(scored, key=lambda r: r[0]) if scored else None
-    undertrained = best is not None and best[8] < count_params(best[6])  # under one token per parameter
-    if best is None or undertrained:
-        smallest = _candidates(cfg)[0]
-        if best is None:
-            need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True, shards)).total
-            why = (f"mode={mode.name}'s smallest shape ({smallest[0]} x {smallest[1]}) needs about "
-                   f"{need / 2**30:.2f} GiB at micro-batch 1; gpu={hw.profile} leaves {mem_budget / 2**30:.2f} GiB")
-        else:
-            why = (f"in {mode.target_hours} h gpu={hw.profile} processes about {best[8] / 1e6:.1f}M tokens: "
-                   f"under one token per parameter of mode={mode.name}'s smallest shape")
-        relaxed = score_candidates(relaxed=True)
-        if relaxed and not (cfg.model.num_layers and cfg.model.num_dims):
-            scored = relaxed
-            reasons["outside_mode"] = why + "; planned below the mode's bounds instead"
-    if not scored:
+    cands = _search(cfg, hw, vocab, seq_len, compute_s, unique, world_size, shards)
+    if not cands:
         smallest = _candidates(cfg, relaxed=True)[0]
         micro = train.micro_batch or 1
         need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, micro, True, shards)).total
@@ -217,65 +315,96 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
             f"even {smallest[0]} layer(s) of {smallest[1]} dims at micro-batch {micro} needs about "
             f"{need / 2**30:.2f} GiB but gpu={hw.profile} leaves {mem_budget / 2**30:.2f} GiB; choose {fix}"
         )
-    _, L, d, ckpt, mb, mc, shape, tps, tokens, wanted = min(scored, key=lambda r: r[0])
-    if L >= cfg.mode.min_layers and d >= cfg.mode.min_dims:  # the relaxed search chose a shape inside the bounds
-        reasons.pop("outside_mode", None)
-    n, n_active = count_params(shape), count_params(shape, active=True)
+    best, best_inside = _choose(cands, "loss")
+    bounds = f"{mode.min_layers}-{mode.max_layers} layers, {mode.min_dims}-{mode.max_dims} dims"
+    if best_inside is None:
+        smallest = _candidates(cfg)[0]
+        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True, shards)).total
+        reasons["outside_mode"] = (f"mode={mode.name}'s smallest shape ({smallest[0]} x {smallest[1]}) needs about "
+                                   f"{need / 2**30:.2f} GiB at micro-batch 1; gpu={hw.profile} leaves "
+                                   f"{mem_budget / 2**30:.2f} GiB: planned below the mode's bounds")  # fmt: skip
+    elif best is not best_inside:
+        reasons["outside_mode"] = (
+            f"within mode={mode.name}'s bounds ({bounds}) the best is {best_inside.layers} x {best_inside.dims} "
+            f"({best_inside.params / 1e6:.2f}M parameters, {best_inside.tokens / 1e6:.1f}M tokens in the budget, "
+            f"predicted loss {best_inside.loss:.3f}); below them {best.layers} x {best.dims} predicts "
+            f"{best.loss:.3f}, better by more than {OUTSIDE_MODE_GAIN:.0%}")  # fmt: skip
+    L, d, ckpt, mc, shape, n = best.layers, best.dims, best.grad_ckpt, best.model, best.shape, best.params
+    tps, tokens = best.tokens_per_s, best.tokens
+    n_active = count_params(shape, active=True)
 
+    # what the hours allow (the best shape were data unlimited) against what the data allows
+    hours, _ = _choose(cands, "loss_unlimited")
+    data_binds = hours.tokens > unique  # the hours' best would need more fresh text than the corpus has
     fixed = [k for k in ("num_layers", "num_dims") if cfg.model[k]]
-    reasons["shape"] = (
-        f"{L} layers x {d} dims ({n / 1e6:.2f}M parameters): {'set by you (' + ', '.join(fixed) + ')' if fixed else ''}"
-        f"{'' if fixed else 'the shape within mode bounds whose budget of tokens is closest to ' + str(TOKENS_PER_PARAM) + ' per parameter'}"
-        f"; the budget gives {tokens / 1e6:.1f}M tokens, compute-optimal would be {TOKENS_PER_PARAM * n / 1e6:.1f}M"
-    )
+    if fixed:
+        why_shape = "set by you (" + ", ".join(fixed) + ")"
+    elif data_binds:
+        why_shape = ("the shape the data-constrained scaling law (Muennighoff et al. 2023) predicts best for "
+                     f"{unique / 1e6:.2f}M unique tokens in this budget")  # fmt: skip
+    else:
+        why_shape = "the shape the scaling law (Hoffmann et al. 2022) predicts best for this budget"
+    reasons["shape"] = (f"{L} layers x {d} dims ({n / 1e6:.2f}M parameters): {why_shape}; the budget gives "
+                        f"{tokens / 1e6:.1f}M tokens ({tokens / n:.1f} per parameter)")  # fmt: skip
     reasons["heads"] = (f"{mc['num_heads']} heads of {mc['num_dims'] // mc['num_heads']} dims, "
                         f"{mc['num_kv_heads']} kv heads (attention={cfg.attention.name})")  # fmt: skip
     if ckpt:
         reasons["grad_ckpt"] = "on: " + ("optimizations asks for it always" if ckpt_policy == "always"
                                          else "the step does not fit in memory without it")  # fmt: skip
-    # batch: big enough for a stable gradient, small enough for a few hundred optimizer steps at least
+    target = best.target_batch
+    procs = f" over {world_size} processes" if world_size > 1 else ""
     if train.batch_tokens:
-        target = int(train.batch_tokens)
-        reasons["batch"] = f"{target} tokens per step: set by you"
+        reasons["batch"] = f"{target} tokens per step{procs}: set by you"
     else:
-        cap = 2**19 if n > 100e6 else 2**18
-        target = 2 ** int(math.log2(max(tokens / 300, seq_len)))
-        target = max(seq_len, min(cap, target))
-        reasons["batch"] = f"{target} tokens per step: about {tokens / 300:.0f} gives >= 300 steps (capped at {cap})"
-    micro = min(mb, max(1, target // (seq_len * world_size)))
+        reasons["batch"] = (f"{target} tokens per step{procs}: the largest power of two giving >= {MIN_STEPS} steps "
+                            f"and >= {MIN_STEPS_PER_EPOCH} steps per pass over the data")  # fmt: skip
+    micro = best.micro_batch
     accum = max(1, round(target / (micro * seq_len * world_size)))
     batch_tokens = micro * seq_len * accum * world_size  # over all data-parallel ranks
-    how = " (set by you)" if train.micro_batch and micro == mb else " (the largest that fits)" if micro == mb else ""
-    reasons["micro_batch"] = f"{micro} x {seq_len} tokens per forward{how}, {accum} accumulation step(s)"
+    how = " (set by you)" if train.micro_batch and micro == best.fit_micro_batch else \
+        " (the largest that fits)" if micro == best.fit_micro_batch else ""  # fmt: skip
+    reasons["micro_batch"] = (f"{micro} x {seq_len} tokens per forward{how}, {accum} accumulation step(s)"
+                              + (f" on each of {world_size} processes" if world_size > 1 else ""))  # fmt: skip
 
     if train.max_steps:
         steps = int(train.max_steps)
-        binding = "user"
-        reasons["steps"] = f"{steps} steps: set by train.max_steps (the time guard still applies)"
+        reasons["steps"] = f"{steps} steps: set by train.max_steps"
     else:
         steps = max(1, int(tokens // batch_tokens))
-        binding = "time"
         reasons["steps"] = f"{steps} steps: what the predicted {tps:,.0f} tokens/s covers in {compute_s / 3600:.3f} h"
     train_tokens = steps * batch_tokens
 
     # data: the share of the corpus the run draws from
     # the loader cuts windows of seq_len + 1 tokens and needs at least one micro-batch of them
-    want_fraction = max(train_tokens, micro * (seq_len + 1) + 1) / max(1, corpus_tokens)
+    want_fraction = max(train_tokens, micro * (seq_len + 1) + 1) / unique
     fraction = min(1.0, max(mode.min_data_fraction, want_fraction))
-    epochs = train_tokens / max(1, fraction * corpus_tokens)
-    reasons["data"] = f"{fraction:.1%} of {corpus_tokens / 1e6:.1f}M corpus tokens, {epochs:.2f} epoch(s)"
+    epochs = train_tokens / max(1, fraction * unique)
+    reasons["data"] = f"{fraction:.1%} of {unique / 1e6:.2f}M corpus tokens, {epochs:.2f} epoch(s)"
     if want_fraction > mode.max_data_fraction and fraction > mode.max_data_fraction:
         reasons["data"] += f" (above mode={mode.name}'s {mode.max_data_fraction:.0%}: the budget can use more)"
-    if epochs > MAX_EPOCHS:
-        binding = "data" if binding == "time" else binding
-        reasons["data"] += f"; more than {MAX_EPOCHS} epochs: the data, not the time, limits this run"
-    if "outside_mode" in reasons:
-        binding = "memory" if "GiB" in reasons["outside_mode"] else "time"
-    elif binding == "time" and not fixed and (L, d) == (cfg.mode.max_layers, cfg.mode.max_dims) and tokens > wanted:
+    worth = effective_tokens(train_tokens, unique)
+    limits = {"hours_tokens": int(hours.tokens), "hours_params": hours.params, "unique_tokens": unique,
+              "planned_tokens": train_tokens, "fresh_equivalent_tokens": int(worth)}  # fmt: skip
+    reasons["hours_vs_data"] = (
+        f"the hours allow {hours.tokens / 1e6:.1f}M tokens (best with unlimited data: {hours.layers} x "
+        f"{hours.dims}, {hours.params / 1e6:.2f}M parameters); the data holds {unique / 1e6:.2f}M unique tokens: "
+        + (f"the data binds: {epochs:.1f} epochs, worth about {worth / 1e6:.1f}M fresh tokens by the law"
+           if data_binds else "the hours bind")
+    )  # fmt: skip
+
+    if train.max_steps:
+        binding = "user"
+    elif "outside_mode" in reasons and best_inside is None:
+        binding = "memory"
+    elif data_binds:
+        binding = "data"
+    elif not fixed and (L, d) == (mode.max_layers, mode.max_dims) and tokens > TOKENS_PER_PARAM * n:
         binding = "mode"
         reasons["binding"] = f"the largest shape mode={mode.name} allows; the budget could train a bigger one"
-    elif binding == "time" and ckpt and ckpt_policy == "auto":
+    elif ckpt and ckpt_policy == "auto":
         binding = "memory"
+    else:
+        binding = "time"
     # planned with the gradients alive all step (safe); reported as the run will hold them
     peak = predict_peak_bytes(replace(shape, micro_batch=micro, grads_in_forward=accum > 1))
     lr = float(cfg.optim.lr) if cfg.optim.lr else min(3e-3, 6e-4 * 768 / d)
@@ -284,11 +413,22 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
                          f"({'emulated ' if hw.emulated else ''}{hw.profile})")  # fmt: skip
     if shards > 1:
         reasons["memory"] += f" per GPU: weights, gradients and AdamW state sharded over {shards} (FSDP2)"
+
+    wanted_eval = min(int(train.eval_tokens), val_tokens or int(train.eval_tokens))
+    eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len)
+    eval_interval = int(train.eval_interval) if train.eval_interval else max(1, steps // EVALS_PER_RUN)
+    stop_evals = 0 if train.max_steps or not train.early_stop else EARLY_STOP_EVALS
+    reasons["eval"] = (f"every {eval_interval} steps on {eval_tokens:,} validation tokens; the best weights are kept"
+                       + ("; set by you" if train.eval_interval else ""))  # fmt: skip
+    reasons["early_stop"] = (f"after {stop_evals} evaluations in a row {EARLY_STOP_RISE:.0%} or more above the best"
+                             if stop_evals else "off: " + ("train.max_steps fixes the steps" if train.max_steps
+                                                           else "train.early_stop=false"))  # fmt: skip
     return Plan(
         model=mc, params=n, active_params=n_active, precision=hw.precision, grad_ckpt=ckpt, seq_len=seq_len,
         micro_batch=micro, grad_accum=accum, batch_tokens=batch_tokens, steps=steps, train_tokens=train_tokens,
         lr=lr, time_budget_s=budget_s, predicted_tokens_per_s=tps, predicted_peak_bytes=peak.total,
         memory_breakdown=peak.to_dict(), vram_bytes=hw.vram_bytes, corpus_tokens=corpus_tokens,
         data_fraction=fraction, epochs=epochs, binding_constraint=binding, hardware=hw.to_dict(), reasons=reasons,
-        world_size=world_size,
+        world_size=world_size, eval_interval=eval_interval, eval_tokens=eval_tokens, early_stop_evals=stop_evals,
+        predicted_loss=best.loss, limits=limits,
     )  # fmt: skip
