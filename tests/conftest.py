@@ -49,3 +49,14 @@ def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 def run_cli(module: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def english_text(path: Path, kb: int, skip_kb: int = 0) -> Path:
+    """`kb` KB of English prose every CPython install has: the documentation pages of pydoc_data.topics
+    (the language reference's text), from `skip_kb` KB in, written to `path`."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    start = text.find("\n\n", skip_kb * 1024) + 2 if skip_kb else 0
+    path.write_text(text[start : start + kb * 1024])
+    return path

@@ -49,7 +49,7 @@ def test_editor_script_saves_an_experiment_that_trains(tmp_path, cache_dir):
 
 
 def test_unset_returns_to_the_default_and_only_deltas_are_saved(tmp_path):
-    commands = iter(["attention=mqa", "gpu=cpu", "data=pystdlib", "train.seed=7", "unset attention", "save d"])
+    commands = iter(["attention=mqa", "gpu=cpu", "data=pysource", "train.seed=7", "unset attention", "save d"])
 
     def read(prompt: str) -> str:
         line = next(commands, None)
@@ -60,5 +60,5 @@ def test_unset_returns_to_the_default_and_only_deltas_are_saved(tmp_path):
     with open(tmp_path / "log.txt", "w") as log:
         Editor(tmp_path, out=log).run(read)
     saved = OmegaConf.load(tmp_path / "d.yaml")
-    assert list(saved.defaults) == [{"override /gpu": "cpu"}]  # data=pystdlib is the default already
+    assert list(saved.defaults) == [{"override /gpu": "cpu"}]  # data=pysource is the default already
     assert OmegaConf.to_container(saved.train) == {"seed": 7}

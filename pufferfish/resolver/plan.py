@@ -205,11 +205,14 @@ def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int,
     return max(seq_len * world_size, min(cap, target))
 
 
-def eval_tokens_for(wanted: int, budget_s: float, tokens_per_s: float, seq_len: int) -> int:
+MIN_EVAL_TOKENS = 4096  # fewer make a noisy loss to pick the best weights by
+
+
+def eval_tokens_for(wanted: int, run_s: float, tokens_per_s: float, seq_len: int) -> int:
     """Validation tokens per evaluation: EVALS_PER_RUN of them (a forward is ~1/3 of a training step)
-    should take at most EVAL_SHARE of the budget."""
-    affordable = EVAL_SHARE * budget_s * 3 * tokens_per_s / EVALS_PER_RUN
-    return int(min(wanted, max(seq_len, affordable)))
+    should take at most EVAL_SHARE of the run, but never fewer than MIN_EVAL_TOKENS (or `wanted`)."""
+    affordable = EVAL_SHARE * run_s * 3 * tokens_per_s / EVALS_PER_RUN
+    return int(min(wanted, max(seq_len, MIN_EVAL_TOKENS, affordable)))
 
 
 def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, compute_s: float, unique: float,
@@ -263,9 +266,12 @@ def _choose(cands: list[Candidate], loss) -> tuple[Candidate, Candidate | None]:
         trained = [c for c in group if c.tokens >= c.params] or group
         return min(trained, key=lambda c: c.score(getattr(c, loss))) if trained else None
 
+    def rank(c: Candidate) -> tuple:
+        return c.tokens < c.params, c.score(getattr(c, loss))  # an undertrained shape loses to any other
+
     inside = best_of([c for c in cands if c.inside])
     overall = best_of(cands)
-    if inside is not None and inside.score(getattr(inside, loss)) <= overall.score(getattr(overall, loss)):
+    if inside is not None and rank(inside) <= rank(overall):
         overall = inside
     return overall, inside
 
@@ -415,7 +421,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         reasons["memory"] += f" per GPU: weights, gradients and AdamW state sharded over {shards} (FSDP2)"
 
     wanted_eval = min(int(train.eval_tokens), val_tokens or int(train.eval_tokens))
-    eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len)
+    run_s = steps * batch_tokens / tps if train.max_steps else budget_s  # max_steps: the budget only reports
+    eval_tokens = eval_tokens_for(wanted_eval, run_s, tps, seq_len)
     eval_interval = int(train.eval_interval) if train.eval_interval else max(1, steps // EVALS_PER_RUN)
     stop_evals = 0 if train.max_steps or not train.early_stop else EARLY_STOP_EVALS
     reasons["eval"] = (f"every {eval_interval} steps on {eval_tokens:,} validation tokens; the best weights are kept"
