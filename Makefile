@@ -6,7 +6,7 @@ TORCH_CPU ?= torch==2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans lint clean
+.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans quality lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench: ## throughput against transformers' Llama on this device (tiny shape on C
 
 check-plans: ## every gpu profile x mode plan, 20 steps under its memory cap: OOM? share of the cap used (GPU; ARGS=)
 	$(PYTHON) scripts/check_plans.py $(ARGS)
+
+quality: ## handed-over loss per wall-clock budget: the plan, a multirun oracle, nanoGPT's recipe (GPU; ARGS="--out DIR ...")
+	$(PYTHON) scripts/quality_per_budget.py $(ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check pufferfish tests scripts

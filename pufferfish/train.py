@@ -85,9 +85,11 @@ def train(cfg: DictConfig) -> dict:
     world, _ = init_world(tc.device)  # torchrun / SLURM: one process per GPU; otherwise a world of one
     run_dir = same_on_all(world, run_directory(cfg))  # rank 0's: Hydra's clock may differ by a second
     ckpt_dir = run_dir / "checkpoints"
+    # the default corpus's cap, decided on rank 0 (the others would each touch GPU 0 to detect the hardware)
+    data_cfg = same_on_all(world, data_config(cfg, world.size) if world.is_main else None)
     if not world.is_main:
         barrier(world)  # rank 0 prepares the data cache and the plan first
-    data = prepare_data(data_config(cfg, world.size), progress=tc.progress and world.is_main)
+    data = prepare_data(data_cfg, progress=tc.progress and world.is_main)
     found = load_latest(ckpt_dir)
     if world.is_main:
         if found:

@@ -67,10 +67,11 @@ def _pair(profile: str, mode: str, *overrides: str, time_limit_s: float = 600):
 
 
 def test_pairs_with_the_same_plan_and_cap_share_one_job():
-    a80, h100 = _pair("a100_80gb", "extended"), _pair("h100", "extended")  # 30 x 768, 96 x 5, 80 GB
+    shape = ("model.num_layers=30", "model.num_dims=768")  # the mode's own; the law may choose another per card
+    a80, h100 = _pair("a100_80gb", "extended", *shape), _pair("h100", "extended", *shape)  # 96 x 5, 80 GB
     assert (a80.plan["micro_batch"], a80.plan["model"]) == (h100.plan["micro_batch"], h100.plan["model"])
-    a40 = _pair("a100_40gb", "extended", "train.micro_batch=32")  # its own cap, 40 GB
-    a80_32 = _pair("a100_80gb", "extended", "train.micro_batch=32")  # the same plan as a40 but for the cap
+    a40 = _pair("a100_40gb", "extended", "train.micro_batch=32", *shape)  # its own cap, 40 GB
+    a80_32 = _pair("a100_80gb", "extended", "train.micro_batch=32", *shape)  # the same plan as a40 but for the cap
     assert (a40.plan["micro_batch"], a40.plan["grad_accum"], a40.plan["model"]) == \
         (a80_32.plan["micro_batch"], a80_32.plan["grad_accum"], a80_32.plan["model"])  # fmt: skip
     fast_a80, fast_h100 = _pair("a100_80gb", "ultra_fast"), _pair("h100", "ultra_fast")

@@ -13,14 +13,18 @@ from ..errors import ConfigError
 from ..model import ModelConfig
 from .hardware import CUDA_CONTEXT_BYTES, Hardware
 from .memory import Shape, count_params, predict_peak_bytes
-from .scaling import TOKENS_PER_PARAM, effective_tokens, predicted_loss
+from .scaling import TOKENS_PER_PARAM, effective_tokens, epochs_worth_training, predicted_loss
 from .speed import predict_tokens_per_s
 
+MAX_EPOCHS = epochs_worth_training()  # ~22: another epoch would be worth under a quarter of fresh text
 MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long before
 USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up
 ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
 ASPECT_WEIGHT = 0.02  # share of the predicted loss added per e-fold away from ASPECT (the law is blind to shape)
+# where the law is indifferent (excess parameters saturate as repeated data does), spend the hours the user
+# gave on a larger model rather than end early: the share of the loss added per unused share of the budget
+UNUSED_WEIGHT = 0.02
 OUTSIDE_MODE_GAIN = 0.02  # a shape outside the mode's bounds must predict a loss this much lower to be chosen
 MIN_STEPS = 300  # optimizer steps a run should get at least (the batch is sized for it)
 MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
@@ -68,19 +72,18 @@ class Plan:
         """Fit the schedule to the measured speed, so the run ends on time with its schedule complete."""
         self.measured_tokens_per_s = self.batch_tokens / seconds_per_step
         steps = max(step + 1, step + int(seconds_left / seconds_per_step))
-        self.reasons["steps"] = (f"{steps} steps: re-planned at step {step} from the measured "
+        data_steps = max(step + 1, self.limits.get("max_tokens", 0) // self.batch_tokens)
+        self.reasons["steps"] = (f"{min(steps, data_steps)} steps: re-planned at step {step} from the measured "
                                  f"{self.measured_tokens_per_s:,.0f} tokens/s (predicted "
-                                 f"{self.predicted_tokens_per_s:,.0f})")  # fmt: skip
+                                 f"{self.predicted_tokens_per_s:,.0f})"
+                                 + (f"; the data's {MAX_EPOCHS:.0f} epochs end it first" if data_steps < steps else ""))
+        steps = min(steps, data_steps) if self.limits.get("max_tokens") else steps  # fmt: skip
         self.steps, self.train_tokens = steps, steps * self.batch_tokens
         self.epochs = self.train_tokens / max(1, self.data_fraction * self.corpus_tokens)
         self.eval_tokens = eval_tokens_for(self.eval_tokens, self.time_budget_s, self.measured_tokens_per_s,
                                            self.seq_len)  # fmt: skip
         if not self.reasons.get("eval", "").endswith("set by you"):
             self.eval_interval = max(1, steps // EVALS_PER_RUN)
-
-    def evaluations_at(self, step: int) -> bool:
-        """Whether the step (counted from 1) ends with an evaluation."""
-        return step > 0 and step % max(1, self.eval_interval) == 0
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
@@ -90,7 +93,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        return cls(**d)
+        plan = cls(**d)
+        if not plan.eval_interval:  # a plan.json written before evaluations were planned
+            plan.eval_interval = max(1, plan.steps // EVALS_PER_RUN)
+        return plan
 
 
 def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1) -> Shape:
@@ -186,14 +192,16 @@ class Candidate:
     shape: Shape
     params: int
     tokens_per_s: float
-    tokens: float  # what the budget processes
+    tokens: float  # what the run trains on: the budget's tokens, at most MAX_EPOCHS of the data
+    time_tokens: float  # what the budget could process
     loss: float  # the law's loss on this corpus
     loss_unlimited: float  # the same with unlimited fresh data
     inside: bool  # within the mode's shape bounds
 
     def score(self, loss: float) -> float:
         aspect = abs(math.log(self.dims / self.layers / ASPECT))
-        return loss * (1 + ASPECT_WEIGHT * aspect + (0 if self.inside else OUTSIDE_MODE_GAIN))
+        unused = 1 - self.tokens / self.time_tokens  # of the budget, when the data's epochs end the run first
+        return loss * (1 + ASPECT_WEIGHT * aspect + UNUSED_WEIGHT * unused + (0 if self.inside else OUTSIDE_MODE_GAIN))
 
 
 def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int) -> int:
@@ -231,14 +239,16 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
         tps = speed(micro)
-    tokens = tps * compute_s
+    # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
+    time_tokens = tps * compute_s
+    tokens = min(time_tokens, MAX_EPOCHS * unique)
     # the law counts the blocks' (active) parameters: a small model's embedding table is most of its
     # parameters but little of what it can learn (Kaplan et al. 2020 fit non-embedding counts)
     n_law = count_params(shape, active=True) - mc["vocab_size"] * d
     mode, spec = cfg.mode, cfg.model
     inside = bool(spec.num_layers or mode.min_layers <= L) and bool(spec.num_dims or mode.min_dims <= d)
-    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, tokens, predicted_loss(n_law, tokens, unique),
-                     predicted_loss(n_law, tokens), inside)  # fmt: skip
+    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, tokens, time_tokens,
+                     predicted_loss(n_law, tokens, unique), predicted_loss(n_law, time_tokens), inside)  # fmt: skip
 
 
 def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
@@ -341,7 +351,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
 
     # what the hours allow (the best shape were data unlimited) against what the data allows
     hours, _ = _choose(cands, "loss_unlimited")
-    data_binds = hours.tokens > unique  # the hours' best would need more fresh text than the corpus has
+    data_binds = hours.time_tokens > unique  # the hours' best would need more fresh text than the corpus has
     fixed = [k for k in ("num_layers", "num_dims") if cfg.model[k]]
     if fixed:
         why_shape = "set by you (" + ", ".join(fixed) + ")"
@@ -378,6 +388,10 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     else:
         steps = max(1, int(tokens // batch_tokens))
         reasons["steps"] = f"{steps} steps: what the predicted {tps:,.0f} tokens/s covers in {compute_s / 3600:.3f} h"
+        if tokens < best.time_tokens:
+            reasons["steps"] = (f"{steps} steps: {MAX_EPOCHS:.0f} epochs of the data (another would be worth under a "
+                                f"quarter of fresh text); at the predicted {tps:,.0f} tokens/s the run ends, its "
+                                f"schedule complete, after about {tokens / best.time_tokens:.0%} of the budget")  # fmt: skip
     train_tokens = steps * batch_tokens
 
     # data: the share of the corpus the run draws from
@@ -389,10 +403,10 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if want_fraction > mode.max_data_fraction and fraction > mode.max_data_fraction:
         reasons["data"] += f" (above mode={mode.name}'s {mode.max_data_fraction:.0%}: the budget can use more)"
     worth = effective_tokens(train_tokens, unique)
-    limits = {"hours_tokens": int(hours.tokens), "hours_params": hours.params, "unique_tokens": unique,
+    limits = {"hours_tokens": int(hours.time_tokens), "max_tokens": int(MAX_EPOCHS * unique), "hours_params": hours.params, "unique_tokens": unique,
               "planned_tokens": train_tokens, "fresh_equivalent_tokens": int(worth)}  # fmt: skip
     reasons["hours_vs_data"] = (
-        f"the hours allow {hours.tokens / 1e6:.1f}M tokens (best with unlimited data: {hours.layers} x "
+        f"the hours allow {hours.time_tokens / 1e6:.1f}M tokens (best with unlimited data: {hours.layers} x "
         f"{hours.dims}, {hours.params / 1e6:.2f}M parameters); the data holds {unique / 1e6:.2f}M unique tokens: "
         + (f"the data binds: {epochs:.1f} epochs, worth about {worth / 1e6:.1f}M fresh tokens by the law"
            if data_binds else "the hours bind")

@@ -44,8 +44,8 @@ def predicted_loss(params: float, tokens: float, unique: float = math.inf) -> fl
     return E + A / max(n, 1.0) ** ALPHA + B / max(d, 1.0) ** BETA
 
 
-def epochs_worth_training(unique: float, gain: float = 0.01) -> float:
-    """Epochs after which one more adds under `gain` (as a share of the unique tokens) to D': past this,
-    repeating the data buys almost nothing and a run is better spent on a model that fits it."""
+def epochs_worth_training(gain: float = 0.25) -> float:
+    """Epochs after which one more is worth under `gain` of an epoch of fresh text: past this, a run is better
+    ended (its schedule complete) or spent on a larger model than on repeating the data again."""
     # dD'/dD = exp(-(D/U - 1) / R_D) < gain  <=>  D/U > 1 + R_D ln(1/gain)
     return 1 + R_D * math.log(1 / gain)
