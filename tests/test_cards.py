@@ -3,6 +3,8 @@ the device falls back to eager and the run goes on."""
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,16 @@ def test_a_compilation_that_fails_falls_back_to_eager_with_one_line_and_the_run_
     assert [m["step"] for m in metrics if m["kind"] == "train"][-1] == 4
     plan = json.loads((run / "plan.json").read_text())
     assert not plan["compile"] and "refused on purpose" in plan["reasons"]["compile"]
+
+
+def test_the_readmes_card_table_comes_from_the_plans():
+    done = run_cli_script("card_table.py", "--profiles", "gtx1060", "rtx3060", "--modes", "quick_dev")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()[2:]}
+    assert "| Pascal 6.1 | fp32 | eager | efficient |" in rows["gtx1060"]
+    assert "| Ampere 8.6 | bf16 | compiled | flash |" in rows["rtx3060"]
+
+
+def run_cli_script(name: str, *args: str):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
