@@ -98,9 +98,9 @@ class CardPath:
 
 
 def _compile(opt, hw, arch: Architecture | None) -> tuple[bool, str]:
-    backend = str(opt.get("compile_backend", "inductor"))
+    backend = str(getattr(opt, "compile_backend", "inductor"))
     if not opt.compile:
-        return False, f"eager: optimizations={opt.name} leaves compile off"
+        return False, f"eager: optimizations={getattr(opt, 'name', '')} leaves compile off"
     if backend != "inductor":
         known = torch._dynamo.list_backends(exclude_tags=())
         if backend not in known:
@@ -139,8 +139,8 @@ def card_path(cfg, hw) -> CardPath:
     arch = architecture(hw.compute_capability) if on_gpu and hw.profile != "cpu" else None
     compiled, compile_why = _compile(opt, hw, arch)
     kernel, kernel_why = _attention(cfg.attention.sdpa_backend, hw.precision, arch)
-    fused = bool(opt.fused_adamw)
-    fused_why = (f"off: optimizations={opt.name} leaves it off" if not fused else
+    fused = bool(getattr(opt, "fused_adamw", False))  # the calibration's bare namespaces leave it out
+    fused_why = (f"off: optimizations={getattr(opt, 'name', '')} leaves it off" if not fused else
                  "fused AdamW: one kernel for every parameter (CUDA: every card; CPU: torch 2.4+)")  # fmt: skip
     tf32 = arch is not None and arch.tf32
     reasons = {"precision": getattr(hw, "precision_reason", "") or hw.precision, "compile": compile_why,
@@ -152,4 +152,5 @@ def card_path(cfg, hw) -> CardPath:
     reasons["speed"] = f"{hw.peak_flops / 1e12:.2f} TFLOP/s peak x {hw.mfu:.2f} share of it ({share})"
     if hw.emulated:
         reasons["speed"] += f"; emulated, this run goes at {hw.device_name}'s speed, not the card's"
-    return CardPath(hw.precision, compiled, str(opt.get("compile_backend", "inductor")), kernel, fused, tf32, reasons)
+    return CardPath(hw.precision, compiled, str(getattr(opt, "compile_backend", "inductor")), kernel, fused, tf32,
+                    reasons)
