@@ -43,8 +43,9 @@ ARCHITECTURES = [
     Architecture("Pascal", 6.0, inductor=False, flash=False, tf32=False, why_eager=TRITON_FLOOR),
     Architecture("Maxwell", 5.0, inductor=False, flash=False, tf32=False, why_eager=TRITON_FLOOR),
 ]
-# SDPA kernels, most preferred first; a plan's kernel allows itself and those after it (transforms.sdpa_backend)
-ATTENTION_KERNELS = ("cudnn", "flash", "efficient", "math")
+# SDPA kernels, most preferred first; a plan's kernel allows itself and those after it (transforms.sdpa_backend):
+# flash allows them all, as torch's own choice does on the cards the speed model was fitted on
+ATTENTION_KERNELS = ("flash", "cudnn", "efficient", "math")
 
 
 def architecture(capability: float) -> Architecture:
