@@ -23,6 +23,7 @@ class GpuConfig:
     bf16: bool = False  # bf16 arithmetic is supported (compute capability 8.0+)
     fast_fp16: bool = False  # fp16 runs faster than fp32 (tensor cores, Volta+); Pascal: memory only
     mfu: float = 0.35  # fraction of the peak a well-tuned small-model step reaches on this class
+    mfu_assumed: bool = True  # not measured on this card: the plan says its speed is assumed
     emulate: bool = True  # cap the process at vram_gb when the real device is larger
 
 
@@ -86,7 +87,10 @@ class OptimizationsConfig:
     name: str = MISSING
     precision: str = "fp32"  # fp32 | auto (bf16 where supported, else fp16 with a scaler) | bf16 | fp16
     grad_ckpt: str = "never"  # never | auto (only when the plan needs it to fit) | always
-    compile: bool = False  # torch.compile the forward and loss as one graph (GPU only; ignored on CPU)
+    compile: bool = False  # torch.compile the forward and loss as one graph where the card can (the plan says)
+    # inductor (fused Triton kernels: GPUs of compute capability 8.0+) or another torch.compile backend such as
+    # aot_eager (no Triton; any device, the CPU too: checks compilation itself, no faster)
+    compile_backend: str = "inductor"
     fused_adamw: bool = False  # fused AdamW kernel where the device has one
     chunked_loss: bool = False  # cross-entropy over sequence chunks: full fp32 logits never exist
     loss_chunk_tokens: int = 4096

@@ -33,6 +33,7 @@ from .resolver import (
     predict_peak_bytes,
     prefer_expandable_segments,
 )
+from .resolver.capabilities import card_path
 from .resolver.hardware import GIB
 from .resolver.speed import flops_per_token, predict_tokens_per_s
 from .run import run_directory, save_config
@@ -51,8 +52,8 @@ WARMUP_STEPS = 8  # the peer's: steps left out of the timing (compilation, autot
 NOMINAL_CORPUS_TOKENS = 10**9  # random tokens have no corpus; the resolver sizes unset fields as if it were large
 
 
-def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: str, data) -> dict:
-    """measure_steps training steps as train() runs them; step times are synchronised on CUDA."""
+def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: str, data, path) -> dict:
+    """measure_steps training steps as train() runs them, on the card's path; step times are synchronised on CUDA."""
     torch.manual_seed(cfg.train.seed)
     opt, seq_len, cuda = cfg.optimizations, mc["seq_len"], device.startswith("cuda")
     model = build_model(ModelConfig.from_dict(mc), device)
@@ -62,11 +63,12 @@ def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: 
         with ctx:
             return lm_loss(model, x, y, opt.chunked_loss, opt.loss_chunk_tokens) + moe_aux_loss(model)
 
-    optimizer = build_optimizer(model, cfg.optim, 1e-4, opt.fused_adamw)
+    optimizer = build_optimizer(model, cfg.optim, 1e-4, path.fused_adamw)
     scaler, ctx = grad_scaler(precision, device), autocast(precision, device)
-    micro_loss = compile_step(micro_loss, opt.compile, device)
-    if opt.compile and cuda:
-        applied.append("torch.compile (forward + loss)")
+    compiled = compile_step(micro_loss, path.compile, device, path.compile_backend)
+    if compiled is not micro_loss:
+        applied.append(f"torch.compile (forward + loss, {path.compile_backend})")
+    micro_loss = compiled
     loader = (TrainBatches(data.train_path, data.dtype, seq_len, micro, cfg.train.seed, device=device,
                            prefetch=opt.prefetch_batches) if data else None)  # fmt: skip
     tokens = torch.randint(mc["vocab_size"], (micro, seq_len + 1), device=device)  # (B, T+1)
@@ -78,7 +80,7 @@ def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: 
         for _ in range(cfg.train.measure_steps):
             start = time.perf_counter()
             x, y = loader.next() if loader else (tokens[:, :-1], tokens[:, 1:])
-            with sdpa_backend(cfg.attention.sdpa_backend):
+            with sdpa_backend(path.attention_kernel):
                 loss = micro_loss(x, y)
                 scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -150,6 +152,7 @@ def _measure(cfg) -> dict:
         L, d, micro = L or plan.model["num_layers"], d or plan.model["num_dims"], micro or plan.micro_batch
     mc, ckpt, shape = job_prediction(cfg, hw, L, d, micro, vocab)
     predicted = predict_peak_bytes(shape)
+    path = card_path(cfg, hw)  # the step the card runs (emulated: the profile's card, not this GPU)
     cap = allocator_cap(hw)
     if cuda:  # Hydra's basic launcher runs a sweep's jobs in one process: start each from a clean allocator
         torch.cuda.set_device(device)
@@ -157,16 +160,16 @@ def _measure(cfg) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device).index or 0)
         apply_memory_cap(hw)  # a no-op unless the profile is smaller than the device
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train()
-        torch.backends.cudnn.allow_tf32 = True
-        if cfg.optimizations.compile:
+        torch.backends.cuda.matmul.allow_tf32 = path.tf32  # as train(): the card's
+        torch.backends.cudnn.allow_tf32 = path.tf32
+        if path.compile:
             torch._dynamo.reset()  # compile afresh, as a run does, not from an earlier job's cache
     result, oom, peak_uncapped = None, None, False
     if cuda or (hw.profile == "cpu" and predicted.total <= cap):  # on CPU: run only what the CPU is the target of
-        result, oom = _attempt(cfg, mc, ckpt, micro, device, hw.precision, data)
+        result, oom = _attempt(cfg, mc, ckpt, micro, device, hw.precision, data, path)
         if result is None and hw.emulated:  # does not fit the cap: measure what it would need, uncapped
             torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device).index or 0)
-            result, _ = _attempt(cfg, mc, ckpt, micro, device, hw.precision, data)
+            result, _ = _attempt(cfg, mc, ckpt, micro, device, hw.precision, data, path)
             peak_uncapped = result is not None
     elif predicted.total > cap:  # never tried: a CPU does not fail on cue, it swaps or gets killed
         oom = f"predicted out of memory: {predicted.total / GIB:.2f} GiB over the {cap / GIB:.2f} GiB cap (not run)"
@@ -179,7 +182,7 @@ def _measure(cfg) -> dict:
         "emulated": hw.emulated, "cap_bytes": cap, "torch": torch.__version__, "model": mc, "num_layers": L,
         "micro_batch": micro, "params": count_params(shape), "precision": target.precision, "grad_ckpt": ckpt,
         "attention_math": shape.attention_math, "sdpa_backend": cfg.attention.sdpa_backend,
-        "compile": bool(cfg.optimizations.compile), "fused_adamw": bool(cfg.optimizations.fused_adamw),
+        "compile": path.compile, "fused_adamw": path.fused_adamw, "attention_kernel": path.attention_kernel,
         "chunked_loss": bool(cfg.optimizations.chunked_loss), "prefetch_batches": int(cfg.optimizations.prefetch_batches),
         "batches": tc.measure_batches, "steps": tc.measure_steps, "fits": fits, "measured": cuda, "oom": oom,
         # measured on CUDA (after an out-of-memory under the cap: what it needed uncapped); the memory model's on CPU

@@ -7,6 +7,9 @@ are suspect, so the loop rolls back to the last good checkpoint and carries on p
 GradScaler already skips a step whose gradients overflowed and lowers its scale: that is routine and not
 counted here; a non-finite loss is.
 
+Compilation fails on the device (an old card, a driver, no Triton): the step runs eager from then on, its
+memory re-planned by the resolver (resolver/replan.py), with one line saying why.
+
 Out of memory: the micro-batch is halved and accumulation doubled, and the same step is tried again. The
 loader serves the same sequences in the same order in smaller pieces, so the global batch and the loss
 curve stay the same (up to the order of summation).
@@ -124,6 +127,24 @@ def is_out_of_memory(error: BaseException | None) -> bool:
             return True
         error = error.__cause__
     return False
+
+
+def is_compile_failure(error: BaseException | None) -> bool:
+    """An error raised by torch.compile's machinery (Dynamo, AOTAutograd, Inductor, Triton) rather than by the
+    model's own code; the cause chain is followed, as compilers wrap what they catch."""
+    while error is not None:
+        module = type(error).__module__
+        if module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "triton")):
+            return True
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+    return False
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost cause's type and first line: a compiler's wrapper says only that its backend raised."""
+    while (inner := error.__cause__ or getattr(error, "inner_exception", None)) is not None:  # Dynamo: inner_exception
+        error = inner
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def free_memory(model, optimizer, device: str) -> None:

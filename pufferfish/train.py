@@ -52,11 +52,14 @@ from .reliability import (
     divergence_advice,
     finite_on_device,
     free_memory,
+    is_compile_failure,
     is_out_of_memory,
     reset_moe_counts,
+    root_cause,
     skip_on_device,
 )
 from .resolver import EVALS_PER_RUN, Plan, apply_memory_cap, format_plan, prefer_expandable_segments
+from .resolver.replan import plan_eager_step
 from .run import (
     StopFlag,
     check_disk_for_checkpoints,
@@ -112,8 +115,8 @@ def train(cfg: DictConfig) -> dict:
         device = f"cuda:{world.local_rank}"  # the plan was made on rank 0's GPU; each rank has its own
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = plan.tf32  # the card's: an emulated pre-Ampere card has none
+        torch.backends.cudnn.allow_tf32 = plan.tf32
         if hw["emulated"]:
             from .resolver.hardware import Hardware
 
@@ -121,9 +124,9 @@ def train(cfg: DictConfig) -> dict:
     torch.manual_seed(tc.seed)
     model = build_model(plan.model_config(), device)  # the pure model: checkpoints save its state
     sharded = world.enabled and tc.parallel == "fsdp2"  # FSDP2 compiles block by block, before sharding
-    applied = apply_speed_transforms(model, plan.grad_ckpt, cfg.optimizations.compile and sharded, device)
+    applied = apply_speed_transforms(model, plan.grad_ckpt, plan.compile and sharded, device)
     parallel = wrap(model, world, device, tc.parallel, precision)  # DDP or FSDP2 with several ranks, else model
-    optimizer = build_optimizer(model, cfg.optim, plan.lr, cfg.optimizations.fused_adamw)  # after FSDP2
+    optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.fused_adamw)  # after FSDP2
     scaler = sharded_grad_scaler(precision, device) if sharded else grad_scaler(precision, device)
     ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
@@ -157,7 +160,7 @@ def train(cfg: DictConfig) -> dict:
 
     def run_eval(tokens: int):
         batches = val_batches(data.val_path, data.dtype, plan.seq_len, plan.micro_batch, tokens, device)
-        with sdpa_backend(cfg.attention.sdpa_backend):
+        with sdpa_backend(plan.attention_kernel):
             return evaluate(model, batches, ctx, data.val_bytes_per_token, cfg.optimizations.loss_chunk_tokens)
 
     def checkpoint_state():  # FSDP2: a collective; only rank 0 gets the (ordinary, full) state dicts
@@ -173,11 +176,12 @@ def train(cfg: DictConfig) -> dict:
             loss = lm_loss(parallel, x, y, cfg.optimizations.chunked_loss, cfg.optimizations.loss_chunk_tokens)
             return loss + moe_aux_loss(model)
 
-    if world.enabled and not sharded and cfg.optimizations.compile:  # DDP: one graph, or one per gradient bucket
+    if world.enabled and not sharded and plan.compile:  # DDP: one graph, or one per gradient bucket
         torch._dynamo.config.optimize_ddp = cfg.optimizations.ddp_graphs == "split"
-    micro_loss = compile_step(micro_loss, cfg.optimizations.compile and not sharded, device)
-    if cfg.optimizations.compile and not sharded and device.startswith("cuda"):
-        applied.append("torch.compile (forward + loss)")
+    eager_loss = micro_loss  # what runs should compilation fail on the device
+    micro_loss = compile_step(eager_loss, plan.compile and not sharded, device, plan.compile_backend)
+    if micro_loss is not eager_loss:
+        applied.append(f"torch.compile (forward + loss, {plan.compile_backend})")
 
     def forward_backward() -> torch.Tensor:
         """The step's micro-batches; gradients land in .grad. Returns the step's mean loss (on the device)."""
@@ -259,16 +263,22 @@ def train(cfg: DictConfig) -> dict:
                     break
             step_start = loader.sample
             while True:  # out of memory: the same step again with half the micro-batch, twice as many of them
-                try:
-                    with sdpa_backend(cfg.attention.sdpa_backend):
+                try:  # compilation failed: the same step again, eager, its memory re-planned
+                    with sdpa_backend(plan.attention_kernel):
                         step_loss = forward_backward()
                     break
-                except RuntimeError as e:
-                    if not is_out_of_memory(e) or world.enabled:  # ranks cannot back off one alone
+                except Exception as e:
+                    error = (str(e).splitlines() or [type(e).__name__])[0]
+                    if is_out_of_memory(e) and not world.enabled:  # ranks cannot back off one alone
+                        record = None
+                    elif is_compile_failure(e) and micro_loss is not eager_loss:
+                        micro_loss, record = eager_loss, plan_eager_step(plan, cfg, step + 1, root_cause(e))
+                    else:
                         raise
-                    error = str(e).splitlines()[0]
                 free_memory(model, optimizer, device)  # out here: the exception no longer holds the step's tensors
-                log.log(back_off(plan, step + 1, error))  # step + 1: the one in flight
+                log.log(record or back_off(plan, step + 1, error))  # step + 1: the one in flight
+                if record:
+                    print(f"pufferfish: {plan.reasons['compile']}; micro-batch {plan.micro_batch}", file=sys.stderr)
                 atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))  # resumes keep it
                 loader.close()
                 loader = train_batches(step_start)

@@ -42,13 +42,14 @@ def apply_speed_transforms(model, grad_ckpt: bool, compile: bool, device: str) -
     return applied
 
 
-def compile_step(fn, compile: bool, device: str):
-    """The forward pass and loss as one compiled graph on a GPU; unchanged on CPU."""
-    if compile and not str(device).startswith("cpu"):
+def compile_step(fn, compile: bool, device: str, backend: str = "inductor"):
+    """The forward pass and loss as one compiled graph on a GPU; unchanged on CPU, where only a backend other
+    than Inductor (no C++ build of minutes) compiles."""
+    if compile and (backend != "inductor" or not str(device).startswith("cpu")):
         # a new run in the same process (a multirun's next job) starts afresh: the last job's graphs would
         # otherwise count towards dynamo's recompile limit, and past it a job would silently run eager
         torch._dynamo.reset()
-        return torch.compile(fn)
+        return torch.compile(fn, backend=backend)
     return fn
 
 
@@ -68,13 +69,17 @@ def grad_scaler(precision: str, device: str):
 
 
 def sdpa_backend(name: str):
-    """A context that restricts scaled_dot_product_attention to one kernel; auto lets torch choose."""
+    """A context that allows scaled_dot_product_attention the plan's kernel and those after it in
+    capabilities.ATTENTION_KERNELS (math last), so an input a kernel cannot take falls back rather than fails;
+    auto lets torch choose. On an emulating GPU this keeps the flash kernel from a card that has none."""
     if name == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .resolver.capabilities import ATTENTION_KERNELS
 
     backends = {
         "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH,
     }  # fmt: skip
-    return sdpa_kernel(backends[name])
+    return sdpa_kernel([backends[k] for k in ATTENTION_KERNELS[ATTENTION_KERNELS.index(name):]])

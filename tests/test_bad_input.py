@@ -136,7 +136,7 @@ LEAVES = [k for k in ("gpu.vram_gb gpu.compute_capability gpu.tflops_fp32 gpu.tf
                       "model.norm_eps model.init_std attention.heads_per_kv_head attention.head_dim "
                       "attention.sdpa_backend moe.enabled moe.num_experts moe.active_experts moe.every_n_layers "
                       "moe.first_dense_layers moe.score_func moe.expert_ffn_dims optimizations.precision "
-                      "optimizations.grad_ckpt optimizations.compile optimizations.chunked_loss "
+                      "optimizations.grad_ckpt optimizations.compile optimizations.compile_backend optimizations.chunked_loss "
                       "optimizations.loss_chunk_tokens optimizations.prefetch_batches optimizations.ddp_graphs logger.wandb_mode optim.lr "
                       "optim.min_lr_ratio optim.schedule optim.warmup_frac optim.decay_frac optim.weight_decay "
                       "optim.beta1 optim.beta2 optim.grad_clip train.seed train.batch_tokens train.micro_batch "

@@ -289,11 +289,14 @@ def test_cpu_profile_measures_this_machine():
     assert torch.get_num_threads() >= 1
 
 
-def test_pascal_gets_fp16_with_a_warning_that_it_saves_no_time():
+def test_pascal_gets_fp32_and_fp16_only_when_asked_with_its_cost():
     from pufferfish.resolver.hardware import choose_precision
 
-    assert choose_precision("auto", bf16=False, fast_fp16=False, on_cpu=False)[0] == "fp16"
-    assert "not time" in choose_precision("auto", bf16=False, fast_fp16=False, on_cpu=False)[1]
+    precision, why = choose_precision("auto", bf16=False, fast_fp16=False, on_cpu=False)
+    assert precision == "fp32" and "1/64 of fp32" in why  # fp16 there saves memory, never time
+    precision, why = choose_precision("fp16", bf16=False, fast_fp16=False, on_cpu=False)
+    assert precision == "fp16" and "costs speed" in why
+    assert choose_precision("auto", bf16=False, fast_fp16=True, on_cpu=False)[0] == "fp16"  # Turing
     assert choose_precision("auto", bf16=True, fast_fp16=True, on_cpu=False)[0] == "bf16"
     with pytest.raises(ConfigError, match="8.0"):
         choose_precision("bf16", bf16=False, fast_fp16=True, on_cpu=False)

@@ -19,9 +19,13 @@ def format_plan(plan: Plan) -> str:
         ("batch", f"{plan.micro_batch} x {plan.seq_len} tokens x {plan.grad_accum} accumulation "
                   f"= {plan.batch_tokens:,} tokens per step"),
         ("precision", plan.precision + (", gradient checkpointing" if plan.grad_ckpt else "")),
+        ("step", f"{'compiled' if plan.compile else 'eager'}, attention {plan.attention_kernel}"
+                 f"{', fused AdamW' if plan.fused_adamw else ''}{', TF32' if plan.tf32 else ''}"),
         ("memory", f"{mem['total'] / GIB:.2f} GiB predicted of {plan.vram_bytes / GIB:.2f} GiB"),
         ("", "at the peak: " + "  ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total" and v)),
-        ("speed", f"{plan.predicted_tokens_per_s:,.0f} tokens/s predicted"),
+        ("speed", f"{plan.predicted_tokens_per_s:,.0f} tokens/s predicted"
+                  + (" (share of peak assumed)" if hw.get("mfu_assumed") else "")
+                  + (f" for {hw['profile']}; this run has {hw['device_name']}'s speed" if hw["emulated"] else "")),
         ("budget", f"{plan.time_budget_s / 3600:.3f} h -> {plan.steps:,} steps, {plan.train_tokens / 1e6:.2f}M tokens"),
         ("data", f"{plan.data_fraction:.1%} of {plan.corpus_tokens / 1e6:.2f}M tokens, {plan.epochs:.2f} epochs"),
         ("lr", f"{plan.lr:.2e}"),

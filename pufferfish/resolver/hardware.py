@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
+from .capabilities import choose_precision
 
 CONF_GPU = Path(__file__).resolve().parents[2] / "conf" / "gpu"
 GIB = 1024**3
@@ -31,6 +32,8 @@ class Hardware:
     notes: list[str]
     compute_capability: float = 0.0  # 0 on cpu
     bandwidth: float = 0.0  # datasheet memory bandwidth, bytes/s (0 on cpu): the speed model's roofline
+    precision_reason: str = ""  # why that precision (capabilities.choose_precision)
+    mfu_assumed: bool = False  # the profile's mfu is assumed, not measured on its card: the plan says so
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,24 +94,6 @@ def system_memory_bytes() -> int:
         return 8 * GIB
 
 
-def choose_precision(requested: str, bf16: bool, fast_fp16: bool, on_cpu: bool) -> tuple[str, str]:
-    allowed = ("fp32", "auto", "bf16", "fp16")
-    if requested not in allowed:
-        raise ConfigError(f"optimizations.precision={requested!r}; allowed: {', '.join(allowed)}")
-    if on_cpu or requested == "fp32":
-        return "fp32", "" if requested in ("fp32", "auto") else "mixed precision is GPU-only here: fp32 on CPU"
-    if requested == "bf16" and not bf16:
-        raise ConfigError("optimizations.precision=bf16 needs compute capability 8.0+; use auto or fp16")
-    if requested == "auto":
-        if bf16:
-            return "bf16", "bf16 autocast: supported on this GPU, no loss scaling needed"
-        why = "fp16 autocast with a gradient scaler (no bf16 before compute capability 8.0)"
-        if not fast_fp16:
-            why += "; this GPU has no fast fp16, so it saves memory but not time"
-        return "fp16", why
-    return requested, ""
-
-
 def profile_peak_flops(prof, precision: str) -> float:
     """The matmul peak a GPU profile offers at a precision (datasheet, dense)."""
     tensor = float(prof.tflops_tensor)
@@ -148,8 +133,6 @@ def hardware_on(gpu_cfg, optimizations_cfg, device: str, device_name: str, total
         prof = load_profile(profile)
         notes.append(f"gpu=auto: {device_name} ({total / GIB:.1f} GiB) maps to profile {profile}")
     precision, why = choose_precision(optimizations_cfg.precision, bool(prof.bf16), bool(prof.fast_fp16), on_cpu)
-    if why:
-        notes.append(why)
 
     if profile == "cpu":
         peak = cpu_matmul_flops()
@@ -164,12 +147,14 @@ def hardware_on(gpu_cfg, optimizations_cfg, device: str, device_name: str, total
             vram = free
         elif vram < total and bool(prof.get("emulate", True)):
             emulated = True
-            notes.append(f"emulating {profile}: memory capped at {vram / GIB:.1f} GiB of {total / GIB:.1f} GiB")
+            notes.append(f"emulating {profile}: memory capped at {vram / GIB:.1f} GiB of {total / GIB:.1f} GiB; the "
+                         f"card's path (precision, compile, attention kernel) at {device_name}'s speed, not the card's")
         elif vram > free:
             notes.append(f"profile {profile} has {vram / GIB:.1f} GiB but only {free / GIB:.1f} GiB is free")
             vram = free
     return Hardware(profile, device, device_name, vram, precision, peak, float(prof.mfu), emulated, notes,
-                    float(prof.compute_capability), 1e9 * float(prof.get("bandwidth_gbs", 0) or 0))  # fmt: skip
+                    float(prof.compute_capability), 1e9 * float(prof.get("bandwidth_gbs", 0) or 0), why,
+                    bool(prof.get("mfu_assumed", False)))  # fmt: skip
 
 
 def prefer_expandable_segments() -> None:

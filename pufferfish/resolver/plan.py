@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import ConfigError
 from ..model import ModelConfig
+from .capabilities import card_path
 from .hardware import CUDA_CONTEXT_BYTES, Hardware
 from .memory import Shape, count_params, predict_peak_bytes
 from .scaling import TOKENS_PER_PARAM, effective_tokens, epochs_worth_training, predicted_loss
@@ -67,6 +68,12 @@ class Plan:
     early_stop_rise: float = EARLY_STOP_RISE
     predicted_loss: float = 0.0  # the scaling law's loss for the plan (its units, for comparing plans)
     limits: dict = field(default_factory=dict)  # what the hours allow, what the data allows, which binds
+    # the card's path (resolver/capabilities.py), which the loop runs: plan.reasons says why each
+    compile: bool = False
+    compile_backend: str = "inductor"
+    attention_kernel: str = "auto"
+    fused_adamw: bool = False
+    tf32: bool = False
 
     def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float) -> None:
         """Fit the schedule to the measured speed, so the run ends on time with its schedule complete."""
@@ -101,14 +108,14 @@ class Plan:
 
 def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1) -> Shape:
     moe_layers = sum(ModelConfig.from_dict(mc).is_moe_layer(i) for i in range(mc["num_layers"])) if mc["use_moe"] else 0
+    path = card_path(cfg, hw)  # the step the card runs: eager fp32 keeps more than compiled bf16
     return Shape(
         num_layers=mc["num_layers"], num_dims=mc["num_dims"], num_heads=mc["num_heads"],
         num_kv_heads=mc["num_kv_heads"], ffn_dims=mc["ffn_dims"], vocab_size=mc["vocab_size"],
         seq_len=mc["seq_len"], micro_batch=micro_batch, precision=hw.precision, grad_ckpt=grad_ckpt,
         chunked_loss=bool(cfg.optimizations.chunked_loss), loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
-        attention_math=cfg.attention.sdpa_backend == "math", moe_layers=moe_layers,
-        compiled=bool(cfg.optimizations.compile) and hw.profile != "cpu",
-        repeated_kv=hw.profile != "cpu" and (hw.precision == "fp32" or hw.compute_capability < 8.0),
+        attention_math=path.attention_kernel == "math", moe_layers=moe_layers, compiled=path.inductor,
+        repeated_kv=hw.profile != "cpu" and path.attention_kernel != "flash",
         moe_num_experts=mc["moe_num_experts"] if moe_layers else 0,
         moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
@@ -300,7 +307,8 @@ def corpus_mb_wanted(cfg, hw: Hardware, world_size: int = 1) -> float:
 def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1,
               val_tokens: int | None = None) -> Plan:  # fmt: skip
     mode, train = cfg.mode, cfg.train
-    reasons: dict[str, str] = {}
+    path = card_path(cfg, hw)  # compile, precision, attention kernel: what the card runs
+    reasons: dict[str, str] = dict(path.reasons)
     if mode.target_hours <= 0:
         raise ConfigError(f"mode.target_hours={mode.target_hours} must be positive (hours of training)")
     if mode.target_hours > 24 * 30:
@@ -452,4 +460,6 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         data_fraction=fraction, epochs=epochs, binding_constraint=binding, hardware=hw.to_dict(), reasons=reasons,
         world_size=world_size, eval_interval=eval_interval, eval_tokens=eval_tokens, early_stop_evals=stop_evals,
         predicted_loss=best.loss, limits=limits,
+        compile=path.compile, compile_backend=path.compile_backend, attention_kernel=path.attention_kernel,
+        fused_adamw=path.fused_adamw, tf32=path.tf32,
     )  # fmt: skip

@@ -75,6 +75,7 @@ def memory_key(plan: dict, config: dict, time_limit_s: float) -> str:
     return json.dumps({
         "model": plan["model"], "micro_batch": plan["micro_batch"], "seq_len": plan["seq_len"],
         "precision": plan["precision"], "grad_ckpt": plan["grad_ckpt"], "steps": plan["steps"],
+        "compile": plan.get("compile"), "attention_kernel": plan.get("attention_kernel"), "tf32": plan.get("tf32"),
         "world_size": plan.get("world_size", 1), "accumulates": plan["grad_accum"] > 1,
         "grad_accum": plan["grad_accum"] if budget_binds else None,
         "time_budget_s": plan["time_budget_s"] if budget_binds else None,

@@ -6,6 +6,7 @@ from pufferfish.resolver.hardware import GIB
 from pufferfish.sweep_tools import allocator_cap
 
 from .grouping import Pair, hardware_of
+from .rows import path_text
 
 
 def gib(x) -> str:
@@ -18,7 +19,7 @@ def grouping_text(groups: list[list[Pair]], where: str) -> str:
     lines = [f"{len(pairs)} profile x mode pairs need {len(groups)} distinct jobs, for {where}.",
              "The grouping holds for that device and this data only: plans follow the card's memory and the "
              "corpus size (" + "; ".join(f"{c:,} corpus tokens, vocabulary {v:,}" for c, v in data) + ").", "",
-             "| job | runs | and stands for | layers x dims | micro x accum x seq | precision | ckpt | cap GiB |",
+             "| job | runs | and stands for | layers x dims | micro x accum x seq | card's step | ckpt | cap GiB |",
              "|" + "---|" * 8]  # fmt: skip
     for i, (first, *rest) in enumerate(groups, 1):
         others = ", ".join(p.name for p in rest)
@@ -28,7 +29,7 @@ def grouping_text(groups: list[list[Pair]], where: str) -> str:
         plan, hw = first.plan, hardware_of(first.plan)
         accum = "/".join(sorted({str(p.plan["grad_accum"]) for p in (first, *rest)}, key=int))
         lines.append(f"| {i} | {first.name} | {others} | {plan['model']['num_layers']} x {plan['model']['num_dims']} "
-                     f"| {plan['micro_batch']} x {accum} x {plan['seq_len']} | {plan['precision']} | "
+                     f"| {plan['micro_batch']} x {accum} x {plan['seq_len']} | {path_text(plan)} | "
                      f"{'yes' if plan['grad_ckpt'] else 'no'} | {gib(allocator_cap(hw))}"
                      f"{' (emulated)' if hw.emulated else ''} |")  # fmt: skip
     return "\n".join(lines)
@@ -36,7 +37,7 @@ def grouping_text(groups: list[list[Pair]], where: str) -> str:
 
 def markdown(rows: list[dict], device: str) -> str:
     peak = "measured peak GiB" if device != "cpu" else "measured peak RSS GiB"
-    lines = [f"| profile | mode | layers x dims | micro x accum x seq | precision | ckpt | steps | predicted GiB | {peak} "
+    lines = [f"| profile | mode | layers x dims | micro x accum x seq | card's step | ckpt | steps | predicted GiB | {peak} "
              "| reserved GiB | cap GiB | use % | predicted/measured | OOM? | binding (without max_steps) | verdict |",
              "|" + "---|" * 16]  # fmt: skip
     for r in rows:
@@ -48,7 +49,7 @@ def markdown(rows: list[dict], device: str) -> str:
         cap = gib(r.get("cap_bytes")) + (" (emulated)" if r.get("emulated") else "")
         ckpt = {True: "yes", False: "no"}.get(r.get("grad_ckpt"), "")
         same = f" (same plan as {r['same_run_as']}: its run)" if r.get("same_run_as") else ""
-        lines.append(f"| {r['profile']} | {r['mode']} | {shape} | {batch} | {r.get('precision', '')} | {ckpt} | "
+        lines.append(f"| {r['profile']} | {r['mode']} | {shape} | {batch} | {r.get('path', r.get('precision', ''))} | {ckpt} | "
                      f"{steps} | {gib(r.get('predicted_peak_bytes'))} | {gib(r.get('measured_peak_bytes'))} | "
                      f"{gib(r.get('peak_reserved_bytes'))} | {cap} | {use} | {ratio} | {'yes' if r.get('oom') else 'no'} "
                      f"| {r.get('binding_constraint', '')} | {r['verdict']}{same} |")  # fmt: skip

@@ -56,6 +56,8 @@ def read_row(job: Job, pair: Pair, extra: list[str], logs: Path, steps: int) -> 
         plan = as_run(pair.plan, plan)
     metrics = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []  # a killed job's too
     row["oom_backoffs"] = [m for m in metrics if m.get("kind") == "oom_backoff"]
+    for fallback in (m for m in metrics if m.get("kind") == "compile_fallback"):
+        row["notes"].append(f"compilation failed at step {fallback['step']}, ran eager ({fallback['error']})")
     row["oom"] = bool(row["oom_backoffs"]) or (job.rc != 0 and "out of memory" in err.lower())
     row["steps"] = summary.get("step", max((m["step"] for m in metrics if m.get("kind") == "train"), default=0))
     row["stopped_by"] = summary.get("stopped_by")
@@ -65,7 +67,7 @@ def read_row(job: Job, pair: Pair, extra: list[str], logs: Path, steps: int) -> 
         hw = hardware_of(plan)
         row.update(num_layers=plan["model"]["num_layers"], num_dims=plan["model"]["num_dims"],
                    micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"], seq_len=plan["seq_len"],
-                   precision=plan["precision"], grad_ckpt=plan["grad_ckpt"], emulated=hw.emulated,
+                   precision=plan["precision"], grad_ckpt=plan["grad_ckpt"], emulated=hw.emulated, path=path_text(plan),
                    predicted_peak_bytes=plan["predicted_peak_bytes"], vram_bytes=plan["vram_bytes"],
                    cap_bytes=allocator_cap(hw), binding_in_run=plan["binding_constraint"])  # fmt: skip
         row.update(plan_without_max_steps(pair.profile, pair.mode, extra, plan, hw, row))
@@ -77,6 +79,13 @@ def read_row(job: Job, pair: Pair, extra: list[str], logs: Path, steps: int) -> 
         row["predicted_over_measured"] = plan["predicted_peak_bytes"] / peak
     row["verdict"] = verdict(row, steps)
     return row
+
+
+def path_text(plan: dict) -> str:
+    """The card's step as the plan ran it (an old plan.json has no such fields)."""
+    if "compile" not in plan:
+        return plan["precision"]
+    return f"{plan['precision']}, {'compiled' if plan['compile'] else 'eager'}, {plan['attention_kernel']}"
 
 
 def plan_without_max_steps(profile: str, mode: str, extra: list[str], plan: dict, hw: Hardware, row: dict) -> dict:
