@@ -68,6 +68,10 @@ def load_run(folder: Path, name: str) -> RunResult:
     result = RunResult(name, chosen_options(config) if config is not None else {})
     clock = [(0, 0.0)] + [(r["step"], r["elapsed_s"]) for r in records if "elapsed_s" in r and "step" in r]
     evals = [r for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+    # the final record scores the handed-over (best) weights on the whole validation set: a point of the
+    # curve only where no evaluation of the last weights stands at that step (runs that kept no best)
+    plain = {r["step"] for r in evals if not r.get("final")}
+    evals = [r for r in evals if not (r.get("final") and r["step"] in plain)]
     result.curve = [(r["tokens"], r.get("elapsed_s", _wall_at(r["step"], clock)), r["val_loss"]) for r in evals]
     summary_path = folder / "summary.json"
     if summary_path.is_file():

@@ -274,7 +274,7 @@ def test_bad_text_inputs_name_the_value(tmp_path, case, match):
 
 
 def test_bad_settings_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.source='web'.*pystdlib, text, hub"):
+    with pytest.raises(ConfigError, match=r"data\.source='web'.*pystdlib, python, text, hub"):
         prepare_data(data_cfg("pystdlib", source="web", cache_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"data\.sample_by='sentence'"):
         prepare_data(data_cfg("text_files", paths=["x"], sample_by="sentence", cache_dir=str(tmp_path)))
