@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pufferfish.errors import PufferfishError
 from pufferfish.train import train
 from pufferfish.validate import GROUPS, RULES, check_overrides
-from tests.conftest import ROOT, compose, shakespeare_file, tiny_overrides
+from tests.conftest import ROOT, compose, english_file, tiny_overrides
 
 CLEAR = (PufferfishError, HydraException, OmegaConfBaseException)  # each printed as a message by the CLI
 # PUFFERFISH_FUZZ_EXAMPLES=1000 for a longer hunt than the default suite's
@@ -167,9 +167,9 @@ CONTENTS = {
     "invalid_utf8": st.text(string.ascii_letters + " \n", max_size=500).map(lambda t: t.encode() + b"\xff\xfe"),
     "text": st.lists(st.text(string.ascii_letters + string.digits + " .,;'!?\u00e9\u4e2d", max_size=80),
                      min_size=1, max_size=400).map(lambda lines: "\n".join(lines).encode()),  # fmt: skip
-    "shakespeare": st.integers(30, 300).map(lambda n: shakespeare_file().read_bytes()[: n * 1000]),
+    "english": st.integers(30, 300).map(lambda n: english_file().read_bytes()[: n * 1000]),
 }
-kinds = st.sampled_from([*sorted(CONTENTS), "shakespeare", "shakespeare"])  # a fair share of runs that train
+kinds = st.sampled_from([*sorted(CONTENTS), "english", "english"])  # a fair share of runs that train
 files = st.lists(st.tuples(kinds, st.sampled_from([".txt", ".md", ".py", ".bin", ""])), min_size=0, max_size=3)
 
 
@@ -192,7 +192,7 @@ def test_any_text_folder_trains_or_is_refused_with_one_message(spec, data, give)
         error = outcome(overrides)
         event("trained" if error is None else f"refused: {str(error).split(':')[0][:40]}")
         if error is None:  # it trained: there was usable text, and enough of it
-            assert any(kind in ("text", "shakespeare") for kind, suffix in spec)
+            assert any(kind in ("text", "english") for kind, suffix in spec)
         else:
             assert isinstance(error, PufferfishError) and str(error), repr(error)
 

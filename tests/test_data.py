@@ -1,6 +1,7 @@
 """Data: corpora, the stable split, the exact-round-trip tokenizer, the token cache and the batch stream.
 
-Real text throughout: the interpreter's standard library and the Shakespeare texts in ../shared/data.
+Real text throughout, all of it from the interpreter's standard library: its source, and the English of the
+language reference and the docstrings (tests/conftest.py's english_corpus, 1.1 MB), whole or cut into documents.
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ from pufferfish.data.corpora import split_documents
 from pufferfish.data.tokenizer import Tokenizer, train_tokenizer
 from pufferfish.data.tokens import CHUNK_CHARS, encode_split
 from pufferfish.errors import ConfigError, DataError
+from tests.conftest import english_corpus, english_file
 
 REPO = Path(__file__).parents[1]
-SHARED = Path(__file__).parents[2] / "shared" / "data"
-SHAKESPEARE = SHARED / "shakespeare_complete"
-TINY = SHARED / "tinyshakespeare" / "input.txt"
-VAL_PLAYS = ["hamlet_gut.txt", "tempest_gut.txt", "sonnets_gut.txt"]  # the README's suggested validation set
-needs_shared = pytest.mark.skipif(
-    not (SHAKESPEARE.is_dir() and TINY.is_file()),
-    reason=f"the shared Shakespeare texts are not at {SHARED} (expected ../shared/data next to the repo)",
-)
+PARTS = 24  # english_corpus() cut into documents of about 48 KB, at paragraph breaks
+VAL_PARTS = ["part03.txt", "part11.txt", "part19.txt"]  # held out by data.val_paths
 TRICKY = (
     "def f(x):\n\tif x:\n\t\treturn 'ñandú, café, 日本語, 🐡' + str(1234567890)\r\n    \n  trailing  \n\n"
 )
@@ -66,13 +62,23 @@ def stdlib(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shakespeare_cfg(tmp_path_factory):
-    if not SHAKESPEARE.is_dir():
-        pytest.skip(f"the shared Shakespeare texts are not at {SHAKESPEARE}")
+def parts(tmp_path_factory) -> Path:
+    """A folder of PARTS English documents: english_corpus() cut at the paragraph break after each 1/PARTS."""
+    folder = tmp_path_factory.mktemp("english_parts")
+    text, start = english_corpus(), 0
+    for i in range(PARTS):
+        end = text.find("\n\n", (i + 1) * len(text) // PARTS) if i < PARTS - 1 else len(text)
+        (folder / f"part{i:02d}.txt").write_bytes(text[start:end].encode("utf-8"))
+        start = end + 2
+    return folder
+
+
+@pytest.fixture(scope="session")
+def english_cfg(tmp_path_factory, parts):
     return data_cfg(
         "text_files",
-        paths=[str(SHAKESPEARE)],
-        val_paths=[str(SHAKESPEARE / p) for p in VAL_PLAYS],
+        paths=[str(parts)],
+        val_paths=[str(parts / p) for p in VAL_PARTS],
         vocab_size=1024,
         tokenizer_train_mb=1,
         cache_dir=str(tmp_path_factory.mktemp("c")),
@@ -80,8 +86,8 @@ def shakespeare_cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shakespeare(shakespeare_cfg):
-    return prepare_data(shakespeare_cfg, progress=False)
+def english(english_cfg):
+    return prepare_data(english_cfg, progress=False)
 
 
 def write_tokens(path: Path, n: int) -> Path:
@@ -115,20 +121,18 @@ def test_tokenizer_round_trips_stdlib_source(stdlib):
     assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.decode([tok.eos_id]) == ""
 
 
-@needs_shared
-def test_tokenizer_round_trips_shakespeare(shakespeare):
-    tok = Tokenizer.load(shakespeare.tokenizer_path)
-    text = (SHAKESPEARE / "hamlet_gut.txt").read_text(encoding="utf-8")  # held out: unseen by the tokenizer
+def test_tokenizer_round_trips_held_out_english(english, parts):
+    tok = Tokenizer.load(english.tokenizer_path)
+    text = (parts / VAL_PARTS[0]).read_text(encoding="utf-8")  # held out: unseen by the tokenizer
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert len(ids) < len(text.encode("utf-8")) / 2  # it compresses: real merges, not bytes
     assert round_trips(tok, TRICKY + "O Romeo, Romeo! wherefore art thou Romeo?\t1597 — «naïve» Œdipus")
 
 
-@needs_shared
-def test_long_documents_encode_in_pieces_exactly_as_whole(shakespeare, tmp_path):
-    tok = shakespeare.tokenizer()
-    text = TINY.read_text(encoding="utf-8")  # 1.1 MB: several pieces of CHUNK_CHARS
+def test_long_documents_encode_in_pieces_exactly_as_whole(english, tmp_path):
+    tok = english.tokenizer()
+    text = english_file().read_text(encoding="utf-8")  # 1.1 MB: several pieces of CHUNK_CHARS
     assert len(text) > 3 * CHUNK_CHARS
     stats = encode_split(
         Dataset.from_dict({"text": [text, "x"]}), tok, tmp_path / "t.bin", "uint16", False, ""
@@ -138,23 +142,19 @@ def test_long_documents_encode_in_pieces_exactly_as_whole(shakespeare, tmp_path)
     assert stats == {"documents": 2, "bytes": len(text.encode("utf-8")) + 1, "tokens": len(tokens)}
 
 
-@needs_shared
-def test_val_paths_form_the_validation_set(shakespeare):
-    meta = shakespeare.meta
-    held_bytes = sum((SHAKESPEARE / p).stat().st_size for p in VAL_PLAYS)
-    all_bytes = sum(p.stat().st_size for p in SHAKESPEARE.glob("*.txt"))
+def test_val_paths_form_the_validation_set(english, parts):
+    meta = english.meta
+    held_bytes = sum((parts / p).stat().st_size for p in VAL_PARTS)
+    all_bytes = sum(p.stat().st_size for p in parts.glob("*.txt"))
     assert meta["split"] == "data.val_paths"
     assert 0.85 * held_bytes < meta["val"]["bytes"] <= held_bytes  # paragraph breaks are not text
     assert meta["train"]["bytes"] <= all_bytes - held_bytes
 
 
-@needs_shared
-def test_training_windows_decode_to_corpus_text(shakespeare):
-    tok = shakespeare.tokenizer()
-    corpus = "".join(
-        p.read_text(encoding="utf-8") for p in SHAKESPEARE.glob("*.txt") if p.name not in VAL_PLAYS
-    )
-    with TrainBatches(shakespeare.train_path, shakespeare.dtype, 64, 4, seed=0) as batches:
+def test_training_windows_decode_to_corpus_text(english, parts):
+    tok = english.tokenizer()
+    corpus = "".join(p.read_text(encoding="utf-8") for p in parts.glob("*.txt") if p.name not in VAL_PARTS)
+    with TrainBatches(english.train_path, english.dtype, 64, 4, seed=0) as batches:
         x, _ = batches.next()
     for row in x.tolist():  # documents (paragraphs here) are separated by end-of-text
         cuts = [-1] + [i for i, t in enumerate(row) if t == tok.eos_id] + [len(row)]
@@ -162,19 +162,17 @@ def test_training_windows_decode_to_corpus_text(shakespeare):
             assert tok.decode(row[a + 1 : b]) in corpus
 
 
-@needs_shared
-def test_second_prepare_is_a_cache_hit(shakespeare_cfg, shakespeare):
-    model_mtime = shakespeare.tokenizer_path.stat().st_mtime_ns
-    again = prepare_data(shakespeare_cfg, progress=False)
-    assert again.dir == shakespeare.dir and again.meta == shakespeare.meta
-    assert shakespeare.tokenizer_path.stat().st_mtime_ns == model_mtime  # not retrained
-    assert not list(shakespeare.dir.glob("*.tmp*"))  # no leftovers from the atomic writes
+def test_second_prepare_is_a_cache_hit(english_cfg, english):
+    model_mtime = english.tokenizer_path.stat().st_mtime_ns
+    again = prepare_data(english_cfg, progress=False)
+    assert again.dir == english.dir and again.meta == english.meta
+    assert english.tokenizer_path.stat().st_mtime_ns == model_mtime  # not retrained
+    assert not list(english.dir.glob("*.tmp*"))  # no leftovers from the atomic writes
 
 
-@needs_shared
 def test_vocab_or_text_change_is_a_cache_miss(tmp_path):
-    text = tmp_path / "tiny.txt"
-    text.write_text(TINY.read_text(encoding="utf-8")[:300_000])
+    text = tmp_path / "english.txt"
+    text.write_text(english_corpus()[:300_000], encoding="utf-8")
     cfg = data_cfg("text_files", paths=[str(text)], vocab_size=512, cache_dir=str(tmp_path / "cache"))
     first = prepare_data(cfg, progress=False)
     other_vocab = prepare_data(OmegaConf.merge(cfg, {"vocab_size": 640}), progress=False)
@@ -184,46 +182,39 @@ def test_vocab_or_text_change_is_a_cache_miss(tmp_path):
     assert prepare_data(cfg, progress=False).dir not in (first.dir, other_vocab.dir)
 
 
-@needs_shared
 def test_split_is_stable_and_independent_of_document_order(tmp_path):
-    paragraphs = [p for p in TINY.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    paragraphs = [p for p in english_corpus().split("\n\n") if p.strip()]
     forward = split_documents(Dataset.from_dict({"text": paragraphs}), 0.05)
     backward = split_documents(Dataset.from_dict({"text": paragraphs[::-1]}), 0.05)
     assert forward.split == "hash" and set(forward.val["text"]) == set(backward.val["text"])
     assert 0.02 < len(forward.val) / len(paragraphs) < 0.08
     # the same through prepare_data, in two separate caches: byte-identical validation tokens
     cfgs = [
-        data_cfg("text_files", paths=[str(TINY)], vocab_size=512, cache_dir=str(tmp_path / c)) for c in "ab"
+        data_cfg("text_files", paths=[str(english_file())], vocab_size=512, cache_dir=str(tmp_path / c)) for c in "ab"
     ]
     a, b = (prepare_data(c, progress=False) for c in cfgs)
     assert a.val_tokens > 0 and a.val_path.read_bytes() == b.val_path.read_bytes()
 
 
-@needs_shared
 def test_few_documents_still_hold_out_validation_text(tmp_path):
-    docs = {
-        "id": ["a.txt", "b.txt", "c.txt"],
-        "text": [TINY.read_text(encoding="utf-8")[i::3] for i in range(3)],
-    }
+    text = english_file().read_text(encoding="utf-8")
+    docs = {"id": ["a.txt", "b.txt", "c.txt"], "text": [text[i::3] for i in range(3)]}
     corpus = split_documents(Dataset.from_dict(docs), 0.02)  # three keys: likely none below 0.02
     assert len(corpus.val) >= 1 and len(corpus.train) >= 1
-    one = split_documents(
-        Dataset.from_dict({"id": ["input.txt"], "text": [TINY.read_text(encoding="utf-8")]}), 0.02
-    )
+    one = split_documents(Dataset.from_dict({"id": [english_file().name], "text": [text]}), 0.02)
     assert one.split == "tail of the only document" and one.train["text"][0].endswith(
         "\n"
     )  # cut at a line end
-    assert one.train["text"][0] + one.val["text"][0] == TINY.read_text(encoding="utf-8")
-    assert 0.015 < len(one.val["text"][0]) / len(TINY.read_text(encoding="utf-8")) < 0.03
+    assert one.train["text"][0] + one.val["text"][0] == text
+    assert 0.015 < len(one.val["text"][0]) / len(text) < 0.03
 
 
-@needs_shared
-def test_text_folder_is_searched_and_bad_files_are_skipped_with_a_warning(tmp_path):
-    plays = sorted(SHAKESPEARE.glob("*.txt"))[:5]
+def test_text_folder_is_searched_and_bad_files_are_skipped_with_a_warning(tmp_path, parts):
+    docs = sorted(parts.glob("*.txt"))[:5]
     folder = tmp_path / "corpus"
-    for i, (play, suffix) in enumerate(zip(plays, [".txt", ".md", ".py", ".rst", ".TXT"])):
+    for i, (doc, suffix) in enumerate(zip(docs, [".txt", ".md", ".py", ".rst", ".TXT"])):
         (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
-        (folder / f"sub{i % 2}" / f"play{i}{suffix}").write_text(play.read_text(encoding="utf-8"))
+        (folder / f"sub{i % 2}" / f"doc{i}{suffix}").write_bytes(doc.read_bytes())
     (folder / "notes.json").write_text('{"not": "searched"}')
     (folder / ".git").mkdir()
     (folder / ".git" / "HEAD.txt").write_text("hidden folders are not searched")
@@ -235,7 +226,7 @@ def test_text_folder_is_searched_and_bad_files_are_skipped_with_a_warning(tmp_pa
         prepared = prepare_data(cfg, progress=False)
     meta = prepared.meta
     assert meta["train"]["documents"] + meta["val"]["documents"] == 5
-    assert meta["train"]["bytes"] + meta["val"]["bytes"] == sum(len(p.read_bytes()) for p in plays)
+    assert meta["train"]["bytes"] + meta["val"]["bytes"] == sum(len(p.read_bytes()) for p in docs)
 
 
 @pytest.mark.parametrize(
@@ -294,9 +285,8 @@ def test_tokenizer_shrinks_a_vocab_the_corpus_cannot_fill(tmp_path, capsys):
 # ---------------------------------------------------------------- hub
 
 
-@needs_shared
 def test_hub_path_on_a_local_jsonl_folder(tmp_path):
-    paragraphs = [p for p in TINY.read_text(encoding="utf-8").split("\n\n") if p.strip()][:3000]
+    paragraphs = [p for p in english_corpus().split("\n\n") if p.strip()][:3000]
     folder = tmp_path / "local_hub"
     folder.mkdir()
     for part in range(2):
