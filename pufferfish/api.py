@@ -40,9 +40,9 @@ def model_overrides(mc: ModelConfig) -> list[str]:
     return out
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return compose("train", overrides=overrides)
+        return compose(config_name, overrides=overrides)
 
 
 class Trainer:

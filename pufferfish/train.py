@@ -32,6 +32,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from .console import leaves_no_empty_run_dir, log_console
 from .data import prepare_data
 from .data.loader import TrainBatches, val_batches
 from .data.tokenizer import Tokenizer
@@ -71,11 +72,14 @@ from .schedule import lr_at
 from .sharding import full_state, plain, unsharded
 from .sharding import grad_scaler as sharded_grad_scaler
 from .transforms import apply_speed_transforms, autocast, compile_step, grad_scaler, sdpa_backend
-from .validate import check_overrides, validate
+from .validate import validate
 
 CALIBRATE_FROM = 2  # steps before this include compilation and allocator warm-up
+STOP_WORDS = {"schedule": "its schedule complete", "train.max_steps": "train.max_steps reached, schedule complete",
+              "time budget": "the time budget reached", "stop_at_step": "train.stop_at_step reached"}  # fmt: skip
 
 
+@leaves_no_empty_run_dir
 def train(cfg: DictConfig) -> dict:
     validate(cfg)  # every value once, before anything is written or loaded
     prefer_expandable_segments()  # before CUDA starts
@@ -219,7 +223,7 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter() - elapsed
     last_ckpt = time.perf_counter()
     last_eval_s, window_t, window_tokens = 0.0, time.perf_counter(), 0
-    stopped_by = "schedule"
+    stopped_by = "train.max_steps" if tc.max_steps else "schedule"
     # the budget, not a step count, ends the run: re-plan the steps from the measured speed as it settles
     calibrate_at = [] if tc.max_steps or plan.measured_tokens_per_s else [0.03, 0.15, 0.4, 0.7]
     calib_t0 = calib_overhead0 = overhead_s = 0.0
@@ -323,7 +327,7 @@ def train(cfg: DictConfig) -> dict:
                 why = f"signal {stop.signal}"
             elif tc.stop_at_step and step >= tc.stop_at_step:
                 why = "stop_at_step"
-            elif elapsed + last_eval_s > budget:
+            elif not tc.max_steps and elapsed + last_eval_s > budget:  # with max_steps the budget only reports
                 why = "time budget"
             if world.enabled:  # ranks agree at log intervals only: one host sync there, not every step
                 if log_now:
@@ -364,14 +368,15 @@ def train(cfg: DictConfig) -> dict:
         atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
     close_world(world)
     if world.is_main:
-        print(f"{'done' if finished else 'stopped (' + stopped_by + ')'}: step {step}/{plan.steps}, "
-              f"{elapsed:.1f} s, run directory {run_dir}")  # fmt: skip
+        print(f"{'done' if finished else 'stopped'} ({STOP_WORDS.get(stopped_by, stopped_by)}): step {step}/"
+              f"{plan.steps}, {elapsed:.1f} s of a {budget:.0f} s budget, run directory {run_dir}")  # fmt: skip
     if stop:
         stop.exit_for_requeue()  # after the checkpoint: a launcher's own handler runs, then exit 144
     return result
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")  # absolute: see __main__ below
+@log_console  # outside the next one: train.log gets its one-line error too
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     if cfg.job == "measure":
@@ -385,7 +390,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(check_overrides)(sys.argv[1:])  # the few mistakes Hydra answers with a traceback
+    from pufferfish.overrides import check_command_line
+
+    exit_on_user_error(check_command_line)(sys.argv[1:])  # Hydra's own errors as one line, exit 2
     # the importable module's main, not __main__'s: launchers (submitit) pickle the task function by name
     from pufferfish.train import main as importable_main
 

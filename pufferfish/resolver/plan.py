@@ -251,7 +251,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if train.max_steps:
         steps = int(train.max_steps)
         binding = "user"
-        reasons["steps"] = f"{steps} steps: set by train.max_steps (the time guard still applies)"
+        reasons["steps"] = f"{steps} steps: set by train.max_steps (the time budget then only reports)"
     else:
         steps = max(1, int(tokens // batch_tokens))
         binding = "time"
