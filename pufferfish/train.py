@@ -58,9 +58,15 @@ from .reliability import (
 )
 from .resolver import Plan, apply_memory_cap, format_plan, prefer_expandable_segments
 from .run import (
+    EVAL_SHARE,
+    FINAL_EVAL_SHARE,
+    MAX_STEP_SHARE,
+    SAMPLE_COST,
+    CpuThreads,
     StopFlag,
     check_disk_for_checkpoints,
     check_same_run,
+    eval_tokens_for,
     evaluate,
     plan_for,
     run_directory,
@@ -90,6 +96,7 @@ def train(cfg: DictConfig) -> dict:
     if not world.is_main:
         barrier(world)  # rank 0 prepares the data cache and the plan first
     data = prepare_data(cfg.data, progress=tc.progress and world.is_main)
+    ready = time.perf_counter()  # the budget counts from here: planning, building, the first checkpoint are in it
     found = load_latest(ckpt_dir)
     if world.is_main:
         if found:
@@ -127,7 +134,11 @@ def train(cfg: DictConfig) -> dict:
     scaler = sharded_grad_scaler(precision, device) if sharded else grad_scaler(precision, device)
     ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
-    val_tokens = min(tc.eval_tokens, data.val_tokens)
+    val_tokens = final_tokens = min(tc.eval_tokens, data.val_tokens)
+    if not tc.max_steps:  # evaluations sized to the budget (with max_steps the budget only reports)
+        speed = plan.measured_tokens_per_s or plan.predicted_tokens_per_s
+        val_tokens = eval_tokens_for(plan.time_budget_s, speed, plan.seq_len, EVAL_SHARE, final_tokens)
+        final_tokens = eval_tokens_for(plan.time_budget_s, speed, plan.seq_len, FINAL_EVAL_SHARE, final_tokens)
     loss_sum, window_steps = 0.0, 0  # finite step losses since the last train line, and how many
     if found:
         state, path = found
@@ -193,8 +204,16 @@ def train(cfg: DictConfig) -> dict:
         if world.is_main:
             save_checkpoint(ckpt_dir, state, step, tc.keep_checkpoints)
 
+    save_s = time.perf_counter()
     if not found:  # a first checkpoint now: a disk that cannot hold one fails here, and a rollback has a target
         save()
+    save_s = time.perf_counter() - save_s  # the final one costs about as much
+
+    def finish_s() -> float:
+        """Seconds the final checkpoint, evaluation and sample take after the loop, at the latest speed."""
+        speed = plan.measured_tokens_per_s or plan.predicted_tokens_per_s
+        final_eval_s = max(final_tokens / (3 * speed), last_eval_s * final_tokens / max(1, val_tokens))
+        return save_s + final_eval_s + SAMPLE_COST * tc.sample_tokens / (3 * speed)
     eval_every = tc.eval_interval or max(1, plan.steps // 10)
     guard = NonFiniteGuard(tc.max_bad_steps, divergence_advice(plan.lr, cfg.optim.grad_clip, precision, ckpt_dir))
     on_device = skip_on_device(optimizer) and not scaler.is_enabled()  # fp16: the GradScaler decides, on the host
@@ -220,7 +239,7 @@ def train(cfg: DictConfig) -> dict:
     stop = StopFlag()
     budget = plan.time_budget_s
     bar = tqdm(total=plan.steps, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
-    start = time.perf_counter() - elapsed
+    start = (time.perf_counter() if found else ready) - elapsed
     last_ckpt = time.perf_counter()
     last_eval_s, window_t, window_tokens = 0.0, time.perf_counter(), 0
     stopped_by = "train.max_steps" if tc.max_steps else "schedule"
@@ -229,6 +248,7 @@ def train(cfg: DictConfig) -> dict:
     calib_t0 = calib_overhead0 = overhead_s = 0.0
     model.train()
     profiler = StepProfiler(run_dir, world.rank, tc.profile_steps, tc.profile_start, device)
+    threads = CpuThreads(device == "cpu" and bool(calibrate_at) and not world.enabled)
     try:
         while step < plan.steps:
             lr = lr_at(step, plan.steps, plan.lr, cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio,
@@ -240,7 +260,7 @@ def train(cfg: DictConfig) -> dict:
                 log.log({"kind": "eval", "step": step, "tokens": tokens_seen, **run_eval(val_tokens)})
                 last_eval_s = time.perf_counter() - t
                 overhead_s += last_eval_s
-            step_start = loader.sample
+            step_start, step_t = loader.sample, time.perf_counter()
             while True:  # out of memory: the same step again with half the micro-batch, twice as many of them
                 try:
                     with sdpa_backend(cfg.attention.sdpa_backend):
@@ -307,15 +327,23 @@ def train(cfg: DictConfig) -> dict:
                 save()
                 last_ckpt = time.perf_counter()
                 overhead_s += last_ckpt - t
-            elapsed = time.perf_counter() - start
+            elapsed, step_s = time.perf_counter() - start, time.perf_counter() - step_t
+            # a CPU compiles nothing: its first steps measure its speed (and threads), before the schedule is under way
+            first_on_cpu = step in (1, 2) and device == "cpu" and not world.enabled and bool(calibrate_at)
+            if first_on_cpu:
+                step_s = threads.after_step(step, step_s, plan)
             if step == CALIBRATE_FROM:
                 calib_t0, calib_overhead0 = elapsed, overhead_s
-            elif (world.is_main and calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget
-                  and (log_now or not world.enabled)):  # with ranks: only where they agree on the steps, below
-                calibrate_at.pop(0)
-                per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
+            if (world.is_main and calibrate_at and (first_on_cpu or step > CALIBRATE_FROM + 2
+                  and elapsed > calibrate_at[0] * budget) and (log_now or not world.enabled)):  # fmt: skip
+                # with ranks: only where they agree on the steps, below
+                per_step = step_s if first_on_cpu else \
+                    (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)  # fmt: skip
+                calibrate_at = calibrate_at if first_on_cpu else calibrate_at[1:]
                 evals_left = 10 * (1 - elapsed / budget) + 1
-                plan.recalibrate(step, per_step, budget - elapsed - evals_left * last_eval_s - 1.0)
+                eval_s = max(last_eval_s, val_tokens * per_step / plan.batch_tokens / 3)  # none yet at step 1
+                plan.recalibrate(step, per_step, budget - elapsed - evals_left * eval_s - finish_s(),
+                                 None if world.enabled else MAX_STEP_SHARE * budget)  # fmt: skip
                 atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
                 eval_every = tc.eval_interval or max(1, plan.steps // 10)
                 # ten evaluations should cost at most ~5 % of the budget (a forward is ~1/3 of a training step)
@@ -327,7 +355,7 @@ def train(cfg: DictConfig) -> dict:
                 why = f"signal {stop.signal}"
             elif tc.stop_at_step and step >= tc.stop_at_step:
                 why = "stop_at_step"
-            elif not tc.max_steps and elapsed + last_eval_s > budget:  # with max_steps the budget only reports
+            elif not tc.max_steps and elapsed + step_s + last_eval_s + finish_s() > budget:  # max_steps: it reports
                 why = "time budget"
             if world.enabled:  # ranks agree at log intervals only: one host sync there, not every step
                 if log_now:
@@ -351,7 +379,7 @@ def train(cfg: DictConfig) -> dict:
     result = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "stopped_by": stopped_by,
               "skipped_steps": skipped, **peak_memory_bytes(device)}  # fmt: skip
     if finished:
-        result.update(run_eval(min(tc.eval_tokens, data.val_tokens)))  # the final number: the full eval set
+        result.update(run_eval(final_tokens))  # the final number: the full eval set, or what the budget allows
         log.log({"kind": "eval", "step": step, "tokens": tokens_seen, "final": True, **result})
         sampler = unsharded(model, world, device) if tc.sample_tokens else None  # FSDP2: every rank gathers
         if tc.sample_tokens and world.is_main:
@@ -370,6 +398,7 @@ def train(cfg: DictConfig) -> dict:
     if world.is_main:
         print(f"{'done' if finished else 'stopped'} ({STOP_WORDS.get(stopped_by, stopped_by)}): step {step}/"
               f"{plan.steps}, {elapsed:.1f} s of a {budget:.0f} s budget, run directory {run_dir}")  # fmt: skip
+    threads.restore()
     if stop:
         stop.exit_for_requeue()  # after the checkpoint: a launcher's own handler runs, then exit 144
     return result

@@ -51,8 +51,16 @@ class Plan:
     measured_tokens_per_s: float | None = None  # set once early in the run; steps re-planned from it
     world_size: int = 1  # data-parallel processes; batch_tokens and the speeds are totals over them
 
-    def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float) -> None:
-        """Fit the schedule to the measured speed, so the run ends on time with its schedule complete."""
+    def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float, max_step_s: float | None = None):
+        """Fit the schedule to the measured speed, so the run ends on time with its schedule complete; a step
+        longer than max_step_s accumulates fewer micro-batches (a smaller batch) from here on."""
+        if max_step_s and seconds_per_step > max_step_s and self.grad_accum > 1:
+            accum = max(1, int(self.grad_accum * max_step_s / seconds_per_step))
+            seconds_per_step *= accum / self.grad_accum
+            self.batch_tokens = self.batch_tokens // self.grad_accum * accum
+            self.reasons["batch"] += (f"; from step {step} {self.batch_tokens} tokens ({accum} accumulation "
+                                      f"step(s)): a measured step took over {max_step_s:.1f} s")  # fmt: skip
+            self.grad_accum = accum
         self.measured_tokens_per_s = self.batch_tokens / seconds_per_step
         steps = max(step + 1, step + int(seconds_left / seconds_per_step))
         self.reasons["steps"] = (f"{steps} steps: re-planned at step {step} from the measured "
