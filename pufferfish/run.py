@@ -178,6 +178,9 @@ class CpuThreads:
         self.all = torch.get_num_threads()
         self.half = max(1, self.all // 2)
         self.active, self.times = active and self.all > 1, {}
+        if self.active and os.getloadavg()[0] >= self.all:  # already busy: a step on every thread could take
+            torch.set_num_threads(self.half)  # many times its share of the budget; half of them, no trial
+            self.active = False
 
     def after_step(self, step: int, seconds: float, plan) -> float:
         """The step's time as the speed to plan with: from step 2 on, that of the faster thread count."""
