@@ -22,8 +22,13 @@ from .errors import ConfigError
 from .validate import check_overrides
 
 # Hydra flags whose value is the next argument: it is not an override
-FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
-FLAGS_WITHOUT_RUN = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
+FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun",
+                    "--cfg", "-c", "--package", "-p"}  # fmt: skip
+# flags after which Hydra composes another config, or from other folders: only Hydra knows it then
+FLAGS_OTHER_CONFIG = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+# flags that print and run nothing (--cfg: the composed config)
+FLAGS_WITHOUT_RUN = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version", "--cfg",
+                     "-c"}  # fmt: skip
 LAUNCHERS_NEEDING = {"submitit_slurm": "sbatch"}  # launcher option -> the program it submits jobs with
 REQUIRED = {  # what a ??? key of the entry point's YAML wants, in the user's words
     "checkpoint": "a run directory, its checkpoints folder or a .pt file",
@@ -47,9 +52,10 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def group_options(conf_dir: Path) -> dict[str, list[str]]:
     """{group: its options} from the YAML files under conf/<group>/ (experiment options may be nested)."""
-    groups = {}
-    for folder in sorted(p for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"):
-        groups[folder.name] = sorted(str(f.relative_to(folder).with_suffix("")) for f in folder.rglob("*.yaml"))
+    groups = {}  # nested folders are groups too (experiment/memory=all)
+    for folder in sorted(p for p in conf_dir.rglob("*") if p.is_dir() and p.relative_to(conf_dir).parts[0] != "hydra"):
+        name = folder.relative_to(conf_dir).as_posix()
+        groups[name] = sorted(f.relative_to(folder).with_suffix("").as_posix() for f in folder.rglob("*.yaml"))
     launchers = conf_dir / "hydra" / "launcher"
     groups["hydra/launcher"] = sorted(["basic", *(f.stem for f in launchers.glob("*.yaml"))])
     return groups
@@ -117,6 +123,8 @@ def check_command_line(argv: list[str], config_name: str = "train") -> None:
     from .api import CONF_DIR, compose_config
 
     items, flags = split_argv(argv)
+    if set(flags) & FLAGS_WITHOUT_RUN:  # help and info: nothing runs (and --info takes an optional word)
+        return
     parser, parsed = OverridesParser.create(), []
     for item in items:
         try:
@@ -125,7 +133,8 @@ def check_command_line(argv: list[str], config_name: str = "train") -> None:
             raise ConfigError(f"{item!r} cannot be read as key=value ({str(e).splitlines()[0]}); quote a value "
                               f"holding ( ) [ ] {{ }} , or spaces: 'prompt=\"f(x)\"'") from None  # fmt: skip
     check_overrides(items)
-    groups = group_options(CONF_DIR) if config_name == "train" else {"hydra/launcher": []}
+    elsewhere = set(flags) & FLAGS_OTHER_CONFIG or any(o.key_or_group == "hydra.searchpath" for o in parsed)
+    groups = group_options(CONF_DIR) if config_name == "train" and not elsewhere else {"hydra/launcher": []}
     for o in parsed:
         key = o.key_or_group
         if key in groups and groups[key] and not o.is_delete():
@@ -138,7 +147,7 @@ def check_command_line(argv: list[str], config_name: str = "train") -> None:
                 if need and not shutil.which(need):
                     raise ConfigError(f"{key}={value} needs SLURM, but `{need}` is not on this machine's PATH; "
                                       f"use hydra/launcher=submitit_local or leave the launcher out")  # fmt: skip
-    if set(flags) & FLAGS_WITHOUT_RUN:
+    if elsewhere:  # options and keys may come from the other folders
         return
     own = [(o, item) for o, item in zip(parsed, items) if not o.key_or_group.startswith("hydra")]
     plain = first_values([o for o, _ in own], [item for _, item in own])

@@ -242,7 +242,7 @@ def train(cfg: DictConfig) -> dict:
     start = (time.perf_counter() if found else ready) - elapsed
     last_ckpt = time.perf_counter()
     last_eval_s, window_t, window_tokens = 0.0, time.perf_counter(), 0
-    stopped_by = "train.max_steps" if tc.max_steps else "schedule"
+    stopped_by = "schedule"
     # the budget, not a step count, ends the run: re-plan the steps from the measured speed as it settles
     calibrate_at = [] if tc.max_steps or plan.measured_tokens_per_s else [0.03, 0.15, 0.4, 0.7]
     calib_t0 = calib_overhead0 = overhead_s = 0.0
@@ -396,7 +396,8 @@ def train(cfg: DictConfig) -> dict:
         atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
     close_world(world)
     if world.is_main:
-        print(f"{'done' if finished else 'stopped'} ({STOP_WORDS.get(stopped_by, stopped_by)}): step {step}/"
+        shown = "train.max_steps" if tc.max_steps and stopped_by == "schedule" else stopped_by
+        print(f"{'done' if finished else 'stopped'} ({STOP_WORDS.get(shown, shown)}): step {step}/"
               f"{plan.steps}, {elapsed:.1f} s of a {budget:.0f} s budget, run directory {run_dir}")  # fmt: skip
     threads.restore()
     if stop:
