@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from . import config as _schemas  # noqa: F401
 from .errors import ConfigError
@@ -40,9 +42,9 @@ def model_overrides(mc: ModelConfig) -> list[str]:
     return out
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return compose("train", overrides=overrides)
+        return compose(config_name, overrides=overrides)
 
 
 class Trainer:
@@ -70,7 +72,13 @@ class Trainer:
                 ov.append(f"data.vocab_size={config.vocab_size}")
         self.run_dir = Path(run_dir or f"outputs/api/{time.strftime('%Y-%m-%d/%H-%M-%S')}")
         ov.append(f"run_dir='{self.run_dir}'")
-        self.cfg = compose_config(ov + list(overrides))
+        try:
+            self.cfg = compose_config(ov + list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:  # the CLI's one-line message for it
+            from .overrides import check_command_line, one_line
+
+            check_command_line(ov + list(overrides))
+            raise ConfigError(one_line(e)) from None
 
     def plan(self) -> dict:
         from .train import train

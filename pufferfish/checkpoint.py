@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PufferfishWarning
 
 POINTER = "latest"
 BEST = "best.pt"  # the weights of the lowest validation loss seen: what a run hands over
@@ -178,7 +179,7 @@ def _first_good(folder: Path, check) -> tuple:
             continue
         if problems:  # a damaged one is skipped with a warning, never deleted
             warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(problems)}. Using {path.name} instead",
-                          stacklevel=3)  # fmt: skip
+                          PufferfishWarning, stacklevel=3)  # fmt: skip
         return result, path
     raise CheckpointError(
         f"no usable checkpoint in {folder}: " + "; ".join(problems)
@@ -194,18 +195,23 @@ def load_latest(folder: Path, map_location="cpu") -> tuple[dict, Path] | None:
     return _first_good(folder, lambda path: load_checkpoint(path, map_location))
 
 
+def step_of(path: Path) -> int:
+    match = re.fullmatch(r"step_(\d+)\.pt", path.name)
+    return int(match.group(1)) if match else -1
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """A run directory, its checkpoints folder, its `latest` pointer, or one checkpoint file -> the file to load.
 
-    In a folder: best.pt, the weights a run hands over, when it verifies; else the newest checkpoint that
-    matches its checksum. `RUN_DIR/checkpoints/latest` names the last weights instead of the best.
+    In a folder: best.pt, the weights a run hands over, when it verifies; else the latest checkpoint. When
+    that is damaged, the newest intact one takes its place (with a warning naming it) only if it is a trained
+    one: falling back to the initial step-0 checkpoint would generate from, or export, an untrained model
+    without anyone noticing, so that one must be named. `RUN_DIR/checkpoints/latest` names the last weights.
     """
     p = Path(path)
     if p.name == POINTER and p.parent.is_dir() and not p.is_dir():  # the last weights, not the best
-        if not checkpoint_files(p.parent):
-            raise CheckpointError(f"checkpoint={path}: no checkpoints in {p.parent}")
-        return _first_good(p.parent, verify)[1]
-    if p.is_dir():
+        folder = p.parent
+    elif p.is_dir():
         folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         best = folder / BEST
         if best.exists():
@@ -213,10 +219,28 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
                 verify(best)
                 return best
             except CheckpointError as e:
-                warnings.warn(f"{e}; using the newest step checkpoint instead of the best weights", stacklevel=2)
-        if not checkpoint_files(folder):
-            raise CheckpointError(f"checkpoint={path}: no checkpoints in {folder}")
-        return _first_good(folder, verify)[1]
-    if p.is_file():
+                warnings.warn(f"{e}; using the newest step checkpoint instead of the best weights",
+                              PufferfishWarning, stacklevel=2)  # fmt: skip
+    elif p.is_file():
         return p
-    raise CheckpointError(f"checkpoint={path} does not exist; give a run directory or a .pt file")
+    else:
+        raise CheckpointError(f"checkpoint={path} does not exist; give a run directory or a .pt file")
+    if not checkpoint_files(folder):
+        raise CheckpointError(f"checkpoint={path}: no checkpoints in {folder}")
+    problems = []
+    for candidate in _newest_first(folder):
+        try:
+            verify(candidate)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if not problems:
+            return candidate
+        if step_of(candidate) == 0:
+            raise CheckpointError(
+                f"checkpoint={path}: {'; '.join(problems)}; the only intact one is {candidate.name}, the "
+                f"untrained initial model. To use it anyway, name it: checkpoint={candidate}")
+        warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(problems)}. Using {candidate.name} instead",
+                      PufferfishWarning, stacklevel=2)  # fmt: skip
+        return candidate
+    raise CheckpointError(f"checkpoint={path}: no intact checkpoint in {folder}: {'; '.join(problems)}")

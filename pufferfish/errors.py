@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 
 class PufferfishError(Exception):
@@ -20,6 +21,19 @@ class DataError(PufferfishError):
 
 class CheckpointError(PufferfishError):
     pass
+
+
+class PufferfishWarning(UserWarning):
+    """Something the user should know that does not stop the run; printed by the entry points as one line."""
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, PufferfishWarning):  # not Python's two lines of file, line number and source
+        return f"pufferfish: warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
 
 
 def one_of(what: str, value, allowed) -> ConfigError:
@@ -41,6 +55,7 @@ def exit_on_user_error(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        warnings.formatwarning = _one_line_warning
         try:
             return fn(*args, **kwargs)
         except PufferfishError as e:

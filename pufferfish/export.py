@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import CheckpointError, ConfigError, exit_on_user_error
 from .generate import find_tokenizer, load_model
 
@@ -129,18 +129,23 @@ def export(checkpoint: str | Path, out: str | Path, tokenizer_path: str | None =
     if tokenizer.vocab_size != mc.vocab_size:
         raise ConfigError(f"{tokenizer.path} has {tokenizer.vocab_size} pieces but the model has "
                           f"vocab_size={mc.vocab_size}; pass the run's tokenizer with tokenizer=PATH")  # fmt: skip
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_text(out / "config.json", json.dumps(hf_config(mc, tokenizer), indent=2) + "\n")
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "do_sample": True,
-                  "temperature": 0.8, "top_k": 50, "max_length": mc.seq_len}  # generate.py's defaults  # fmt: skip
-    atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-    shutil.copyfile(tokenizer.path, out / "tokenizer.model")
-    (out / "tokenizer.json").unlink(missing_ok=True)  # a stale one from an earlier export would win over .model
-    atomic_write_text(out / "tokenizer_config.json", json.dumps(tokenizer_config(tokenizer, mc.seq_len), indent=2))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # written like every other file here (umask permissions, atomic); safetensors' save_file makes it 0600
+        atomic_write_bytes(out / "model.safetensors", save(hf_state_dict(model), metadata={"format": "pt"}))
+        atomic_write_text(out / "config.json", json.dumps(hf_config(mc, tokenizer), indent=2) + "\n")
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "do_sample": True,
+                      "temperature": 0.8, "top_k": 50, "max_length": mc.seq_len}  # generate.py's defaults  # fmt: skip
+        atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+        (out / "tokenizer.json").unlink(missing_ok=True)  # a stale one from an earlier export would win over .model
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(tokenizer_config(tokenizer, mc.seq_len), indent=2))
+    except OSError as e:
+        raise ConfigError(f"out={out} cannot be written ({e.strerror or e}: {e.filename or out}); choose a "
+                          f"writable folder") from None  # fmt: skip
     note = write_tokenizer_json(out, tokenizer)
     print(f"exported {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) to {out}; {note}",
           file=sys.stderr)  # fmt: skip
@@ -154,4 +159,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from .overrides import check_command_line
+
+    exit_on_user_error(check_command_line)(sys.argv[1:], "export")  # Hydra's own errors as one line
     main()

@@ -21,6 +21,11 @@ from .resolver.plan import corpus_mb_wanted
 
 MIN_FREE_DISK = 256 * 1024**2
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights and AdamW's two fp32 moments; the rest is small
+# one sampled token (a forward of one position, latency-bound) costs about as much as this many tokens of an
+# evaluation's batched forward
+SAMPLE_COST = 8
+# a re-planned step takes at most this share of the budget: the run can still re-plan, and stop on time
+MAX_STEP_SHARE = 0.02
 # groups and keys that change the result: a run directory cannot be resumed with different ones
 RESULT_KEYS = ("mode", "model", "attention", "moe", "data", "optim", "train.seed", "train.batch_tokens",
                "train.micro_batch", "train.max_steps")  # fmt: skip
@@ -165,6 +170,38 @@ def evaluate(model, batches, ctx, bytes_per_token: float, chunk_tokens: int = 40
     model.train(was_training)
     loss = total / max(1, count)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
+class CpuThreads:
+    """PyTorch's CPU threads wait for each other by spinning, so on cores shared with other work all of them
+    can be slower than fewer: with one of this 2-core machine's cores busy, a 512 x 512 matmul ran at 58
+    GFLOP/s on one thread and 14 on two. A CPU run's first step uses every thread, its second half of them,
+    and the faster count stays for the rest of the run (then the process gets its own count back)."""
+
+    def __init__(self, active: bool):
+        self.all = torch.get_num_threads()
+        self.half = max(1, self.all // 2)
+        self.active, self.times = active and self.all > 1, {}
+        if self.active and os.getloadavg()[0] >= self.all:  # already busy: a step on every thread could take
+            torch.set_num_threads(self.half)  # many times its share of the budget; half of them, no trial
+            self.active = False
+
+    def after_step(self, step: int, seconds: float, plan) -> float:
+        """The step's time as the speed to plan with: from step 2 on, that of the faster thread count."""
+        if not self.active or step not in (1, 2):
+            return seconds
+        self.times[torch.get_num_threads()] = seconds
+        if step == 1:
+            torch.set_num_threads(self.half)
+            return seconds
+        best = min(self.times, key=self.times.get)
+        torch.set_num_threads(best)
+        plan.reasons["threads"] = (f"{best} of {self.all} CPU threads: the first step took {self.times[self.all]:.2f} s "
+                                   f"on {self.all}, the second {self.times[self.half]:.2f} s on {self.half}")  # fmt: skip
+        return self.times[best]
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.all)
 
 
 class StopFlag:

@@ -33,6 +33,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from .console import leaves_no_empty_run_dir, log_console
 from .data import prepare_data
 from .data.loader import TrainBatches, val_batches
 from .data.tokenizer import Tokenizer
@@ -61,6 +62,9 @@ from .reliability import (
 from .resolver import EVALS_PER_RUN, Plan, apply_memory_cap, format_plan, prefer_expandable_segments
 from .resolver.replan import plan_eager_step
 from .run import (
+    MAX_STEP_SHARE,
+    SAMPLE_COST,
+    CpuThreads,
     StopFlag,
     check_disk_for_checkpoints,
     check_same_run,
@@ -76,11 +80,15 @@ from .schedule import lr_at
 from .sharding import full_state, full_weights, plain, unsharded
 from .sharding import grad_scaler as sharded_grad_scaler
 from .transforms import apply_speed_transforms, autocast, compile_step, grad_scaler, sdpa_backend
-from .validate import check_overrides, validate
+from .validate import validate
 
 CALIBRATE_FROM = 2  # steps before this include compilation and allocator warm-up
+STOP_WORDS = {"schedule": "its schedule complete", "train.max_steps": "train.max_steps reached, schedule complete",
+              "time budget": "the time budget reached", "stop_at_step": "train.stop_at_step reached",
+              "early stop": "early stop: the validation loss stayed above its best"}  # fmt: skip
 
 
+@leaves_no_empty_run_dir
 def train(cfg: DictConfig) -> dict:
     validate(cfg)  # every value once, before anything is written or loaded
     prefer_expandable_segments()  # before CUDA starts
@@ -93,6 +101,7 @@ def train(cfg: DictConfig) -> dict:
     if not world.is_main:
         barrier(world)  # rank 0 prepares the data cache and the plan first
     data = prepare_data(data_cfg, progress=tc.progress and world.is_main)
+    ready = time.perf_counter()  # the budget counts from here: planning, building, the first checkpoint are in it
     found = load_latest(ckpt_dir)
     if world.is_main:
         if found:
@@ -130,7 +139,8 @@ def train(cfg: DictConfig) -> dict:
     scaler = sharded_grad_scaler(precision, device) if sharded else grad_scaler(precision, device)
     ctx = autocast(precision, device)
     step, tokens_seen, elapsed, sample_index, skipped = 0, 0, 0.0, 0, 0
-    val_tokens = min(plan.eval_tokens, data.val_tokens)
+    val_tokens = min(plan.eval_tokens, data.val_tokens)  # planned: sized to the budget, unless max_steps
+    final_tokens = min(plan.final_eval_tokens, data.val_tokens)
     best = BestModel(ckpt_dir, plan.model, plan.early_stop_evals, plan.early_stop_rise)
     loss_sum, window_steps = 0.0, 0  # finite step losses since the last train line, and how many
     if found:
@@ -209,9 +219,17 @@ def train(cfg: DictConfig) -> dict:
                  **record, "best": is_best})  # fmt: skip
         return record
 
+    save_s = time.perf_counter()
     if not found:  # a first checkpoint now: a disk that cannot hold one fails here, and a rollback has a target
         save()
+    save_s = time.perf_counter() - save_s  # the final one costs about as much
     last_eval_step = -1
+
+    def finish_s() -> float:
+        """Seconds the final checkpoint, evaluation and sample take after the loop, at the latest speed."""
+        speed = plan.measured_tokens_per_s or plan.predicted_tokens_per_s
+        final_eval_s = max(final_tokens / (3 * speed), last_eval_s * final_tokens / max(1, val_tokens))
+        return save_s + final_eval_s + SAMPLE_COST * tc.sample_tokens / (3 * speed)
     guard = NonFiniteGuard(tc.max_bad_steps, divergence_advice(plan.lr, cfg.optim.grad_clip, precision, ckpt_dir))
     on_device = skip_on_device(optimizer) and not scaler.is_enabled()  # fp16: the GradScaler decides, on the host
     pending, grad_norm_value = PendingSteps(), math.nan
@@ -236,7 +254,7 @@ def train(cfg: DictConfig) -> dict:
     stop = StopFlag()
     budget = plan.time_budget_s
     bar = tqdm(total=plan.steps, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
-    start = time.perf_counter() - elapsed
+    start = (time.perf_counter() if found else ready) - elapsed
     last_ckpt = time.perf_counter()
     last_eval_s, window_t, window_tokens = 0.0, time.perf_counter(), 0
     stopped_by = "schedule"
@@ -245,6 +263,7 @@ def train(cfg: DictConfig) -> dict:
     calib_t0 = calib_overhead0 = overhead_s = 0.0
     model.train()
     profiler = StepProfiler(run_dir, world.rank, tc.profile_steps, tc.profile_start, device)
+    threads = CpuThreads(device == "cpu" and bool(calibrate_at) and not world.enabled)
     try:
         while step < plan.steps:
             lr = lr_at(step, plan.steps, plan.lr, cfg.optim.schedule, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio,
@@ -261,7 +280,7 @@ def train(cfg: DictConfig) -> dict:
                     stopped_by = "early stop"
                     print(f"\n{best.why_stop(step, time.perf_counter() - start, budget)}", flush=True)
                     break
-            step_start = loader.sample
+            step_start, step_t = loader.sample, time.perf_counter()
             while True:  # out of memory: the same step again with half the micro-batch, twice as many of them
                 try:  # compilation failed: the same step again, eager, its memory re-planned
                     with sdpa_backend(plan.attention_kernel):
@@ -334,15 +353,23 @@ def train(cfg: DictConfig) -> dict:
                 save()
                 last_ckpt = time.perf_counter()
                 overhead_s += last_ckpt - t
-            elapsed = time.perf_counter() - start
+            elapsed, step_s = time.perf_counter() - start, time.perf_counter() - step_t
+            # a CPU compiles nothing: its first steps measure its speed (and threads), before the schedule is under way
+            first_on_cpu = step in (1, 2) and device == "cpu" and not world.enabled and bool(calibrate_at)
+            if first_on_cpu:
+                step_s = threads.after_step(step, step_s, plan)
             if step == CALIBRATE_FROM:
                 calib_t0, calib_overhead0 = elapsed, overhead_s
-            elif (world.is_main and calibrate_at and step > CALIBRATE_FROM + 2 and elapsed > calibrate_at[0] * budget
-                  and (log_now or not world.enabled)):  # with ranks: only where they agree on the steps, below
-                calibrate_at.pop(0)
-                per_step = (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)
+            if (world.is_main and calibrate_at and (first_on_cpu or step > CALIBRATE_FROM + 2
+                  and elapsed > calibrate_at[0] * budget) and (log_now or not world.enabled)):  # fmt: skip
+                # with ranks: only where they agree on the steps, below
+                per_step = step_s if first_on_cpu else \
+                    (elapsed - calib_t0 - (overhead_s - calib_overhead0)) / (step - CALIBRATE_FROM)  # fmt: skip
+                calibrate_at = calibrate_at if first_on_cpu else calibrate_at[1:]
                 evals_left = EVALS_PER_RUN * (1 - elapsed / budget) + 1
-                plan.recalibrate(step, per_step, budget - elapsed - evals_left * last_eval_s - 1.0)
+                eval_s = max(last_eval_s, val_tokens * per_step / plan.batch_tokens / 3)  # none yet at step 1
+                plan.recalibrate(step, per_step, budget - elapsed - evals_left * eval_s - finish_s(),
+                                 None if world.enabled else MAX_STEP_SHARE * budget)  # fmt: skip
                 atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
                 val_tokens = min(val_tokens, plan.eval_tokens)
                 bar.total = plan.steps
@@ -354,7 +381,7 @@ def train(cfg: DictConfig) -> dict:
                 why = f"signal {stop.signal}"
             elif tc.stop_at_step and step >= tc.stop_at_step:
                 why = "stop_at_step"
-            elif elapsed + last_eval_s > budget:
+            elif not tc.max_steps and elapsed + step_s + last_eval_s + finish_s() > budget:  # max_steps: it reports
                 why = "time budget"
             if world.enabled:  # ranks agree at log intervals only: one host sync there, not every step
                 if log_now:
@@ -386,7 +413,7 @@ def train(cfg: DictConfig) -> dict:
         best.save(world.is_main)
         result.update({"handed_over": "best" if handed else "last", "handed_over_step": best.step if handed else step,
                        "last_val_loss": last_loss, "best_val_loss": min(best.loss, last_loss)})  # fmt: skip
-        result.update(run_eval(min(tc.eval_tokens, data.val_tokens)))  # the final number: the full eval set
+        result.update(run_eval(final_tokens))  # the final number: the full eval set, or what the budget allows
         log.log({"kind": "eval", "step": step, "tokens": tokens_seen, "final": True, **result})
         sampler = unsharded(model, world, device) if tc.sample_tokens else None  # FSDP2: every rank gathers
         if tc.sample_tokens and world.is_main:
@@ -403,14 +430,17 @@ def train(cfg: DictConfig) -> dict:
         atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
     close_world(world)
     if world.is_main:
-        print(f"{'done' if finished else 'stopped (' + stopped_by + ')'}: step {step}/{plan.steps}, "
-              f"{elapsed:.1f} s, run directory {run_dir}")  # fmt: skip
+        shown = "train.max_steps" if tc.max_steps and stopped_by == "schedule" else stopped_by
+        print(f"{'done' if finished else 'stopped'} ({STOP_WORDS.get(shown, shown)}): step {step}/"
+              f"{plan.steps}, {elapsed:.1f} s of a {budget:.0f} s budget, run directory {run_dir}")  # fmt: skip
+    threads.restore()
     if stop:
         stop.exit_for_requeue()  # after the checkpoint: a launcher's own handler runs, then exit 144
     return result
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")  # absolute: see __main__ below
+@log_console  # outside the next one: train.log gets its one-line error too
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     if cfg.job == "measure":
@@ -424,7 +454,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(check_overrides)(sys.argv[1:])  # the few mistakes Hydra answers with a traceback
+    from pufferfish.overrides import check_command_line
+
+    exit_on_user_error(check_command_line)(sys.argv[1:])  # Hydra's own errors as one line, exit 2
     # the importable module's main, not __main__'s: launchers (submitit) pickle the task function by name
     from pufferfish.train import main as importable_main
 

@@ -31,6 +31,7 @@ MIN_STEPS = 300  # optimizer steps a run should get at least (the batch is sized
 MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
+FINAL_EVAL_SHARE = 0.02  # and the final one, of the handed-over weights on the whole validation set
 EARLY_STOP_EVALS = 3  # evaluations in a row that end above the best by EARLY_STOP_RISE before a run stops
 EARLY_STOP_RISE = 0.01  # relative: 1 % above the best loss seen
 
@@ -64,6 +65,7 @@ class Plan:
     world_size: int = 1  # data-parallel processes; batch_tokens and the speeds are totals over them
     eval_interval: int = 0  # steps between evaluations (0: about EVALS_PER_RUN a run)
     eval_tokens: int = 65536  # validation tokens each evaluation reads
+    final_eval_tokens: int = 65536  # and the final one
     early_stop_evals: int = 0  # stop after this many evaluations in a row above the best (0: never)
     early_stop_rise: float = EARLY_STOP_RISE
     predicted_loss: float = 0.0  # the scaling law's loss for the plan (its units, for comparing plans)
@@ -75,8 +77,16 @@ class Plan:
     fused_adamw: bool = False
     tf32: bool = False
 
-    def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float) -> None:
-        """Fit the schedule to the measured speed, so the run ends on time with its schedule complete."""
+    def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float, max_step_s: float | None = None):
+        """Fit the schedule to the measured speed, so the run ends on time with its schedule complete; a step
+        longer than max_step_s accumulates fewer micro-batches (a smaller batch) from here on."""
+        if max_step_s and seconds_per_step > max_step_s and self.grad_accum > 1:
+            accum = max(1, int(self.grad_accum * max_step_s / seconds_per_step))
+            seconds_per_step *= accum / self.grad_accum
+            self.batch_tokens = self.batch_tokens // self.grad_accum * accum
+            self.reasons["batch"] += (f"; from step {step} {self.batch_tokens} tokens ({accum} accumulation "
+                                      f"step(s)): a measured step took over {max_step_s:.1f} s")  # fmt: skip
+            self.grad_accum = accum
         self.measured_tokens_per_s = self.batch_tokens / seconds_per_step
         steps = max(step + 1, step + int(seconds_left / seconds_per_step))
         data_steps = max(step + 1, self.limits.get("max_tokens", 0) // self.batch_tokens)
@@ -87,8 +97,10 @@ class Plan:
         steps = min(steps, data_steps) if self.limits.get("max_tokens") else steps  # fmt: skip
         self.steps, self.train_tokens = steps, steps * self.batch_tokens
         self.epochs = self.train_tokens / max(1, self.data_fraction * self.corpus_tokens)
-        self.eval_tokens = eval_tokens_for(self.eval_tokens, self.time_budget_s, self.measured_tokens_per_s,
-                                           self.seq_len)  # fmt: skip
+        speed, each = self.measured_tokens_per_s, EVAL_SHARE / EVALS_PER_RUN
+        self.eval_tokens = eval_tokens_for(self.eval_tokens, self.time_budget_s, speed, self.seq_len, each)
+        self.final_eval_tokens = eval_tokens_for(self.final_eval_tokens, self.time_budget_s, speed, self.seq_len,
+                                                 FINAL_EVAL_SHARE)  # fmt: skip
         if not self.reasons.get("eval", "").endswith("set by you"):
             self.eval_interval = max(1, steps // EVALS_PER_RUN)
 
@@ -220,14 +232,10 @@ def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int,
     return max(seq_len * world_size, min(cap, target))
 
 
-MIN_EVAL_TOKENS = 4096  # fewer make a noisy loss to pick the best weights by
-
-
-def eval_tokens_for(wanted: int, run_s: float, tokens_per_s: float, seq_len: int) -> int:
-    """Validation tokens per evaluation: EVALS_PER_RUN of them (a forward is ~1/3 of a training step)
-    should take at most EVAL_SHARE of the run, but never fewer than MIN_EVAL_TOKENS (or `wanted`)."""
-    affordable = EVAL_SHARE * run_s * 3 * tokens_per_s / EVALS_PER_RUN
-    return int(min(wanted, max(seq_len, MIN_EVAL_TOKENS, affordable)))
+def eval_tokens_for(wanted: int, budget_s: float, tokens_per_s: float, seq_len: int, share: float) -> int:
+    """Validation tokens (at most `wanted`) whose forward, ~1/3 of a training step's time per token, takes
+    `share` of the budget."""
+    return int(min(wanted, max(seq_len, share * budget_s * 3 * tokens_per_s)))
 
 
 def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, compute_s: float, unique: float,
@@ -392,7 +400,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
 
     if train.max_steps:
         steps = int(train.max_steps)
-        reasons["steps"] = f"{steps} steps: set by train.max_steps"
+        reasons["steps"] = f"{steps} steps: set by train.max_steps (the time budget then only reports)"
     else:
         steps = max(1, int(tokens // batch_tokens))
         reasons["steps"] = f"{steps} steps: what the predicted {tps:,.0f} tokens/s covers in {compute_s / 3600:.3f} h"
@@ -443,8 +451,11 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         reasons["memory"] += f" per GPU: weights, gradients and AdamW state sharded over {shards} (FSDP2)"
 
     wanted_eval = min(int(train.eval_tokens), val_tokens or int(train.eval_tokens))
-    run_s = steps * batch_tokens / tps if train.max_steps else budget_s  # max_steps: the budget only reports
-    eval_tokens = eval_tokens_for(wanted_eval, run_s, tps, seq_len)
+    if train.max_steps:  # the budget only reports: evaluations read what train.eval_tokens asks
+        eval_tokens = final_eval_tokens = wanted_eval
+    else:
+        eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len, EVAL_SHARE / EVALS_PER_RUN)
+        final_eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len, FINAL_EVAL_SHARE)
     eval_interval = int(train.eval_interval) if train.eval_interval else max(1, steps // EVALS_PER_RUN)
     stop_evals = 0 if train.max_steps or not train.early_stop else EARLY_STOP_EVALS
     reasons["eval"] = (f"every {eval_interval} steps on {eval_tokens:,} validation tokens; the best weights are kept"
@@ -459,6 +470,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         memory_breakdown=peak.to_dict(), vram_bytes=hw.vram_bytes, corpus_tokens=corpus_tokens,
         data_fraction=fraction, epochs=epochs, binding_constraint=binding, hardware=hw.to_dict(), reasons=reasons,
         world_size=world_size, eval_interval=eval_interval, eval_tokens=eval_tokens, early_stop_evals=stop_evals,
+        final_eval_tokens=final_eval_tokens,
         predicted_loss=best.loss, limits=limits,
         compile=path.compile, compile_backend=path.compile_backend, attention_kernel=path.attention_kernel,
         fused_adamw=path.fused_adamw, tf32=path.tf32,
