@@ -12,23 +12,21 @@ from dataclasses import asdict, dataclass, field, replace
 from ..errors import ConfigError
 from ..model import ModelConfig
 from .capabilities import card_path
-from .hardware import CUDA_CONTEXT_BYTES, Hardware
-from .memory import Shape, count_params, predict_peak_bytes
-from .scaling import TOKENS_PER_PARAM, effective_tokens, epochs_worth_training, predicted_loss
-from .speed import predict_tokens_per_s
+from .hardware import Hardware
+from .memory import count_params, predict_peak_bytes
+from .scaling import TOKENS_PER_PARAM, effective_tokens
+from .search import MAX_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search
+from .shapes import (  # noqa: F401  (kv_heads_for, micro_batch_step, USABLE_MEMORY: the planner's public helpers)
+    USABLE_MEMORY,
+    _candidates,
+    _shape,
+    kv_heads_for,
+    memory_budget,
+    micro_batch_step,
+    model_dict,
+)
 
-MAX_EPOCHS = epochs_worth_training()  # ~22: another epoch would be worth under a quarter of fresh text
-MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long before
-USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up
-ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
-ASPECT_WEIGHT = 0.02  # share of the predicted loss added per e-fold away from ASPECT (the law is blind to shape)
-# where the law is indifferent (excess parameters saturate as repeated data does), spend the hours the user
-# gave on a larger model rather than end early: the share of the loss added per unused share of the budget
-UNUSED_WEIGHT = 0.02
-OUTSIDE_MODE_GAIN = 0.02  # a shape outside the mode's bounds must predict a loss this much lower to be chosen
-MIN_STEPS = 300  # optimizer steps a run should get at least (the batch is sized for it)
-MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
 FINAL_EVAL_SHARE = 0.02  # and the final one, of the handed-over weights on the whole validation set
@@ -118,187 +116,10 @@ class Plan:
         return plan
 
 
-def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1) -> Shape:
-    moe_layers = sum(ModelConfig.from_dict(mc).is_moe_layer(i) for i in range(mc["num_layers"])) if mc["use_moe"] else 0
-    path = card_path(cfg, hw)  # the step the card runs: eager fp32 keeps more than compiled bf16
-    return Shape(
-        num_layers=mc["num_layers"], num_dims=mc["num_dims"], num_heads=mc["num_heads"],
-        num_kv_heads=mc["num_kv_heads"], ffn_dims=mc["ffn_dims"], vocab_size=mc["vocab_size"],
-        seq_len=mc["seq_len"], micro_batch=micro_batch, precision=hw.precision, grad_ckpt=grad_ckpt,
-        chunked_loss=bool(cfg.optimizations.chunked_loss), loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
-        attention_math=path.attention_kernel == "math", moe_layers=moe_layers, compiled=path.inductor,
-        repeated_kv=hw.profile != "cpu" and path.attention_kernel != "flash",
-        moe_num_experts=mc["moe_num_experts"] if moe_layers else 0,
-        moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
-        moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
-        moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
-    )  # fmt: skip
-
-
-def kv_heads_for(num_heads: int, attention) -> int:
-    """The divisor of num_heads whose group size is nearest the attention option's heads_per_kv_head."""
-    per = int(attention.heads_per_kv_head)
-    if per == 0:
-        return 1  # mqa
-    divisors = [k for k in range(1, num_heads + 1) if num_heads % k == 0]
-    return min(divisors, key=lambda k: (abs(math.log(num_heads / k / per)), -k))
-
-
-def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: int) -> dict:
-    spec, moe = cfg.model, cfg.moe
-    num_heads = spec.num_heads or max(1, num_dims // int(cfg.attention.head_dim))
-    mc = ModelConfig(
-        num_layers=num_layers, num_dims=num_dims, num_heads=num_heads,
-        num_kv_heads=spec.num_kv_heads or kv_heads_for(num_heads, cfg.attention),
-        vocab_size=vocab_size, seq_len=seq_len, ffn_dims=spec.ffn_dims, rope_theta=spec.rope_theta,
-        norm_eps=spec.norm_eps, init_std=spec.init_std, use_moe=bool(moe.enabled),
-        moe_num_experts=moe.num_experts, moe_active_experts=moe.active_experts,
-        use_lossfreebalance=bool(moe.lossfree_balance), moe_bias_update_rate=moe.bias_update_rate,
-        moe_aux_loss_alpha=moe.aux_loss_alpha, moe_shared_expert=bool(moe.shared_expert),
-        moe_every_n_layers=moe.every_n_layers, moe_first_dense_layers=moe.first_dense_layers,
-        moe_score_func=moe.score_func, moe_expert_ffn_dims=moe.expert_ffn_dims,
-    )  # fmt: skip
-    return mc.to_dict()
-
-
-def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
-    """Shapes within the mode's bounds; relaxed: anything smaller too (when physics forbids the bounds)."""
-    mode, spec = cfg.mode, cfg.model
-    min_layers, min_dims = (1, 64) if relaxed else (mode.min_layers, mode.min_dims)
-    layers = [spec.num_layers] if spec.num_layers else list(range(min_layers, mode.max_layers + 1))
-    step = 128 if min_dims >= 256 else 64  # multiples of 128 keep head counts easy to group
-    dims = [spec.num_dims] if spec.num_dims else list(range(min_dims, mode.max_dims + 1, step))
-    return [(L, d) for L in layers for d in dims]
-
-
-def memory_budget(hw: Hardware) -> int:
-    """The bytes a plan may fill: the device's memory less the CUDA context (on a GPU), at USABLE_MEMORY."""
-    return int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)) * USABLE_MEMORY)
-
-
-def micro_batch_step(mb: int) -> int:
-    """The planner's micro-batches are multiples of this: even from 8 (an out-of-memory back-off halves them
-    exactly), of 4 from 32 and of 8 from 64, so rounding down gives up at most about a ninth of the fit."""
-    return 1 if mb < 8 else 2 if mb < 32 else 4 if mb < 64 else 8
-
-
-def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1) -> int:
-    """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of
-    micro_batch_step; train.micro_batch is kept as given."""
-    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt, shards)).total <= budget_bytes  # noqa: E731
-    if cfg.train.micro_batch:
-        return cap if fits(cap) else 0
-    if not fits(1):
-        return 0
-    lo, hi = 1, cap  # fits(lo); peak memory grows with the micro-batch
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo - lo % micro_batch_step(lo)
-
-
-@dataclass
-class Candidate:
-    """One shape as the planner weighs it: what fits, how fast, and what the scaling law predicts."""
-
-    layers: int
-    dims: int
-    grad_ckpt: bool
-    fit_micro_batch: int  # the largest micro-batch that fits
-    micro_batch: int  # as planned for the target batch
-    target_batch: int  # tokens per optimizer step
-    model: dict
-    shape: Shape
-    params: int
-    tokens_per_s: float
-    tokens: float  # what the run trains on: the budget's tokens, at most MAX_EPOCHS of the data
-    time_tokens: float  # what the budget could process
-    loss: float  # the law's loss on this corpus
-    loss_unlimited: float  # the same with unlimited fresh data
-    inside: bool  # within the mode's shape bounds
-
-    def score(self, loss: float) -> float:
-        aspect = abs(math.log(self.dims / self.layers / ASPECT))
-        unused = 1 - self.tokens / self.time_tokens  # of the budget, when the data's epochs end the run first
-        return loss * (1 + ASPECT_WEIGHT * aspect + UNUSED_WEIGHT * unused + (0 if self.inside else OUTSIDE_MODE_GAIN))
-
-
-def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int) -> int:
-    """Tokens per step: a power of two giving >= MIN_STEPS steps in the budget and, with little data,
-    >= MIN_STEPS_PER_EPOCH steps per epoch; capped where larger batches stop helping small models."""
-    cap = 2**19 if params > 100e6 else 2**18
-    want = min(tokens / MIN_STEPS, unique / MIN_STEPS_PER_EPOCH)
-    target = 2 ** int(math.log2(max(want, seq_len * world_size)))
-    return max(seq_len * world_size, min(cap, target))
-
-
 def eval_tokens_for(wanted: int, budget_s: float, tokens_per_s: float, seq_len: int, share: float) -> int:
     """Validation tokens (at most `wanted`) whose forward, ~1/3 of a training step's time per token, takes
     `share` of the budget."""
     return int(min(wanted, max(seq_len, share * budget_s * 3 * tokens_per_s)))
-
-
-def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, compute_s: float, unique: float,
-           world_size: int, shards: int) -> Candidate:  # fmt: skip
-    seq_len, on_gpu = mc["seq_len"], hw.profile != "cpu"
-
-    def speed(micro: int) -> float:
-        s = _shape(mc, cfg, hw, micro, ckpt, shards)
-        return predict_tokens_per_s(s, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
-
-    shape = _shape(mc, cfg, hw, mb, ckpt, shards)
-    n = count_params(shape)
-    tps = speed(mb)
-    target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
-        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size)  # fmt: skip
-    micro = min(mb, max(1, target // (seq_len * world_size)))
-    if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
-        tps = speed(micro)
-    # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
-    time_tokens = tps * compute_s
-    tokens = min(time_tokens, MAX_EPOCHS * unique)
-    # the law counts the blocks' (active) parameters: a small model's embedding table is most of its
-    # parameters but little of what it can learn (Kaplan et al. 2020 fit non-embedding counts)
-    n_law = count_params(shape, active=True) - mc["vocab_size"] * d
-    mode, spec = cfg.mode, cfg.model
-    inside = bool(spec.num_layers or mode.min_layers <= L) and bool(spec.num_dims or mode.min_dims <= d)
-    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, tokens, time_tokens,
-                     predicted_loss(n_law, tokens, unique), predicted_loss(n_law, time_tokens), inside)  # fmt: skip
-
-
-def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
-            shards: int) -> list[Candidate]:  # fmt: skip
-    """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits."""
-    ckpt_policy = cfg.optimizations.grad_ckpt
-    mem_budget, cap = memory_budget(hw), cfg.train.micro_batch or MAX_MICRO_BATCH
-    out = []
-    for L, d in _candidates(cfg, relaxed=True):
-        mc = model_dict(cfg, L, d, vocab, seq_len)
-        for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
-            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards)
-            if mb:
-                out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards))
-                break  # checkpointing only when the plain step does not fit
-    return out
-
-
-def _choose(cands: list[Candidate], loss) -> tuple[Candidate, Candidate | None]:
-    """The best shape by `loss` (a Candidate's field), and the best within the mode's bounds (None if none
-    fits). A shape outside the bounds must beat the best inside by OUTSIDE_MODE_GAIN; shapes trained on at
-    least a token per parameter are preferred whenever one exists."""
-
-    def best_of(group):
-        trained = [c for c in group if c.tokens >= c.params] or group
-        return min(trained, key=lambda c: c.score(getattr(c, loss))) if trained else None
-
-    def rank(c: Candidate) -> tuple:
-        return c.tokens < c.params, c.score(getattr(c, loss))  # an undertrained shape loses to any other
-
-    inside = best_of([c for c in cands if c.inside])
-    overall = best_of(cands)
-    if inside is not None and rank(inside) <= rank(overall):
-        overall = inside
-    return overall, inside
 
 
 SOURCE_BYTES_PER_TOKEN = 4.0  # Python source per token at 8192 pieces: 3.1-3.2 measured (stdlib, pysource), and a margin

@@ -1,0 +1,121 @@
+"""The shape search: every shape the mode allows and every smaller one, weighed by the tokens the budget
+buys on the card and the loss the data-constrained scaling law (resolver/scaling.py) predicts for them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .hardware import Hardware
+from .memory import Shape, count_params
+from .scaling import epochs_worth_training, predicted_loss
+from .shapes import MAX_MICRO_BATCH, _candidates, _fit_micro_batch, _shape, memory_budget, model_dict
+from .speed import predict_tokens_per_s
+
+MAX_EPOCHS = epochs_worth_training()  # ~22: another epoch would be worth under a quarter of fresh text
+ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
+ASPECT_WEIGHT = 0.02  # share of the predicted loss added per e-fold away from ASPECT (the law is blind to shape)
+# where the law is indifferent (excess parameters saturate as repeated data does), spend the hours the user
+# gave on a larger model rather than end early: the share of the loss added per unused share of the budget
+UNUSED_WEIGHT = 0.02
+OUTSIDE_MODE_GAIN = 0.02  # a shape outside the mode's bounds must predict a loss this much lower to be chosen
+MIN_STEPS = 300  # optimizer steps a run should get at least (the batch is sized for it)
+MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
+
+
+@dataclass
+class Candidate:
+    """One shape as the planner weighs it: what fits, how fast, and what the scaling law predicts."""
+
+    layers: int
+    dims: int
+    grad_ckpt: bool
+    fit_micro_batch: int  # the largest micro-batch that fits
+    micro_batch: int  # as planned for the target batch
+    target_batch: int  # tokens per optimizer step
+    model: dict
+    shape: Shape
+    params: int
+    tokens_per_s: float
+    tokens: float  # what the run trains on: the budget's tokens, at most MAX_EPOCHS of the data
+    time_tokens: float  # what the budget could process
+    loss: float  # the law's loss on this corpus
+    loss_unlimited: float  # the same with unlimited fresh data
+    inside: bool  # within the mode's shape bounds
+
+    def score(self, loss: float) -> float:
+        aspect = abs(math.log(self.dims / self.layers / ASPECT))
+        unused = 1 - self.tokens / self.time_tokens  # of the budget, when the data's epochs end the run first
+        return loss * (1 + ASPECT_WEIGHT * aspect + UNUSED_WEIGHT * unused + (0 if self.inside else OUTSIDE_MODE_GAIN))
+
+
+def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int) -> int:
+    """Tokens per step: a power of two giving >= MIN_STEPS steps in the budget and, with little data,
+    >= MIN_STEPS_PER_EPOCH steps per epoch; capped where larger batches stop helping small models."""
+    cap = 2**19 if params > 100e6 else 2**18
+    want = min(tokens / MIN_STEPS, unique / MIN_STEPS_PER_EPOCH)
+    target = 2 ** int(math.log2(max(want, seq_len * world_size)))
+    return max(seq_len * world_size, min(cap, target))
+
+
+def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, compute_s: float, unique: float,
+           world_size: int, shards: int) -> Candidate:  # fmt: skip
+    seq_len, on_gpu = mc["seq_len"], hw.profile != "cpu"
+
+    def speed(micro: int) -> float:
+        s = _shape(mc, cfg, hw, micro, ckpt, shards)
+        return predict_tokens_per_s(s, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
+
+    shape = _shape(mc, cfg, hw, mb, ckpt, shards)
+    n = count_params(shape)
+    tps = speed(mb)
+    target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
+        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size)  # fmt: skip
+    micro = min(mb, max(1, target // (seq_len * world_size)))
+    if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
+        tps = speed(micro)
+    # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
+    time_tokens = tps * compute_s
+    tokens = min(time_tokens, MAX_EPOCHS * unique)
+    # the law counts the blocks' (active) parameters: a small model's embedding table is most of its
+    # parameters but little of what it can learn (Kaplan et al. 2020 fit non-embedding counts)
+    n_law = count_params(shape, active=True) - mc["vocab_size"] * d
+    mode, spec = cfg.mode, cfg.model
+    inside = bool(spec.num_layers or mode.min_layers <= L) and bool(spec.num_dims or mode.min_dims <= d)
+    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, tokens, time_tokens,
+                     predicted_loss(n_law, tokens, unique), predicted_loss(n_law, time_tokens), inside)  # fmt: skip
+
+
+def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
+            shards: int) -> list[Candidate]:  # fmt: skip
+    """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits."""
+    ckpt_policy = cfg.optimizations.grad_ckpt
+    mem_budget, cap = memory_budget(hw), cfg.train.micro_batch or MAX_MICRO_BATCH
+    out = []
+    for L, d in _candidates(cfg, relaxed=True):
+        mc = model_dict(cfg, L, d, vocab, seq_len)
+        for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
+            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards)
+            if mb:
+                out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards))
+                break  # checkpointing only when the plain step does not fit
+    return out
+
+
+def _choose(cands: list[Candidate], loss) -> tuple[Candidate, Candidate | None]:
+    """The best shape by `loss` (a Candidate's field), and the best within the mode's bounds (None if none
+    fits). A shape outside the bounds must beat the best inside by OUTSIDE_MODE_GAIN; shapes trained on at
+    least a token per parameter are preferred whenever one exists."""
+
+    def best_of(group):
+        trained = [c for c in group if c.tokens >= c.params] or group
+        return min(trained, key=lambda c: c.score(getattr(c, loss))) if trained else None
+
+    def rank(c: Candidate) -> tuple:
+        return c.tokens < c.params, c.score(getattr(c, loss))  # an undertrained shape loses to any other
+
+    inside = best_of([c for c in cands if c.inside])
+    overall = best_of(cands)
+    if inside is not None and rank(inside) <= rank(overall):
+        overall = inside
+    return overall, inside

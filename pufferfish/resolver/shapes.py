@@ -1,0 +1,93 @@
+"""Shapes the planner can build: the model dict of a (layers, dims) pair, its memory Shape on a card, and
+the largest micro-batch that fits the card's memory."""
+
+from __future__ import annotations
+
+import math
+
+from ..model import ModelConfig
+from .capabilities import card_path
+from .hardware import CUDA_CONTEXT_BYTES, Hardware
+from .memory import Shape, predict_peak_bytes
+
+MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long before
+USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
+
+
+def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1) -> Shape:
+    moe_layers = sum(ModelConfig.from_dict(mc).is_moe_layer(i) for i in range(mc["num_layers"])) if mc["use_moe"] else 0
+    path = card_path(cfg, hw)  # the step the card runs: eager fp32 keeps more than compiled bf16
+    return Shape(
+        num_layers=mc["num_layers"], num_dims=mc["num_dims"], num_heads=mc["num_heads"],
+        num_kv_heads=mc["num_kv_heads"], ffn_dims=mc["ffn_dims"], vocab_size=mc["vocab_size"],
+        seq_len=mc["seq_len"], micro_batch=micro_batch, precision=hw.precision, grad_ckpt=grad_ckpt,
+        chunked_loss=bool(cfg.optimizations.chunked_loss), loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
+        attention_math=path.attention_kernel == "math", moe_layers=moe_layers, compiled=path.inductor,
+        repeated_kv=hw.profile != "cpu" and path.attention_kernel != "flash",
+        moe_num_experts=mc["moe_num_experts"] if moe_layers else 0,
+        moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
+        moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
+        moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
+    )  # fmt: skip
+
+
+def kv_heads_for(num_heads: int, attention) -> int:
+    """The divisor of num_heads whose group size is nearest the attention option's heads_per_kv_head."""
+    per = int(attention.heads_per_kv_head)
+    if per == 0:
+        return 1  # mqa
+    divisors = [k for k in range(1, num_heads + 1) if num_heads % k == 0]
+    return min(divisors, key=lambda k: (abs(math.log(num_heads / k / per)), -k))
+
+
+def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: int) -> dict:
+    spec, moe = cfg.model, cfg.moe
+    num_heads = spec.num_heads or max(1, num_dims // int(cfg.attention.head_dim))
+    mc = ModelConfig(
+        num_layers=num_layers, num_dims=num_dims, num_heads=num_heads,
+        num_kv_heads=spec.num_kv_heads or kv_heads_for(num_heads, cfg.attention),
+        vocab_size=vocab_size, seq_len=seq_len, ffn_dims=spec.ffn_dims, rope_theta=spec.rope_theta,
+        norm_eps=spec.norm_eps, init_std=spec.init_std, use_moe=bool(moe.enabled),
+        moe_num_experts=moe.num_experts, moe_active_experts=moe.active_experts,
+        use_lossfreebalance=bool(moe.lossfree_balance), moe_bias_update_rate=moe.bias_update_rate,
+        moe_aux_loss_alpha=moe.aux_loss_alpha, moe_shared_expert=bool(moe.shared_expert),
+        moe_every_n_layers=moe.every_n_layers, moe_first_dense_layers=moe.first_dense_layers,
+        moe_score_func=moe.score_func, moe_expert_ffn_dims=moe.expert_ffn_dims,
+    )  # fmt: skip
+    return mc.to_dict()
+
+
+def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
+    """Shapes within the mode's bounds; relaxed: anything smaller too (when physics forbids the bounds)."""
+    mode, spec = cfg.mode, cfg.model
+    min_layers, min_dims = (1, 64) if relaxed else (mode.min_layers, mode.min_dims)
+    layers = [spec.num_layers] if spec.num_layers else list(range(min_layers, mode.max_layers + 1))
+    step = 128 if min_dims >= 256 else 64  # multiples of 128 keep head counts easy to group
+    dims = [spec.num_dims] if spec.num_dims else list(range(min_dims, mode.max_dims + 1, step))
+    return [(L, d) for L in layers for d in dims]
+
+
+def memory_budget(hw: Hardware) -> int:
+    """The bytes a plan may fill: the device's memory less the CUDA context (on a GPU), at USABLE_MEMORY."""
+    return int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)) * USABLE_MEMORY)
+
+
+def micro_batch_step(mb: int) -> int:
+    """The planner's micro-batches are multiples of this: even from 8 (an out-of-memory back-off halves them
+    exactly), of 4 from 32 and of 8 from 64, so rounding down gives up at most about a ninth of the fit."""
+    return 1 if mb < 8 else 2 if mb < 32 else 4 if mb < 64 else 8
+
+
+def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1) -> int:
+    """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of
+    micro_batch_step; train.micro_batch is kept as given."""
+    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt, shards)).total <= budget_bytes  # noqa: E731
+    if cfg.train.micro_batch:
+        return cap if fits(cap) else 0
+    if not fits(1):
+        return 0
+    lo, hi = 1, cap  # fits(lo); peak memory grows with the micro-batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo - lo % micro_batch_step(lo)
