@@ -1,4 +1,4 @@
-"""The Python API of the user's README:
+"""The Python API of the original README:
 
     from pufferfish import Trainer, ModelConfig
     Trainer(config=ModelConfig(num_layers=4, num_dims=256, num_heads=4, vocab_size=8192),

@@ -31,7 +31,7 @@ class GpuConfig:
 class ModeConfig:
     name: str = MISSING
     target_hours: float = MISSING  # the time budget; the run stops here and its schedule ends here
-    min_hours: float = 0.0  # the band this mode is meant for (the user's table); outside it we warn
+    min_hours: float = 0.0  # the band this mode is meant for (the original README's table); outside it we warn
     max_hours: float = 0.0  # 0 = no upper end
     min_layers: int = 1
     max_layers: int = 1

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             line = next(commands, None)
             if line is None:
                 raise EOFError
-            print(f"{prompt}{line}")  # a scripted session reads like a typed one
+            print(f"{prompt}{line}")  # scripted input is echoed as if typed
             return line
     elif sys.stdin.isatty():
         read = input

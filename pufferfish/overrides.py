@@ -30,7 +30,7 @@ FLAGS_OTHER_CONFIG = {"--config-path", "-cp", "--config-name", "-cn", "--config-
 FLAGS_WITHOUT_RUN = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version", "--cfg",
                      "-c"}  # fmt: skip
 LAUNCHERS_NEEDING = {"submitit_slurm": "sbatch"}  # launcher option -> the program it submits jobs with
-REQUIRED = {  # what a ??? key of the entry point's YAML wants, in the user's words
+REQUIRED = {  # what a ??? key of the entry point's YAML wants, in plain words
     "checkpoint": "a run directory, its checkpoints folder or a .pt file",
     "out": "the folder to write the Hugging Face files into",
 }

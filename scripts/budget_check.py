@@ -1,4 +1,4 @@
-"""Did a run end on its time budget with its learning-rate schedule complete? (issue 3, "Must show" 4)
+"""Did a run end on its time budget with its learning-rate schedule complete? (docs/benchmarks.md, time budget)
 
     python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.1 run_dir=RUN
     python scripts/budget_check.py RUN

@@ -4,7 +4,7 @@
     python scripts/calibrate.py --grid check --out check.json  # a different grid: the errors we report
     python scripts/calibrate.py --grid check2 --out check2.json  # a third, weighted to what plans use
     python scripts/calibrate.py --grid check2 --list            # the grid and its predictions, no GPU
-    python scripts/calibrate.py --grid check3 --out check3.json  # a fourth, measured after the third session's refits
+    python scripts/calibrate.py --grid check3 --out check3.json  # a fourth, held out from the refits
 
 Memory is `torch.cuda.max_memory_allocated` over two steps from a clean start; speed is the median of
 timed steps after warm-up. Every shape compiles afresh (static shapes, as a run compiles once): reusing
@@ -109,8 +109,8 @@ def check2_grid() -> list[tuple[dict, int, Technique]]:
 
 
 def check3_grid() -> list[tuple[dict, int, Technique]]:
-    """A fourth grid, measured after the memory and speed models were refitted on the other three (third
-    session): none of its shapes is in them, and it varies the vocabulary (8,192 as the default corpus's
+    """A fourth grid, measured after the memory and speed models were refitted on the other three
+    (2026-11-29): none of its shapes is in them, and it varies the vocabulary (8,192 as the default corpus's
     tokenizer, 32,000, 50,257) since the compiled step's logits are much of its memory. Weighted like
     check2 to what plans run (compiled, lean, compiled with checkpointing), plus eager bf16, checkpointing,
     fp16 (Turing/Pascal plans), fp32 and MoE. About 80 compiled layers: ~3.5 minutes of compilation."""

@@ -1,4 +1,4 @@
-"""Does every gpu profile x mode plan run under its emulated memory cap, and fill it? (issue 3)
+"""Does every gpu profile x mode plan run under its emulated memory cap, and fill it? (docs/benchmarks.md, plan check)
 
     python scripts/check_plans.py --out outputs/check_plans          # 11 profiles x 4 modes on every GPU here
     python scripts/check_plans.py --list                             # which pairs share a job; runs nothing

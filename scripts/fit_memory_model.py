@@ -3,7 +3,7 @@
     python scripts/fit_memory_model.py --grids fit_compiled.json ... --eager-only fit.json ... --rows
     python scripts/fit_memory_model.py --grids ... --plans check_plans.json --refit   # refit the constants
 
-The fourth session's data and command: docs/measurements/README.md.
+The measurements and the exact command: docs/measurements/README.md.
 
 --grids: scripts/calibrate.py JSON (measured_peak: max_memory_allocated over two steps); the first file named
 fit.json has its MoE and fp32 GQA rows skipped (measured before 58cac20 / 03a5d1b, as fit_speed_model.py

@@ -1,4 +1,4 @@
-"""The user's memory tables from a sweep's measuring jobs, with the user's claimed figure beside ours.
+"""The original README's memory tables from a sweep's measuring jobs, with its claimed figure beside ours.
 
     python -m pufferfish.train -m experiment=memory_table hydra.sweep.dir=DIR   # or: make sweep-memory
     python scripts/memory_table.py DIR --search-max-layers   # GPU: bisect max layers with real runs
@@ -26,7 +26,7 @@ from pufferfish.sweep_tools import (  # noqa: E402
     technique_of,
 )
 
-# The rows (conf/experiment/memory/<option>.yaml) and the user's README claims: (reduction % range, max
+# The rows (conf/experiment/memory/<option>.yaml) and the original README's claims: (reduction % range, max
 # layers on a 6 GB GPU). The README's "all" is the three techniques together; it is set beside both rows.
 ROWS = {
     "baseline": ("baseline: fp32, multi-head attention", None, 8),

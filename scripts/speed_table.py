@@ -1,11 +1,11 @@
-"""The user's "Training Speed Improvements" table from a speed sweep's measuring jobs.
+"""The original README's "Training Speed Improvements" table from a speed sweep's measuring jobs.
 
     python -m pufferfish.train -m experiment=speed_table hydra.sweep.dir=DIR   # or: make sweep-speed
     python scripts/speed_table.py DIR
 
 Reads only the jobs' own measure.json files; writes DIR/speed_table.md and DIR/speed_table.png and prints
 the Markdown. Each improvement is the ratio of two jobs' tokens/s (median step after warm-up), named below.
-The user's README claims no figures here, only that each technique is faster; the table says so.
+The original README claims no figures here, only that each technique is faster; the table says so.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_memory_fit_script_reprints_grid_and_plan_rows_the_model_predicts_exactl
 
 def test_memory_fit_script_leaves_out_the_compiled_rows_of_eager_only_grids(tmp_path, capsys):
     """--eager-only: a grid whose compiled rows predate a change to the compiled step counts its eager rows
-    alone (the fourth session re-measured the compiled rows after ed2f2e9's graph-break fix)."""
+    alone (the compiled rows were re-measured on 2026-11-30, after ed2f2e9's graph-break fix)."""
     import fit_memory_model
 
     rows = []

@@ -1,4 +1,4 @@
-"""scripts/check_plans.py on CPU: the machinery behind the GPU check (issue 3), real jobs, and which
+"""scripts/check_plans.py on CPU: the machinery behind the GPU plan check, real jobs, and which
 profile x mode pairs share one job (their plans made through fake GPU hardware, as tests/test_resolver.py)."""
 
 import json

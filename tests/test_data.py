@@ -49,7 +49,7 @@ def _offline_private_hf_cache(tmp_path_factory, monkeypatch):
     # as if HF_HUB_OFFLINE=1 were set: no test may reach the network, and none needs to
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    # load_dataset of a local hub-style folder uses the datasets cache: keep it out of the user's
+    # load_dataset of a local hub-style folder uses the datasets cache: keep it out of the machine's
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache")
 
 

@@ -69,7 +69,7 @@ def test_memory_table_reads_only_the_jobs_own_files(memory_sweep, tmp_path):
     assert [line.split("|")[1].strip() for line in impact.splitlines() if line.startswith("| ")][1:] == [
         "baseline", "all_three"]  # fmt: skip
     assert "(predicted)" in out and "does not fit" in out and "9_crashed_L3" in out
-    assert "30–40 %" not in impact and "60–70 %" in impact  # the user's claim beside our row
+    assert "30–40 %" not in impact and "60–70 %" in impact  # the claimed figure beside our row
     assert (sweep / "memory_table.md").read_text() == out.rstrip("\n") + "\n"
     assert (sweep / "memory_table.png").stat().st_size > 10_000
 

@@ -361,7 +361,7 @@ def _hub_load(cfg, hf_cache: Path) -> Corpus:
     if not cfg.hub_name:
         raise DataError("data.source=hub needs data.hub_name (a hub dataset such as roneneldan/TinyStories)")
     where = f"data.hub_name={cfg.hub_name!r} (config {cfg.hub_config!r}, split {cfg.hub_split!r})"
-    try:  # the user's own HF cache, not ours: a dataset downloaded before is found there offline
+    try:  # the machine's own HF cache, not ours: a dataset downloaded before is found there offline
         ds = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=False)
     except Exception as e:  # offline, unknown name, bad config or split: all end the same way for the user
         raise DataError(

@@ -1,4 +1,4 @@
-"""ModelConfig: the one typed description a model is built from, in the user's names."""
+"""ModelConfig: the one typed description a model is built from, in the original README's names."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # mixture of experts (the user's names)
+    # mixture of experts (the original README's names)
     use_moe: bool = False
     moe_num_experts: int = 8
     moe_active_experts: int = 2
@@ -88,7 +88,7 @@ class ModelConfig:
                 raise ConfigError(f"moe_every_n_layers={self.moe_every_n_layers} must be at least 1")
 
     def update(self, changes: dict[str, Any]) -> ModelConfig:
-        """Change fields in place (the user's README: `config.update({"use_moe": True})`)."""
+        """Change fields in place (the original README: `config.update({"use_moe": True})`)."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:

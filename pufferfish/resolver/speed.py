@@ -20,7 +20,7 @@ both: the recomputed forward is launched again in the backward. The chunked loss
 were fitted too and came out nil (a few chunks per step), so they have no term. The constants were fitted
 on the H200 with its host (torch 2.11, 2026-11-29) on three calibration grids by
 `scripts/fit_speed_model.py --refit`; launch times depend on the host CPU (they varied by about 20 %
-between the grids' sessions), so other machines differ. The CPU profile keeps FLOPs at its measured
+between machines of the same kind), so other machines differ. The CPU profile keeps FLOPs at its measured
 matmul rate x mfu, and every run re-plans its steps from the speed it measures (pufferfish/train.py): a
 wrong prediction costs accuracy, not the budget.
 """
@@ -41,14 +41,12 @@ EAGER_GPU_FACTOR = 1.7
 # host seconds per step outside the layers (embedding, loss, clipping, optimizer launches); fitted
 HOST_STEP_S = 4.0e-3
 # host seconds to launch one layer's forward and backward kernels (and its optimizer share); fitted. The
-# compiled one is nearly the eager one: on the check2 grid (current calibrate.py, each shape compiled
-# afresh) compiled steps took 2-3 ms per layer, on the older fit and check grids 1.1-1.8 ms; after the
-# graph-break fix (ed2f2e9; check2 ran without the break: its call's 124M benchmark ran at full speed, but
-# beside a training run on the other GPU, sharing the host) the six compiled rows of check3 measured again
-# were predicted within 6 % median, 17 % worst (third session). On the fourth session's machine, whose host
-# launched faster (the same 124M step: 443k tokens/s there, 289-354k on three others), check3's ten compiled
-# rows ran 6-37 % faster than predicted (median 17 %): host-bound speeds differ by machine more than the
-# model's error, so the value stands; each run re-plans from the speed it measures
+# compiled one is nearly the eager one: compiled steps took 2-3 ms per layer on the check2 grid, 1.1-1.8 ms
+# on the older fit and check grids. Checked (docs/benchmarks.md, speed model accuracy): six compiled check3
+# rows predicted within 6 % median, 17 % worst (H200, 2026-11-29); check3's ten compiled rows re-measured by
+# `calibrate.py --grid check3 --only compiled` (H200, 2026-11-30) on a host that launched faster ran 6-37 %
+# faster than predicted (median 17 %). Host-bound speeds differ by machine more than the model's error, so
+# the value stands; each run re-plans from the speed it measures
 HOST_LAYER_S = {"eager": 2.35e-3, "compiled": 2.25e-3}
 # checkpointed blocks launch their forward again in the backward (eager: plus torch.utils.checkpoint's
 # hooks); fitted on eager rows of all grids and the compiled checkpointed rows of check2 (5.6-7 ms per layer

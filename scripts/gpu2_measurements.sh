@@ -1,54 +1,54 @@
 #!/usr/bin/env bash
-# The GPU measurements of the second session (docs/benchmarks.md), on the two-GPU H200 kind, in three
-# device calls of under 10 minutes each (then `python -m pytest -m gpu tests/` on one H200). Run from the
-# repository root on the GPU machine, after the wheel preamble of ../shared/device/stage.sh, with
-# Shakespeare staged (stage.sh ../shared/data/tinyshakespeare). The `final` part's fused-vs-separate
-# comparison needs the tree before 8e40c4c in .abtest: git archive 8e40c4c~1 pufferfish
-# scripts/bench_throughput.py | tar -x -C .abtest (then carry .abtest).
-#   bash scripts/h200x2_session.sh budget OUT   # GPU 0: a real 0.1 h run; GPU 1: speed check grid, throughput
-#   bash scripts/h200x2_session.sh plans OUT    # every profile x mode plan, 20 steps under its emulated cap
-#   bash scripts/h200x2_session.sh final OUT    # DDP scaling, the plans that ran out of memory, fused vs separate
-#                                               # projections (the pre-fusion tree unpacked in .abtest), FSDP2
-# Third session (same machine kind):
-#   bash scripts/h200x2_session.sh ddp OUT      # scaling of the current model, the all-reduce probe, and the
-#                                               # loss curves in bf16 (with a rounding control) and in fp32
-#   bash scripts/h200x2_session.sh grid OUT     # GPU 0 alone, one after the other (the host not shared): the
-#                                               # held-out check3 grid, then 124M throughput with CUDA graphs,
-#                                               # transformers in the same process, GPU time by kernel family
-#   bash scripts/h200x2_session.sh plans3 OUT   # where the compiled 124M step's host time goes (GPU 0 alone),
-#                                               # then every profile x mode plan under the refitted memory model
-#   bash scripts/h200x2_session.sh fixed OUT    # after the graph-break fix: no break on the GPU (test), 124M
-#                                               # throughput against transformers (GPU 0) beside check3 again
-#                                               # (GPU 1), then DDP scaling on both
-#   bash scripts/h200x2_session.sh ddp2 OUT     # compiled DDP: one graph per gradient bucket (torch's default)
-#                                               # against one graph (optimizations.ddp_graphs=whole)
-# Fourth session (same machine kind):
-#   bash scripts/h200x2_session.sh ddp3 OUT     # compiled DDP scaling, split against whole (runs one and many
-#                                               # only), with dynamo's recompiles and graph breaks counted
-#   bash scripts/h200x2_session.sh compiled OUT # every grid's compiled rows again after the graph-break fix
-#                                               # (memory: the model's compiled constants are refitted on fit,
-#                                               # check, check2 and checked on check3), then the peak memory per
-#                                               # GPU of one ~0.7B model under DDP and under FSDP2
-#   bash scripts/h200x2_session.sh ddp4 OUT     # compiled DDP scaling again with DDP around the compiled step
-#                                               # (StepLoss), whole and split; the chunked-loss rows of every grid
-#                                               # with the chunked loss now kept out of the compiled graph
-#   bash scripts/h200x2_session.sh plans4 OUT   # every profile x mode plan after the refit; the GPU tests
-#                                               # (a cold machine: give it 8 minutes, PLAN_MINUTES=8)
-#   bash scripts/h200x2_session.sh gap OUT      # one shape (12 x 512 at 512 x 512, as quick_dev plans it) measured
-#                                               # by calibrate.py's step and by pufferfish.train (no evaluation;
-#                                               # then accumulation 2): why runs keep more than the grids' steps
-# Fifth session (same machine kind):
-#   bash scripts/h200x2_session.sh plans5a OUT  # every plan of the large profiles (h200 ... rtx4090), 8.3 minutes
-#   bash scripts/h200x2_session.sh plans5b OUT  # every plan of the small profiles (gtx1650 ... rtx4060), 7.2
-#                                               # minutes, then the GPU tests
-#   bash scripts/h200x2_session.sh ddp5 OUT     # the `gap` part, then compiled DDP scaling beside two one-GPU
-#                                               # runs at once (the host's ceiling), each profiled for 3 steps
-#   bash scripts/h200x2_session.sh plans6 OUT   # every profile x mode plan after expandable segments and the
-#                                               # finer micro-batch rounding (8 minutes)
-#   bash scripts/h200x2_session.sh ddp6 OUT     # ddp5's scaling at micro-batch 64 (one step = one micro-batch):
-#                                               # is the 16-sequence step's scaling a host limit?
-#   bash scripts/h200x2_session.sh budget5 OUT  # a real 0.03 h run on one GPU with the current code, checked by
-#                                               # budget_check.py (the last device minutes: 0.1 h did not fit)
+# The two-GPU measurements of docs/benchmarks.md (two H200s of one host), one part per call, each under
+# 10 minutes (then `python -m pytest -m gpu tests/` on one H200). Run from the repository root on the GPU
+# machine, after the wheel preamble of ../shared/device/stage.sh, with Shakespeare staged (stage.sh
+# ../shared/data/tinyshakespeare). The `final` part's fused-vs-separate comparison needs the tree before
+# 8e40c4c in .abtest: git archive 8e40c4c~1 pufferfish scripts/bench_throughput.py | tar -x -C .abtest
+# (then carry .abtest). Parts, with what docs/benchmarks.md quotes from them:
+# Time budget, plan check, throughput (2026-11-29):
+#   bash scripts/gpu2_measurements.sh budget OUT   # GPU 0: a real 0.1 h run; GPU 1: speed check grid, throughput
+#   bash scripts/gpu2_measurements.sh plans OUT    # every profile x mode plan, 20 steps under its emulated cap
+#   bash scripts/gpu2_measurements.sh final OUT    # DDP scaling, the plans that ran out of memory, fused vs separate
+#                                                  # projections (the pre-fusion tree unpacked in .abtest), FSDP2
+# DDP loss curves, the check3 grid, kernel profile, graph-break fix (2026-11-29):
+#   bash scripts/gpu2_measurements.sh ddp OUT      # scaling of the current model, the all-reduce probe, and the
+#                                                  # loss curves in bf16 (with a rounding control) and in fp32
+#   bash scripts/gpu2_measurements.sh grid OUT     # GPU 0 alone, one after the other (the host not shared): the
+#                                                  # held-out check3 grid, then 124M throughput with CUDA graphs,
+#                                                  # transformers in the same process, GPU time by kernel family
+#   bash scripts/gpu2_measurements.sh plans3 OUT   # where the compiled 124M step's host time goes (GPU 0 alone),
+#                                                  # then every profile x mode plan under the refitted memory model
+#   bash scripts/gpu2_measurements.sh fixed OUT    # after the graph-break fix: no break on the GPU (test), 124M
+#                                                  # throughput against transformers (GPU 0) beside check3 again
+#                                                  # (GPU 1), then DDP scaling on both
+#   bash scripts/gpu2_measurements.sh ddp2 OUT     # compiled DDP: one graph per gradient bucket (torch's default)
+#                                                  # against one graph (optimizations.ddp_graphs=whole)
+# Compiled DDP graphs, compiled memory rows, FSDP2 memory (2026-11-30):
+#   bash scripts/gpu2_measurements.sh ddp3 OUT     # compiled DDP scaling, split against whole (runs one and many
+#                                                  # only), with dynamo's recompiles and graph breaks counted
+#   bash scripts/gpu2_measurements.sh compiled OUT # every grid's compiled rows again after the graph-break fix
+#                                                  # (memory: the model's compiled constants are refitted on fit,
+#                                                  # check, check2 and checked on check3), then the peak memory per
+#                                                  # GPU of one ~0.7B model under DDP and under FSDP2
+#   bash scripts/gpu2_measurements.sh ddp4 OUT     # compiled DDP scaling again with DDP around the compiled step
+#                                                  # (StepLoss), whole and split; the chunked-loss rows of every grid
+#                                                  # with the chunked loss now kept out of the compiled graph
+#   bash scripts/gpu2_measurements.sh plans4 OUT   # every profile x mode plan after the refit; the GPU tests
+#                                                  # (a cold machine: give it 8 minutes, PLAN_MINUTES=8)
+#   bash scripts/gpu2_measurements.sh gap OUT      # one shape (12 x 512 at 512 x 512, as quick_dev plans it) measured
+#                                                  # by calibrate.py's step and by pufferfish.train (no evaluation;
+#                                                  # then accumulation 2): do runs keep more than the grids' steps?
+# Plan check of the current memory model, DDP profile, time budget (2026-11-30):
+#   bash scripts/gpu2_measurements.sh plans5a OUT  # every plan of the large profiles (h200 ... rtx4090), 8.3 minutes
+#   bash scripts/gpu2_measurements.sh plans5b OUT  # every plan of the small profiles (gtx1650 ... rtx4060), 7.2
+#                                                  # minutes, then the GPU tests
+#   bash scripts/gpu2_measurements.sh ddp5 OUT     # the `gap` part, then compiled DDP scaling beside two one-GPU
+#                                                  # runs at once (the host's ceiling), each profiled for 3 steps
+#   bash scripts/gpu2_measurements.sh plans6 OUT   # every profile x mode plan after expandable segments and the
+#                                                  # finer micro-batch rounding (8 minutes)
+#   bash scripts/gpu2_measurements.sh ddp6 OUT     # ddp5's scaling at micro-batch 64 (one step = one micro-batch):
+#                                                  # is the 16-sequence step's scaling a host limit?
+#   bash scripts/gpu2_measurements.sh budget5 OUT  # a real 0.03 h run on one GPU, checked by budget_check.py
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled

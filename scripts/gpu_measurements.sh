@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The measurements of docs/benchmarks.md that need the GPU, in two device calls (each under 10 minutes).
+# One-GPU measurements of docs/benchmarks.md (H200), in two parts of under 10 minutes each.
 # Run from the repository root on the GPU machine, after the wheel preamble of ../shared/device/stage.sh,
 # with the Shakespeare corpus staged: bash ../shared/device/stage.sh ../shared/data/tinyshakespeare
-#   bash scripts/h200_session.sh 1 OUT_DIR   # reliability on the GPU, MoE vs dense, the speed table
-#   bash scripts/h200_session.sh 2 OUT_DIR   # the memory tables under 6 GB emulation, the model check
+#   bash scripts/gpu_measurements.sh 1 OUT_DIR   # reliability on the GPU, MoE vs dense, the speed table
+#   bash scripts/gpu_measurements.sh 2 OUT_DIR   # the memory tables under 6 GB emulation, the model check
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1
