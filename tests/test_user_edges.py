@@ -178,6 +178,16 @@ def copy_run(trained: Path, to: Path) -> Path:
     return to
 
 
+def best_weights_are_used_while_intact(run):
+    """A run directory hands over checkpoints/best.pt, whatever the step checkpoints' state; without it
+    (a run stopped before its first evaluation) the step checkpoints are what is left."""
+    best = run / "checkpoints" / "best.pt"
+    result = run_cli("pufferfish.generate", f"checkpoint={run}", "max_new_tokens=2")
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr[-2000:]
+    best.unlink()
+    Path(f"{best}.sha256").unlink()
+
+
 def test_a_damaged_latest_checkpoint_never_becomes_an_untrained_model(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
@@ -185,6 +195,7 @@ def test_a_damaged_latest_checkpoint_never_becomes_an_untrained_model(trained, t
     for ckpt in ckpts:  # only the initial step-0 checkpoint stays intact
         if ckpt.name != "step_00000000.pt":
             ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    best_weights_are_used_while_intact(run)
     for module, extra in (("pufferfish.generate", ["max_new_tokens=2"]), ("pufferfish.export", [f"out={tmp_path}/hf"])):
         line = one_line_error(run_cli(module, f"checkpoint={run}", *extra), rf"{latest.name}.*untrained initial model")
         assert "checkpoint=" in line.split("name it:")[-1]  # says how to use it anyway
@@ -198,6 +209,7 @@ def test_a_damaged_latest_falls_back_to_a_trained_checkpoint_and_says_which(tmp_
     overrides = small(corpus, cache_dir, "train.max_steps=6", "train.ckpt_interval_s=0", f"hydra.run.dir={run}")
     assert run_cli("pufferfish.train", *overrides).returncode == 0
     (run / "checkpoints" / "step_00000006.pt").write_bytes(b"overwritten")
+    best_weights_are_used_while_intact(run)
     result = run_cli("pufferfish.generate", f"checkpoint={run}", "max_new_tokens=2")
     assert result.returncode == 0, result.stderr[-2000:]
     warning = [line for line in result.stderr.splitlines() if line.strip()]
