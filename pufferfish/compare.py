@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .errors import ConfigError, PufferfishError
+from .errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from .loggers import COMPARED_GROUPS, chosen_options, has_wandb_key
 from .runlog import read_metrics
 
@@ -191,23 +191,23 @@ def plot_curves(results: list[RunResult], out: Path) -> Path:
     return out
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pufferfish.compare", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = OneLineArgumentParser(prog="python -m pufferfish.compare", description=__doc__.split("\n\n")[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, sweep dir, or wandb:ENTITY/PROJECT")
     parser.add_argument("--out", type=Path, help="write validation-loss curves to this PNG")
     parser.add_argument("--sort", choices=["path", "loss"], default="path", help="row order (default: path)")
     args = parser.parse_args(argv)
-    try:
-        results = collect(args.paths)
-    except PufferfishError as e:
-        print(f"pufferfish: error: {e}", file=sys.stderr)
-        return 2
+    results = collect(args.paths)
     if args.sort == "loss":
         results.sort(key=lambda r: (r.val_loss is None, r.val_loss or 0.0))
     print(markdown_table(results))
     if args.out:
-        print(f"\ncurves: {plot_curves(results, args.out)}")
+        try:
+            print(f"\ncurves: {plot_curves(results, args.out)}")
+        except OSError as e:
+            raise ConfigError(f"--out {args.out} cannot be written ({e.strerror}); choose a writable path") from None
     return 0
 
 

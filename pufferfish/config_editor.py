@@ -1,23 +1,26 @@
 """python -m pufferfish.config_editor: choose gpu, mode and the other groups, set fields, watch the plan.
 
 After every change the plan is made again (memory against VRAM, tokens, time), without training and
-without preparing data; `save NAME` writes conf/experiment/NAME.yaml with only the changes, for
-`python -m pufferfish.train experiment=NAME`. Commands come from the terminal, a pipe or --script FILE:
+without preparing data; `save NAME` writes ./experiment/NAME.yaml (or `save PATH.yaml` there) with only
+the changes, for `python -m pufferfish.train hydra.searchpath=[file://$PWD] experiment=NAME`; the package's
+own conf/ is never written. Commands come from the terminal, a pipe or --script FILE:
 
     printf 'gpu=gtx1060\\nmode=quick_dev\\nmode.target_hours=0.2\\nsave my_run\\n' | python -m pufferfish.config_editor
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from .api import CONF_DIR, compose_config
-from .errors import PufferfishError
+from .errors import ConfigError, OneLineArgumentParser, PufferfishError, exit_on_user_error
+from .overrides import check_command_line
 from .resolver import detect_hardware, format_plan, make_plan
 
 GROUPS = ("gpu", "mode", "model", "attention", "moe", "optimizations", "data", "logger")  # as in train.yaml
@@ -29,16 +32,36 @@ HELP = """Commands:
   show                the plan with the reason for each decision
   changes             what differs from the defaults
   config [KEY]        the composed config, or one part of it                  (e.g. `config mode`)
-  save NAME           write the changes as an experiment: train with `experiment=NAME`
+  save NAME|PATH      write the changes as an experiment (./experiment/NAME.yaml, or PATH.yaml)
   help                this list           quit      leave (unsaved changes are lost)"""
 
 
+def _sentences(path: Path) -> list[str]:
+    """The sentences of a YAML file's opening comment (a line without a full stop ends one all the same)."""
+    text = ""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        line = line[1:].strip()
+        if line.startswith("@package"):
+            continue
+        if text and not text.endswith((".", ",", ";", ":")) and line[:1].isupper():
+            text += "."
+        text += " " + line
+    return [s.strip() for s in re.split(r"(?<=\.)\s+(?=[A-Z])", text.strip()) if s.strip()]
+
+
 def group_options(group: str) -> list[tuple[str, str]]:
-    """(option, its first comment line) for conf/GROUP/*.yaml."""
+    """(option, what it is) for conf/GROUP/*.yaml: the first sentence of its opening comment that is not the
+    group's preamble ("Speed and memory only."), without a leading "OPTION:"."""
+    paths = sorted((CONF_DIR / group).glob("*.yaml"))
+    sentences = {path.stem: _sentences(path) for path in paths}
+    counts = Counter(s for said in sentences.values() for s in set(said))
+    shared = {s for s, n in counts.items() if n > 1}  # said by more than one option: the group's preamble
     options = []
-    for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        options.append((path.stem, first))
+    for name, said in sentences.items():
+        own = [s for s in said if s not in shared] or said or [""]
+        options.append((name, own[0].removeprefix(f"{name}:").strip()))  # gpu profiles open with their own name
     return options
 
 
@@ -105,22 +128,16 @@ class Editor:
         return [f"{g}={o}" for g, o in self.choices.items()] + [f"{k}={v}" for k, v in self.fields.items()]
 
     def apply(self, change: dict[str, str], target: dict[str, str]) -> bool:
-        """Compose with one more change; keep it only if the config composes."""
-        for group, option in change.items():
-            known = [name for name, _ in group_options(group)] if group in GROUPS else []
-            if known and option not in known:
-                self.say(f"not changed: {group}={option} is not an option; known: {', '.join(known)}")
-                return False
+        """Compose with one more change; keep it only if the train command line would take it."""
         before = dict(target)
         target.update(change)
-        try:
+        try:  # the train command line's own checks: the options of a group, the closest key to a misspelled one
+            check_command_line(self.overrides())
             self.cfg = compose_config(self.overrides())
-        except Exception as e:  # Hydra and OmegaConf say what is wrong with the key or value
+        except PufferfishError as e:
             target.clear()
             target.update(before)
-            noise = ("To append", "full_key:", "object_type=", "reference_type=")  # Hydra's hints and internals
-            why = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
-            self.say("not changed: " + " ".join(why[:3]))
+            self.say(f"not changed: {e}")
             return False
         return True
 
@@ -152,7 +169,7 @@ class Editor:
         options = group_options(group)
         current = self._option_name(self.cfg, group)
         for i, (name, about) in enumerate(options, 1):
-            self.say(f"  {i:2d}. {name:<14} {'*' if name == current else ' '} {about[:90]}")
+            self.say(f"  {i:2d}. {name:<14} {'*' if name == current else ' '} {about}")
         answer = read(f"{group} (number or name, empty keeps {current}): ").strip()
         if not answer:
             return
@@ -173,19 +190,28 @@ class Editor:
             lines += ["", OmegaConf.to_yaml(body).rstrip()]
         return "\n".join(lines) + "\n"
 
-    def save(self, name: str) -> None:
+    def save(self, given: str) -> None:
+        """`save NAME`: NAME.yaml in the experiment folder; `save PATH.yaml` (or with a /): that file."""
+        path = Path(given).expanduser()
+        if path.suffix != ".yaml" and "/" not in given:
+            path = self.experiment_dir / f"{given}.yaml"
+        elif path.suffix != ".yaml":
+            path = path.with_name(f"{path.name}.yaml")
+        name = path.stem
         if not name.replace("_", "").replace("-", "").isalnum():
             self.say(f"not saved: experiment name {name!r} may hold only letters, digits, _ and -")
             return
-        path = self.experiment_dir / f"{name}.yaml"
-        self.experiment_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.experiment_yaml(name))
-        self.say(f"saved {path}\ntrain it: python -m pufferfish.train experiment={name}")
-        if self.experiment_dir.resolve() != (CONF_DIR / "experiment").resolve():
-            where = self.experiment_dir.resolve().parent
-            self.say(f"  (outside conf/: add hydra.searchpath=[file://{where}]"
-                     + ("" if self.experiment_dir.name == "experiment" else "; the folder must be named experiment")
-                     + ")")  # fmt: skip
+        try:
+            refuse_package_conf(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.experiment_yaml(name))
+        except (ConfigError, OSError) as e:
+            self.say(f"not saved: {e}")
+            return
+        path = path.resolve()
+        search = "" if path.parent.name == "experiment" else " (after moving it into a folder named experiment)"
+        self.say(f"saved {path}\ntrain it{search}: python -m pufferfish.train "
+                 f"hydra.searchpath=[file://{path.parent.parent}] experiment={name}")  # fmt: skip
 
     def run(self, read) -> None:
         self.say("Pufferfish config editor (`help` lists the commands)")
@@ -228,14 +254,27 @@ class Editor:
                 self.say(f"unknown command {line!r}; `help` lists them")
 
 
+def refuse_package_conf(path: Path) -> None:
+    """The package's own conf/ belongs to the installed code: an update or a reinstall would lose the file."""
+    conf = CONF_DIR.resolve()
+    if path.resolve() == conf or conf in path.resolve().parents:
+        raise ConfigError(f"{path} is inside Pufferfish's own {conf}; save in the current folder "
+                          f"(save NAME writes ./experiment/NAME.yaml) or give another path")  # fmt: skip
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pufferfish.config_editor", description=__doc__.split("\n\n")[1])
+    parser = OneLineArgumentParser(prog="python -m pufferfish.config_editor", description=__doc__.split("\n\n")[1])
     parser.add_argument("--script", type=Path, help="read commands from this file instead of the terminal")
-    parser.add_argument("--experiment-dir", type=Path, default=CONF_DIR / "experiment",
-                        help="where `save NAME` writes NAME.yaml (default: conf/experiment)")  # fmt: skip
+    parser.add_argument("--experiment-dir", type=Path, default=Path("experiment"),
+                        help="where `save NAME` writes NAME.yaml (default: ./experiment)")  # fmt: skip
     args = parser.parse_args(argv)
+    refuse_package_conf(args.experiment_dir)
     if args.script:
-        commands = iter(args.script.read_text().splitlines())
+        try:
+            commands = iter(args.script.read_text().splitlines())
+        except OSError as e:
+            raise ConfigError(f"--script {args.script} cannot be read ({e.strerror})") from None
 
         def read(prompt: str) -> str:
             line = next(commands, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 import warnings
@@ -34,6 +35,13 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 _python_format = warnings.formatwarning
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse for the entry points: a bad option is a ConfigError (one line, exit 2), not usage and error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; `{self.prog} --help` lists the options")
 
 
 def one_of(what: str, value, allowed) -> ConfigError:

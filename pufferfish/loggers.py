@@ -97,6 +97,7 @@ class WandbMirror:
             name=overrides or run_dir.name, tags=[f"{g}={o}" for g, o in chosen_options(cfg).items()],
             config={**OmegaConf.to_container(cfg, resolve=True), "plan": plan.to_dict(), "run_dir": str(run_dir)},
             dir=str(run_dir), id=run_id, resume="allow", mode=mode, job_type="train",
+            settings=wandb.Settings(quiet=True),  # no sparkline history and summary at the end: metrics.jsonl has them
         )  # fmt: skip
         if self.run.settings.mode == "offline":
             print(f"wandb: offline ({why}); upload later with: wandb sync {self.run.settings.sync_dir}",

@@ -253,7 +253,8 @@ def train(cfg: DictConfig) -> dict:
 
     stop = StopFlag()
     budget = plan.time_budget_s
-    bar = tqdm(total=plan.steps, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=plan.steps, initial=step, disable=not (tc.progress and world.is_main), desc="train", unit="step",
+               dynamic_ncols=True)  # one bar for the run: the other processes train the same steps
     start = (time.perf_counter() if found else ready) - elapsed
     last_ckpt = time.perf_counter()
     last_eval_s, window_t, window_tokens = 0.0, time.perf_counter(), 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -57,6 +58,11 @@ KERNEL_FAMILIES = [  # first match wins: flash kernels' names carry cutlass type
     ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
     ("fused (Triton)", re.compile(r"^triton|triton_", re.I)),
 ]
+
+
+def shown(value: float, spec: str, unit: str = "") -> str:
+    """A figure for the table; NaN (no GPU peak or GPU memory on CPU) reads as what it is."""
+    return "n/a on CPU" if math.isnan(value) else f"{value:{spec}}{unit}"
 
 
 def matmul_ceiling(device: str, n: int = 8192, reps: int = 20) -> float:
@@ -185,7 +191,7 @@ def main():
         name, datasheet = "cpu", float("nan")
     peaks = {"datasheet": datasheet, "measured": matmul_ceiling(device)}
     print(f"# {name}, torch {torch.__version__}, shape {args.shape} {shape}, batch {args.batch} x {args.seq}; "
-          f"bf16 matmul ceiling {peaks['measured'] / 1e12:.1f} TFLOP/s", flush=True)  # fmt: skip
+          f"bf16 matmul ceiling {shown(peaks['measured'] / 1e12, '.1f', ' TFLOP/s')}", flush=True)  # fmt: skip
     rows = []
     wanted = args.only or list(TECHNIQUES)  # a trial runs only when named
     for tname, t in {**TECHNIQUES, **TRIALS}.items():
@@ -209,8 +215,8 @@ def main():
         if "error" in r:
             print(f"| {r['name']} | {r['error']} | | | | |")
             continue
-        print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['mfu_datasheet']:.3f} | {r['mfu_measured']:.3f} | "
-              f"{r['peak_gib']:.2f} | {r['warmup_s']:.1f} |")  # fmt: skip
+        print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {shown(r['mfu_datasheet'], '.3f')} | "
+              f"{shown(r['mfu_measured'], '.3f')} | {shown(r['peak_gib'], '.2f')} | {r['warmup_s']:.1f} |")  # fmt: skip
     for tname, families in ((r["name"], r["profile"]) for r in rows if "profile" in r):
         total = sum(ms for _, ms, _ in families)
         print(f"\n{tname}: GPU time per step by kernel family ({total:.2f} ms in all)\n"

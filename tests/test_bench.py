@@ -20,3 +20,6 @@ def test_throughput_benchmark_runs_on_cpu_against_transformers(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["params"] > 0 for r in rows)
     assert rows[0]["params"] == rows[2]["params"]  # the same model size as the peer: a like-for-like shape
     assert "| pufferfish baseline |" in proc.stdout
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| pufferfish baseline |")]
+    assert table and table[0].split(" | ")[2:5] == ["n/a on CPU"] * 3  # both MFUs and the GPU memory, not nan
+    assert "nan" not in proc.stdout and "bf16 matmul ceiling n/a on CPU" in proc.stdout

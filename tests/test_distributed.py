@@ -98,3 +98,21 @@ def test_an_unknown_parallel_strategy_names_the_allowed_ones():
 
     with pytest.raises(ConfigError, match="train.parallel='zero3'.*ddp, fsdp2"):
         validate(compose("train.parallel=zero3"))
+
+
+def test_only_rank_0_shows_a_progress_bar(tmp_path, cache_dir):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, tiny_overrides
+
+    quiet = [o for o in tiny_overrides(tmp_path, cache_dir, *COMMON) if o != "train.progress=false"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*launcher, "-m", "pufferfish.train", *quiet, "train.progress=true",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bars = proc.stderr.replace("\r", "\n").splitlines()
+    assert sum(b.startswith("train:   0%") for b in bars) == 1, proc.stderr[-3000:]  # one bar is started, not two
+    assert any(b.startswith("train: 100%") for b in bars)

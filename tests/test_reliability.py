@@ -280,11 +280,23 @@ PREEMPT = ("mode.target_hours=1", "train.max_steps=150", "train.log_interval=1",
            "train.micro_batch=2", "train.sample_tokens=0")  # fmt: skip
 
 
+# The PREEMPT runs are compared to the last bit, and a matmul's sums depend on how many threads share them:
+# every PREEMPT run is a process of its own with this environment, never the test process (whose thread
+# count earlier tests or the way the suite was started may have changed).
+SAME_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def preempt_command(run: Path, cache_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "pufferfish.train", *tiny_overrides(run, cache_dir, *PREEMPT), f"hydra.run.dir={run}"]
+
+
 @pytest.fixture(scope="module")
 def preempt_reference(tmp_path_factory, cache_dir) -> Path:
     """The uninterrupted PREEMPT run that the signalled subprocess and submitit job are compared with."""
     run = tmp_path_factory.mktemp("preempt") / "whole"
-    train(compose(*tiny_overrides(run, cache_dir, *PREEMPT)))
+    proc = subprocess.run(preempt_command(run, cache_dir), cwd=ROOT, env={**os.environ, **SAME_THREADS},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return run
 
 
@@ -296,8 +308,8 @@ def test_signal_mid_run_saves_at_the_step_boundary_and_the_same_command_resumes_
     tmp_path, cache_dir, preempt_reference, sig, exit_code, message
 ):
     run = tmp_path / "cli"
-    args = [sys.executable, "-m", "pufferfish.train", *tiny_overrides(run, cache_dir, *PREEMPT), f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args, env = preempt_command(run, cache_dir), {**os.environ, **SAME_THREADS}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_train_lines(run, 3, alive=lambda: proc.poll() is None)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -305,7 +317,7 @@ def test_signal_mid_run_saves_at_the_step_boundary_and_the_same_command_resumes_
     assert "Traceback" not in err and message in err
     stopped_at = last_checkpoint(run)["step"]
     assert 3 <= stopped_at < 150  # saved past the start, before the end
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert losses(run) == losses(preempt_reference)  # nothing lost, nothing repeated
 
@@ -330,8 +342,10 @@ except ImportError:  # pragma: no cover
 
 @pytest.mark.skipif(submitit is None or not Path("/proc/self/stat").exists(), reason="needs submitit and /proc")
 def test_submitit_local_job_is_preempted_requeued_by_submitit_and_resumed_exactly(tmp_path, cache_dir,
-                                                                                 preempt_reference):  # fmt: skip
+                                                                                 preempt_reference, monkeypatch):  # fmt: skip
     run = tmp_path / "job"
+    for name, value in SAME_THREADS.items():  # submitit starts the job with this process's environment
+        monkeypatch.setenv(name, value)
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(timeout_min=10)
     job = executor.submit(TrainJob(), tiny_overrides(run, cache_dir, *PREEMPT))

@@ -17,6 +17,7 @@ from pufferfish.resolver.hardware import (
 )
 from pufferfish.resolver.memory import ACTIVATION_CALIBRATION
 from pufferfish.resolver.plan import _shape, kv_heads_for, memory_budget, micro_batch_step
+from pufferfish.resolver.shapes import heads_reason, model_dict
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
 
@@ -200,6 +201,29 @@ def test_kv_heads_follow_the_attention_option():
     assert kv_heads_for(12, cfg.attention) == 3 and kv_heads_for(10, cfg.attention) == 2
     assert kv_heads_for(12, compose("attention=mqa").attention) == 1
     assert kv_heads_for(12, compose("attention=mha").attention) == 12
+
+
+def test_grouped_attention_chooses_heads_that_group_and_says_so():
+    cfg = compose("attention=gqa", "model.num_layers=4", "model.num_dims=704")
+    mc = model_dict(cfg, 4, 704, 8192, 256)
+    assert (mc["num_heads"], mc["num_kv_heads"]) == (8, 2)  # not 11 heads of 64 over 1 kv head
+    assert heads_reason(mc, cfg) == ("8 heads of 88 dims, 2 kv heads: 4 query heads share each kv head "
+                                     "(attention=gqa asks 4 per kv head); not 11 heads of 64: 11 do not split "
+                                     "into groups of 4")  # fmt: skip
+    mha = compose("attention=mha")
+    assert model_dict(mha, 4, 704, 8192, 256)["num_heads"] == 11  # one kv head per query head: 11 is fine
+
+
+@pytest.mark.parametrize("mode", ["ultra_fast", "quick_dev", "standard", "extended"])
+@pytest.mark.parametrize("gpu", sorted(set(known_profiles()) - {"auto", "cpu"}))
+def test_every_gqa_plan_groups_about_four_query_heads_per_kv_head_or_says_why(gpu, mode):
+    cfg = compose(f"gpu={gpu}", f"mode={mode}", "attention=gqa")
+    plan = make_plan(cfg, fake_gpu(gpu, "bf16" if cfg.gpu.bf16 else "fp16"), 8192, 50_000_000)
+    heads, kv = plan.model["num_heads"], plan.model["num_kv_heads"]
+    reason = plan.reasons["heads"]
+    assert reason.startswith(f"{heads} heads of {plan.model['num_dims'] // heads} dims, {kv} kv heads: ")
+    assert "(attention=gqa asks 4 per kv head)" in reason
+    assert 4 / 1.5 <= heads / kv <= 4 * 1.5 or "split into no head count of whole groups of 4" in reason, reason
 
 
 @pytest.mark.parametrize("mode", ["ultra_fast", "quick_dev", "standard", "extended"])

@@ -109,6 +109,19 @@ def test_offline_run_mirrors_metrics_and_resumes_as_the_same_run(tmp_path, cache
     assert all(of_type(r, "exit") for r in records)  # each run was finished inside its job
 
 
+def test_a_wandb_run_prints_no_history_or_summary_of_its_own(tmp_path, cache_dir, no_wandb_key):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pufferfish.train", *tiny_overrides(run, cache_dir, "logger=wandb",
+                           "train.max_steps=4"), f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert offline_runs(run) and "Run history:" not in said and "Run summary:" not in said, said[-3000:]
+    lines = [line for line in said.splitlines() if line.startswith("wandb:")]
+    assert len(lines) <= 5, lines  # where the run is kept and how to sync it, not ~40 lines of sparklines
+    assert any(line.endswith(f"wandb sync {offline_runs(run)[0]}") for line in lines)  # where the run waits
+
+
 def test_mode_follows_the_key_and_wandb_mode(monkeypatch, tmp_path, no_wandb_key):
     assert not has_wandb_key() and wandb_mode("auto")[0] == "offline"
     netrc = tmp_path / "netrc"

@@ -20,6 +20,7 @@ from .shapes import (  # noqa: F401  (kv_heads_for, micro_batch_step, USABLE_MEM
     USABLE_MEMORY,
     _candidates,
     _shape,
+    heads_reason,
     kv_heads_for,
     memory_budget,
     micro_batch_step,
@@ -199,8 +200,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         why_shape = "the shape the scaling law (Hoffmann et al. 2022) predicts best for this budget"
     reasons["shape"] = (f"{L} layers x {d} dims ({n / 1e6:.2f}M parameters): {why_shape}; the budget gives "
                         f"{tokens / 1e6:.1f}M tokens ({tokens / n:.1f} per parameter)")  # fmt: skip
-    reasons["heads"] = (f"{mc['num_heads']} heads of {mc['num_dims'] // mc['num_heads']} dims, "
-                        f"{mc['num_kv_heads']} kv heads (attention={cfg.attention.name})")  # fmt: skip
+    reasons["heads"] = heads_reason(mc, cfg)
     if ckpt:
         reasons["grad_ckpt"] = "on: " + ("optimizations asks for it always" if ckpt_policy == "always"
                                          else "the step does not fit in memory without it")  # fmt: skip

@@ -40,9 +40,38 @@ def kv_heads_for(num_heads: int, attention) -> int:
     return min(divisors, key=lambda k: (abs(math.log(num_heads / k / per)), -k))
 
 
+def heads_for(num_dims: int, attention) -> int:
+    """num_dims / head_dim heads; under grouped attention the nearest count that splits num_dims into heads
+    of a multiple of 8 dims (even for RoPE, aligned for the attention kernels) and into whole groups of
+    heads_per_kv_head: 704 dims make 11 heads of 64, and 11 cannot share kv heads four to one, so 8 of 88."""
+    plain = max(1, num_dims // int(attention.head_dim))
+    per = int(attention.heads_per_kv_head)
+    if per <= 1 or plain % per == 0:  # mha, mqa, or the plain count groups already
+        return plain
+    grouped = [h for h in range(per, num_dims // 8 + 1, per) if num_dims % h == 0 and (num_dims // h) % 8 == 0]
+    return min(grouped, key=lambda h: (abs(math.log(h / plain)), -h)) if grouped else plain
+
+
+def heads_reason(mc: dict, cfg) -> str:
+    """The plan's "heads" line: the count, the head size, and how the query heads share the kv heads."""
+    heads, kv, dims = mc["num_heads"], mc["num_kv_heads"], mc["num_dims"]
+    per, plain = int(cfg.attention.heads_per_kv_head), max(1, dims // int(cfg.attention.head_dim))
+    said = f"{heads} heads of {dims // heads} dims, {kv} kv heads: "
+    said += f"{heads // kv} query heads share each kv head" if kv > 1 else f"all {heads} query heads share one kv head"
+    said += f" (attention={cfg.attention.name}"
+    said += f" asks {per} per kv head)" if per > 0 else ")"
+    if cfg.model.num_heads or cfg.model.num_kv_heads:
+        return said + "; set by you"
+    if per > 1 and heads // kv != per:
+        return said + f"; {dims} dims split into no head count of whole groups of {per} with heads of 8k dims"
+    if heads != plain:
+        return said + f"; not {plain} heads of {cfg.attention.head_dim}: {plain} do not split into groups of {per}"
+    return said
+
+
 def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: int) -> dict:
     spec, moe = cfg.model, cfg.moe
-    num_heads = spec.num_heads or max(1, num_dims // int(cfg.attention.head_dim))
+    num_heads = spec.num_heads or heads_for(num_dims, cfg.attention)
     mc = ModelConfig(
         num_layers=num_layers, num_dims=num_dims, num_heads=num_heads,
         num_kv_heads=spec.num_kv_heads or kv_heads_for(num_heads, cfg.attention),
