@@ -16,6 +16,9 @@ from pathlib import Path
 from .checkpoint import BEST, load_checkpoint, save_best
 from .sharding import load_full_weights
 
+EARLY_SHARE = 0.2  # no early stop in the run's first fifth
+PATIENCE_SHARE = 0.1  # the evaluations above the best must span at least a tenth of the run
+
 
 class BestModel:
     def __init__(self, folder: Path, model_config: dict, stop_after: int = 0, rise: float = 0.01):
@@ -41,9 +44,13 @@ class BestModel:
             self.above = 0  # near the best: a plateau, not a rise
         return False
 
-    @property
-    def stop(self) -> bool:
-        return self.stop_after > 0 and self.above >= self.stop_after
+    def stop(self, step: int, total_steps: int, epoch: float) -> bool:
+        """Whether to end the run at `step` of `total_steps`, `epoch` passes into its data: `stop_after`
+        evaluations in a row above the best, spanning at least a tenth of the run, not in its first fifth, and
+        only once the data repeats. Within the first pass a rise is instability (a high learning rate, a
+        router settling), not overfitting: more steps on fresh text still pay."""
+        return (self.stop_after > 0 and self.above >= self.stop_after and epoch >= 1
+                and step >= total_steps * EARLY_SHARE and step - self.step >= total_steps * PATIENCE_SHARE)
 
     def why_stop(self, step: int, elapsed_s: float, budget_s: float) -> str:
         unused = max(0.0, 1 - elapsed_s / budget_s)

@@ -277,7 +277,7 @@ def train(cfg: DictConfig) -> dict:
                 last_eval_step = step
                 last_eval_s = time.perf_counter() - t
                 overhead_s += last_eval_s
-                if best.stop and not world.enabled:  # the run has stopped paying (ranks: rank 0 decides, below)
+                if best.stop(step, plan.steps, loader.epoch) and not world.enabled:  # the run has stopped paying (ranks: rank 0 decides, below)
                     stopped_by = "early stop"
                     print(f"\n{best.why_stop(step, time.perf_counter() - start, budget)}", flush=True)
                     break
@@ -369,14 +369,18 @@ def train(cfg: DictConfig) -> dict:
                 calibrate_at = calibrate_at if first_on_cpu else calibrate_at[1:]
                 evals_left = EVALS_PER_RUN * (1 - elapsed / budget) + 1
                 eval_s = max(last_eval_s, val_tokens * per_step / plan.batch_tokens / 3)  # none yet at step 1
+                fraction = plan.data_fraction
                 plan.recalibrate(step, per_step, budget - elapsed - evals_left * eval_s - finish_s(),
                                  None if world.enabled else MAX_STEP_SHARE * budget)  # fmt: skip
+                if plan.data_fraction != fraction:  # more steps than planned: draw them from more of the corpus
+                    loader.close()
+                    loader = train_batches(loader.sample - world.rank * plan.micro_batch)
                 atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
                 val_tokens = min(val_tokens, plan.eval_tokens)
                 bar.total = plan.steps
                 bar.refresh()
             why = None
-            if world.enabled and best.stop:
+            if world.enabled and best.stop(step, plan.steps, loader.epoch):
                 why = best.why_stop(step, elapsed, budget)
             elif stop:
                 why = f"signal {stop.signal}"
@@ -387,9 +391,12 @@ def train(cfg: DictConfig) -> dict:
             if world.enabled:  # ranks agree at log intervals only: one host sync there, not every step
                 if log_now:
                     why, steps, val_tokens = agree_to_stop(world, why, plan.steps, val_tokens)
-                    if steps != plan.steps:  # rank 0 re-planned from its measured speed
-                        plan.steps = steps
-                        plan.eval_interval = tc.eval_interval or max(1, steps // EVALS_PER_RUN)
+                    if steps != plan.steps and not world.is_main:  # rank 0 re-planned from its measured speed
+                        fraction = plan.data_fraction
+                        plan.set_steps(steps)
+                        if plan.data_fraction != fraction:  # as rank 0 did: more of the corpus
+                            loader.close()
+                            loader = train_batches(loader.sample - world.rank * plan.micro_batch)
                 else:
                     why = None
             if why:

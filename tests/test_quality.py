@@ -75,10 +75,13 @@ def test_small_corpus_plans_more_epochs_smaller_batches_and_ends_when_repeating_
     assert small.epochs == pytest.approx(MAX_EPOCHS, rel=0.05) and "schedule complete" in small.reasons["steps"]
 
 
-def _series(best: BestModel, losses):
+def _series(best: BestModel, losses, total_steps: int = 0, epochs: float = 10.0):
+    """Feed evaluations every 10 steps of a run of `total_steps` (default: as many as the losses cover) over
+    `epochs` passes of its data; the evaluation at which the run would stop, or None."""
+    total_steps = total_steps or 10 * len(losses)
     for i, loss in enumerate(losses):
         best.update((i + 1) * 10, {"val_loss": loss}, snapshot=lambda: {})
-        if best.stop:
+        if best.stop((i + 1) * 10, total_steps, epoch=epochs * (i + 1) / len(losses)):
             return i + 1
     return None
 
@@ -92,6 +95,13 @@ def test_early_stop_fires_on_a_rising_loss_and_not_on_noise(tmp_path):
     b = BestModel(tmp_path, {}, stop_after=3)
     assert _series(b, overfit) == 7 and b.step == 40 and b.loss == 3.4  # three evaluations above 3.4 x 1.01
     assert _series(BestModel(tmp_path, {}, stop_after=0), overfit) is None  # off with train.max_steps
+    # a noisy start (warm-up, the first epochs) sits above an early best for a few evaluations: not a stop
+    noisy_start = [6.0, 6.3, 6.4, 6.5, 6.2, 5.9, 5.5] + [5.4 - 0.05 * i for i in range(40)]
+    assert _series(BestModel(tmp_path, {}, stop_after=3), noisy_start) is None
+    # the same rise in the first fifth of a longer run (and spanning under a tenth of it): not yet
+    assert _series(BestModel(tmp_path, {}, stop_after=3), overfit, total_steps=1000) is None
+    # the same rise within the first pass over the data: instability, not overfitting
+    assert _series(BestModel(tmp_path, {}, stop_after=3), overfit, epochs=0.9) is None
 
 
 def overfit_overrides(tmp_path, cache, *extra):

@@ -93,13 +93,19 @@ class Plan:
                                  f"{self.measured_tokens_per_s:,.0f} tokens/s (predicted "
                                  f"{self.predicted_tokens_per_s:,.0f})"
                                  + (f"; the data's {MAX_EPOCHS:.0f} epochs end it first" if data_steps < steps else ""))
-        steps = min(steps, data_steps) if self.limits.get("max_tokens") else steps  # fmt: skip
-        self.steps, self.train_tokens = steps, steps * self.batch_tokens
-        self.epochs = self.train_tokens / max(1, self.data_fraction * self.corpus_tokens)
+        self.set_steps(min(steps, data_steps) if self.limits.get("max_tokens") else steps)
         speed, each = self.measured_tokens_per_s, EVAL_SHARE / EVALS_PER_RUN
         self.eval_tokens = eval_tokens_for(self.eval_tokens, self.time_budget_s, speed, self.seq_len, each)
         self.final_eval_tokens = eval_tokens_for(self.final_eval_tokens, self.time_budget_s, speed, self.seq_len,
                                                  FINAL_EVAL_SHARE)  # fmt: skip
+
+    def set_steps(self, steps: int) -> None:
+        """A re-planned number of steps (every rank calls it with the same number): the evaluation cadence
+        follows, and the share of the corpus grows to feed the new steps fresh text, never shrinks (a loader
+        drawing from it is rebuilt where it changes)."""
+        self.steps, self.train_tokens = steps, steps * self.batch_tokens
+        self.data_fraction = min(1.0, max(self.data_fraction, self.train_tokens / max(1, self.corpus_tokens)))
+        self.epochs = self.train_tokens / max(1, self.data_fraction * self.corpus_tokens)
         if not self.reasons.get("eval", "").endswith("set by you"):
             self.eval_interval = max(1, steps // EVALS_PER_RUN)
 
