@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .capabilities import card_path
 from .hardware import Hardware
 from .memory import Shape, count_params
 from .scaling import epochs_worth_training, predicted_loss
@@ -59,14 +60,14 @@ def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int,
 
 
 def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, compute_s: float, unique: float,
-           world_size: int, shards: int) -> Candidate:  # fmt: skip
+           world_size: int, shards: int, path) -> Candidate:  # fmt: skip
     seq_len, on_gpu = mc["seq_len"], hw.profile != "cpu"
 
     def speed(micro: int) -> float:
-        s = _shape(mc, cfg, hw, micro, ckpt, shards)
+        s = _shape(mc, cfg, hw, micro, ckpt, shards, path)
         return predict_tokens_per_s(s, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
 
-    shape = _shape(mc, cfg, hw, mb, ckpt, shards)
+    shape = _shape(mc, cfg, hw, mb, ckpt, shards, path)
     n = count_params(shape)
     tps = speed(mb)
     target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
@@ -89,15 +90,15 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
 def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
             shards: int) -> list[Candidate]:  # fmt: skip
     """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits."""
-    ckpt_policy = cfg.optimizations.grad_ckpt
+    ckpt_policy, path = cfg.optimizations.grad_ckpt, card_path(cfg, hw)  # the card's step: the same for every shape
     mem_budget, cap = memory_budget(hw), cfg.train.micro_batch or MAX_MICRO_BATCH
     out = []
     for L, d in _candidates(cfg, relaxed=True):
         mc = model_dict(cfg, L, d, vocab, seq_len)
         for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
-            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards)
+            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards, path)
             if mb:
-                out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards))
+                out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards, path))
                 break  # checkpointing only when the plain step does not fit
     return out
 

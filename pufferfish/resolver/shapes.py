@@ -14,9 +14,9 @@ MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long befo
 USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
 
 
-def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1) -> Shape:
+def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1, path=None) -> Shape:
     moe_layers = sum(ModelConfig.from_dict(mc).is_moe_layer(i) for i in range(mc["num_layers"])) if mc["use_moe"] else 0
-    path = card_path(cfg, hw)  # the step the card runs: eager fp32 keeps more than compiled bf16
+    path = path or card_path(cfg, hw)  # the step the card runs: eager fp32 keeps more than compiled bf16
     return Shape(
         num_layers=mc["num_layers"], num_dims=mc["num_dims"], num_heads=mc["num_heads"],
         num_kv_heads=mc["num_kv_heads"], ffn_dims=mc["ffn_dims"], vocab_size=mc["vocab_size"],
@@ -107,10 +107,11 @@ def micro_batch_step(mb: int) -> int:
     return 1 if mb < 8 else 2 if mb < 32 else 4 if mb < 64 else 8
 
 
-def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1) -> int:
+def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1, path=None) -> int:
     """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of
     micro_batch_step; train.micro_batch is kept as given."""
-    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt, shards)).total <= budget_bytes  # noqa: E731
+    path = path or card_path(cfg, hw)  # once: the bisection builds many shapes
+    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt, shards, path)).total <= budget_bytes  # noqa: E731
     if cfg.train.micro_batch:
         return cap if fits(cap) else 0
     if not fits(1):
