@@ -1,19 +1,19 @@
-"""One training step at a fixed shape on random tokens, and how to time it: shared by the throughput
-benchmark, the memory/speed calibration and the measuring job of sweeps."""
+"""The training step (step.py) at a fixed shape on random tokens, and how to time it: for the throughput
+benchmark and the memory/speed calibration."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from .loss import lm_loss
 from .model import ModelConfig, build_model, count_parameters
 from .optim import build_optimizer
-from .transforms import apply_speed_transforms, autocast, sdpa_backend
+from .resolver.plan import OPTIMIZER_DEFAULTS
+from .step import StepSpec, TrainStep
+from .transforms import apply_speed_transforms
 
 
 @dataclass
@@ -33,34 +33,20 @@ def sync(device: str) -> None:
 
 
 def make_train_step(cfg: ModelConfig, batch: int, device: str, t: Technique, seed: int = 0):
-    """A closure running one AdamW step on fixed random tokens, and the parameter count."""
+    """A closure running one training step (step.py's, as a run runs it) on fixed random tokens, with AdamW at
+    the default optim settings; and the parameter count."""
     torch.manual_seed(seed)
     model = build_model(cfg, device)
     apply_speed_transforms(model, t.ckpt, t.compile == "blocks", device)
-    optim_cfg = SimpleNamespace(weight_decay=0.1, beta1=0.9, beta2=0.95)
-    opt = build_optimizer(model, optim_cfg, 3e-4, t.fused)
-    ctx = autocast(t.precision, device)
+    optimizer = build_optimizer(model, OPTIMIZER_DEFAULTS, 3e-4, t.fused)
+    spec = StepSpec(precision=t.precision, chunked_loss=t.chunked, compile=t.compile == "step",
+                    compile_mode=t.compile_mode, attention_kernel=t.attention)  # fmt: skip
+    train_step = TrainStep(model, optimizer, spec, device)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
 
-    def loss_fn(x, y):
-        with ctx:
-            return lm_loss(model, x, y, t.chunked, 4096)
-
-    if t.compile == "step" and not str(device).startswith("cpu"):
-        loss_fn = torch.compile(loss_fn, mode=t.compile_mode)
-
-    graphs = t.compile == "step" and t.compile_mode in ("reduce-overhead", "max-autotune")
-
     def step():
-        if graphs:  # the last step's graph outputs are dead: their memory may be reused
-            torch.compiler.cudagraph_mark_step_begin()
-        with sdpa_backend(t.attention):  # compiled: the kernel is chosen when the graph is traced
-            loss = loss_fn(x, y)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(lambda: (x, y))
 
     return step, count_parameters(model)
 

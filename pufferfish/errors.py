@@ -24,6 +24,10 @@ class CheckpointError(PufferfishError):
     pass
 
 
+class OutOfMemoryError(PufferfishError):
+    """Out of memory even at a micro-batch of one: the model does not fit the device."""
+
+
 class PufferfishWarning(UserWarning):
     """Something the user should know that does not stop the run; printed by the entry points as one line."""
 

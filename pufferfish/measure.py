@@ -20,9 +20,7 @@ from .checkpoint import atomic_write_text
 from .data import prepare_data
 from .data.loader import TrainBatches
 from .errors import ConfigError, PufferfishError
-from .loss import lm_loss
 from .model import ModelConfig, build_model
-from .model.moe import moe_aux_loss, update_moe_biases
 from .optim import build_optimizer
 from .reliability import is_out_of_memory
 from .resolver import (
@@ -36,8 +34,9 @@ from .resolver import (
 from .resolver.capabilities import card_path
 from .resolver.hardware import GIB
 from .resolver.speed import flops_per_token, predict_tokens_per_s
-from .run import run_directory, save_config
+from .rundir import run_directory, save_config
 from .runlog import git_revision
+from .step import StepSpec, TrainStep, use_tf32
 from .sweep_tools import (
     SCHEMA,
     allocator_cap,
@@ -46,32 +45,30 @@ from .sweep_tools import (
     predicted_max_layers,
     target_hardware,
 )
-from .transforms import apply_speed_transforms, autocast, compile_step, grad_scaler, sdpa_backend
+from .transforms import apply_speed_transforms
 
 WARMUP_STEPS = 8  # the peer's: steps left out of the timing (compilation, autotuning, allocator growth)
 NOMINAL_CORPUS_TOKENS = 10**9  # random tokens have no corpus; the resolver sizes unset fields as if it were large
 
 
 def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: str, data, path) -> dict:
-    """measure_steps training steps as train() runs them, on the card's path; step times are synchronised on CUDA."""
+    """measure_steps training steps (step.py's, as train() runs them) on the card's path; step times are
+    synchronised on CUDA."""
     torch.manual_seed(cfg.train.seed)
     opt, seq_len, cuda = cfg.optimizations, mc["seq_len"], device.startswith("cuda")
     model = build_model(ModelConfig.from_dict(mc), device)
     applied = apply_speed_transforms(model, ckpt, False, device)
-
-    def micro_loss(x, y):  # as train() does: forward and loss compiled as one graph on a GPU
-        with ctx:
-            return lm_loss(model, x, y, opt.chunked_loss, opt.loss_chunk_tokens) + moe_aux_loss(model)
-
     optimizer = build_optimizer(model, cfg.optim, 1e-4, path.fused_adamw)
-    scaler, ctx = grad_scaler(precision, device), autocast(precision, device)
-    compiled = compile_step(micro_loss, path.compile, device, path.compile_backend)
-    if compiled is not micro_loss:
+    spec = StepSpec(precision=precision, grad_clip=cfg.optim.grad_clip, chunked_loss=bool(opt.chunked_loss),
+                    loss_chunk_tokens=opt.loss_chunk_tokens, compile=path.compile, compile_backend=path.compile_backend,
+                    attention_kernel=path.attention_kernel)  # fmt: skip
+    train_step = TrainStep(model, optimizer, spec, device)
+    if train_step.compiled:
         applied.append(f"torch.compile (forward + loss, {path.compile_backend})")
-    micro_loss = compiled
     loader = (TrainBatches(data.train_path, data.dtype, seq_len, micro, cfg.train.seed, device=device,
                            prefetch=opt.prefetch_batches) if data else None)  # fmt: skip
     tokens = torch.randint(mc["vocab_size"], (micro, seq_len + 1), device=device)  # (B, T+1)
+    next_batch = loader.next if loader else lambda: (tokens[:, :-1], tokens[:, 1:])
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)  # the weights stay counted: they are still allocated
@@ -79,16 +76,7 @@ def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: 
     try:
         for _ in range(cfg.train.measure_steps):
             start = time.perf_counter()
-            x, y = loader.next() if loader else (tokens[:, :-1], tokens[:, 1:])
-            with sdpa_backend(path.attention_kernel):
-                loss = micro_loss(x, y)
-                scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            update_moe_biases(model)
+            loss, _, _ = train_step(next_batch)
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
@@ -160,8 +148,7 @@ def _measure(cfg) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device).index or 0)
         apply_memory_cap(hw)  # a no-op unless the profile is smaller than the device
-        torch.backends.cuda.matmul.allow_tf32 = path.tf32  # as train(): the card's
-        torch.backends.cudnn.allow_tf32 = path.tf32
+        use_tf32(device, path.tf32)  # as train(): the card's
         if path.compile:
             torch._dynamo.reset()  # compile afresh, as a run does, not from an earlier job's cache
     result, oom, peak_uncapped = None, None, False

@@ -10,14 +10,20 @@ counted here; a non-finite loss is.
 Compilation fails on the device (an old card, a driver, no Triton): the step runs eager from then on, its
 memory re-planned by the resolver (resolver/replan.py), with one line saying why.
 
-Out of memory: the micro-batch is halved and accumulation doubled, and the same step is tried again. The
-loader serves the same sequences in the same order in smaller pieces, so the global batch and the loss
-curve stay the same (up to the order of summation).
+Out of memory: the micro-batch is halved and accumulation doubled (resolver/replan.py), and the same step is
+tried again. The loader serves the same sequences in the same order in smaller pieces, so the global batch and
+the loss curve stay the same (up to the order of summation).
+
+Preemption: a signal ends the step, the checkpoint is written and the process exits for a requeue (StopFlag).
 """
 
 from __future__ import annotations
 
 import gc
+import math
+import os
+import signal
+import sys
 
 import torch
 
@@ -28,10 +34,6 @@ MAX_ROLLBACKS = 3  # rollbacks that do not get past the failing step before the 
 
 
 class DivergedError(PufferfishError):
-    pass
-
-
-class OutOfMemoryError(PufferfishError):
     pass
 
 
@@ -71,6 +73,50 @@ class PendingSteps:
         steps = [s for s, _ in self._items]
         self._items = []
         return [(s, loss, norm, ok > 0.5) for s, (loss, norm, ok) in zip(steps, values)]
+
+
+class StepLedger:
+    """Steps on their way from the device to the host: their losses averaged for the train line, and the
+    non-finite ones counted, logged and judged (NonFiniteGuard). A checkpoint keeps its counts."""
+
+    def __init__(self, guard: NonFiniteGuard, log):
+        self.guard, self.log, self.pending = guard, log, PendingSteps()
+        self.loss_sum, self.window_steps = 0.0, 0  # finite step losses since the last train line, and how many
+        self.skipped, self.grad_norm = 0, math.nan  # non-finite steps so far; the latest step's gradient norm
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor) -> None:
+        self.pending.add(step, loss, grad_norm, ok)
+
+    def settle(self) -> bool:
+        """Read the pending steps: count, log and judge the non-finite ones. True: time to roll back."""
+        for s, loss, norm, ok in self.pending.read():
+            self.grad_norm = norm
+            if ok:
+                self.guard.good(s)
+                self.loss_sum, self.window_steps = self.loss_sum + loss, self.window_steps + 1
+                continue
+            self.skipped += 1
+            self.log.log({"kind": "skip", "step": s + 1, "reason": f"loss={loss} grad_norm={norm}",
+                          "in_a_row": self.guard.in_a_row + 1, "skipped_steps": self.skipped})  # fmt: skip
+            if self.guard.bad(s):  # raises DivergedError when rolling back keeps failing
+                self.pending.read()  # the steps after the streak go with the rollback
+                return True
+        return False
+
+    def window_loss(self) -> float:
+        """The mean loss of the finite steps since the last call (NaN if none); starts a new window."""
+        loss = self.loss_sum / self.window_steps if self.window_steps else math.nan
+        self.loss_sum, self.window_steps = 0.0, 0
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"window": (self.loss_sum, self.window_steps), "skipped_steps": self.skipped}
+
+    def load_state_dict(self, state: dict, rollback: bool = False) -> None:
+        """From a checkpoint; a rollback keeps counting the skipped steps (they happened)."""
+        self.loss_sum, self.window_steps = state.get("window", (0.0, 0))
+        if not rollback:
+            self.skipped = state.get("skipped_steps", 0)
 
 
 def divergence_advice(lr: float, grad_clip: float, precision: str, ckpt_dir) -> str:
@@ -156,20 +202,54 @@ def free_memory(model, optimizer, device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def back_off(plan, step: int, error: str) -> dict:
-    """Halve plan.micro_batch and double plan.grad_accum (the same global batch); the record to log."""
-    old = plan.micro_batch
-    if old <= 1:
-        raise OutOfMemoryError(
-            f"out of memory at step {step} even at micro_batch=1 ({plan.seq_len} tokens per forward pass; "
-            f"{plan.params / 1e6:.1f}M parameters): this model does not fit here. Use optimizations.grad_ckpt="
-            f"always, a shorter model.seq_len, a smaller model (model.num_layers, model.num_dims, or a shorter "
-            f"mode), or the gpu profile of a smaller card so the plan leaves more room. ({error})"
-        )
-    new = max(d for d in range(1, old // 2 + 1) if old % d == 0)  # half: the planner's are even from 8 up
-    plan.grad_accum *= old // new
-    plan.micro_batch = new
-    plan.reasons["micro_batch"] = (plan.reasons.get("micro_batch", "") + f"; out of memory at step {step}: {new} "
-                                   f"per forward x {plan.grad_accum} accumulation steps from then on")  # fmt: skip
-    return {"kind": "oom_backoff", "step": step, "micro_batch": new, "grad_accum": plan.grad_accum,
-            "error": error}  # fmt: skip
+class StopFlag:
+    """A preemption notice asks the loop to checkpoint at the next step boundary and exit for a requeue.
+
+    Slurm and Kubernetes send SIGTERM, many schedulers SIGUSR1, submitit SIGUSR2 (or the signal named by
+    SUBMITIT_PREEMPT_SIGNAL). A Python handler that was there before (submitit's) is called once our
+    checkpoint is written, so the launcher requeues the job its own way.
+    """
+
+    # submitit_local's controller restarts a task that exits with 144 (LOCAL_REQUEUE_RETURN_CODE in
+    # submitit/local/local.py); on Slurm submitit requeues with `scontrol requeue` from its handler instead.
+    REQUEUE_EXIT = 144
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+        names = ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+        for sig in dict.fromkeys(getattr(signal, n) for n in [*names, "SIGINT"] if hasattr(signal, n)):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
+                pass
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT:  # Ctrl-C: save at the step boundary; a second one quits at once
+            if self.signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            print("\npufferfish: stopping at the end of this step to save a checkpoint (Ctrl-C again to quit now)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def exit_for_requeue(self) -> None:
+        """Called after the checkpoint is written: hand the signal on, then exit with REQUEUE_EXIT."""
+        self.restore()
+        name = signal.Signals(self.signal).name
+        if self.signal == signal.SIGINT:  # a person stopped it: no launcher to hand over to
+            print("pufferfish: interrupted: checkpoint saved; run the same command again to resume",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            raise SystemExit(130)
+        print(f"pufferfish: {name}: checkpoint saved; exiting with {self.REQUEUE_EXIT} so a launcher requeues "
+              f"the job (run the same command again to resume)", file=sys.stderr, flush=True)  # fmt: skip
+        previous = self._old.get(self.signal)
+        if callable(previous):  # submitit's: it requeues the job its own way, then exits
+            previous(self.signal, None)
+        raise SystemExit(self.REQUEUE_EXIT)

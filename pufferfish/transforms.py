@@ -42,14 +42,14 @@ def apply_speed_transforms(model, grad_ckpt: bool, compile: bool, device: str) -
     return applied
 
 
-def compile_step(fn, compile: bool, device: str, backend: str = "inductor"):
+def compile_step(fn, compile: bool, device: str, backend: str = "inductor", mode: str | None = None):
     """The forward pass and loss as one compiled graph on a GPU; unchanged on CPU, where only a backend other
-    than Inductor (no C++ build of minutes) compiles."""
+    than Inductor (no C++ build of minutes) compiles. `mode`: torch.compile's (None: its default)."""
     if compile and (backend != "inductor" or not str(device).startswith("cpu")):
         # a new run in the same process (a multirun's next job) starts afresh: the last job's graphs would
         # otherwise count towards dynamo's recompile limit, and past it a job would silently run eager
         torch._dynamo.reset()
-        return torch.compile(fn, backend=backend)
+        return torch.compile(fn, backend=backend, mode=mode)
     return fn
 
 

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pufferfish.bench import Technique, make_train_step, sync, time_steps  # noqa: E402
 from pufferfish.model import ModelConfig  # noqa: E402
+from pufferfish.step import use_tf32  # noqa: E402
 
 SHAPES = {  # the peers' shapes in ../shared/BASELINES.md
     "124m": dict(num_layers=12, num_dims=768, num_heads=12, num_kv_heads=4, ffn_dims=2048, vocab_size=32000),
@@ -183,8 +184,7 @@ def main():
         args.shape, args.batch, args.seq, args.warmup, args.steps = "tiny", 2, 64, 1, 3
     device, shape = args.device, SHAPES[args.shape]
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_tf32(device, True)
         name = torch.cuda.get_device_name()
         datasheet = next((v for k, v in DATASHEET_BF16.items() if k in name), float("nan"))
     else:

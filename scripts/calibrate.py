@@ -32,6 +32,7 @@ from pufferfish.resolver import Shape, predict_peak_bytes, predict_tokens_per_s 
 from pufferfish.resolver.hardware import GIB, Hardware, load_profile, profile_peak_flops  # noqa: E402
 from pufferfish.resolver.plan import _shape, kv_heads_for  # noqa: E402
 from pufferfish.runlog import git_revision  # noqa: E402
+from pufferfish.step import use_tf32  # noqa: E402
 
 
 def grid(name: str) -> list[tuple[dict, int, Technique]]:
@@ -159,7 +160,7 @@ def main():
                    "that step (e.g. compiled after ed2f2e9's graph-break fix)")
     args = p.parse_args()
     device = "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True
+    use_tf32(device, True)
     prof = load_profile(args.profile)
     if args.list:
         return list_grid(args.grid, args.profile, args.only, args.shape)

@@ -270,8 +270,10 @@ def count_ops() -> None:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pufferfish.loss import lm_loss
     from pufferfish.model import build_model
+    from pufferfish.optim import build_optimizer
+    from pufferfish.resolver.plan import OPTIMIZER_DEFAULTS
+    from pufferfish.step import StepSpec, TrainStep
     from pufferfish.transforms import apply_speed_transforms
 
     class Count(TorchDispatchMode):
@@ -292,10 +294,10 @@ def count_ops() -> None:
                 m.expert_impl = "grouped_mm"  # the GPU's path (auto picks the loop on a CPU)
         x = torch.randint(0, 512, (2, 64))
         Count.n = 0
+        step = TrainStep(model, build_optimizer(model, OPTIMIZER_DEFAULTS, 1e-4, False),
+                         StepSpec(precision="bf16", chunked_loss=False), "cpu")  # fmt: skip
         with Count():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = lm_loss(model, x, x, False, 4096)
-            loss.backward()
+            step.forward_backward(lambda: (x, x))  # the training step's forward and backward, not its update
         return Count.n
 
     per_block = {(moe, ck): (ops(4, moe, ck) - ops(2, moe, ck)) / 2 for moe in (False, True) for ck in (False, True)}

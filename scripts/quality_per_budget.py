@@ -167,7 +167,7 @@ def prepared_dir(corpus: str, budget: float, gpu: str) -> Path:
     sys.path.insert(0, str(ROOT))
     from pufferfish.api import compose_config
     from pufferfish.data import prepare_data
-    from pufferfish.run import data_config
+    from pufferfish.rundir import data_config
 
     cfg = compose_config(pufferfish_args(corpus, budget, gpu))
     return prepare_data(data_config(cfg), progress=True).dir

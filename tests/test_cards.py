@@ -131,8 +131,9 @@ def test_the_eager_step_is_planned_again_and_keeps_the_batch():
     assert plan.micro_batch * plan.seq_len * plan.grad_accum == batch
     assert plan.predicted_peak_bytes <= memory_budget(hw)
     assert record == {"kind": "compile_fallback", "step": 7, "error": "RuntimeError: no Triton",
-                      "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+                      "why": plan.reasons["compile"], "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                       "predicted_peak_bytes": plan.predicted_peak_bytes}  # fmt: skip
+    assert plan.revisions == [record]  # recorded in the plan: plan.json keeps it
 
 
 @torch._dynamo.register_backend(name="refuses_every_graph")

@@ -29,9 +29,6 @@ def test_two_job_submitit_local_multirun(tmp_path, cache_dir):
     proc = run_cli("pufferfish.train", "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", EXCLUDE,
                    *overrides, "train.max_steps=5", "train.sample_tokens=0", "logger=wandb", "optim.lr=1e-3,3e-3",
                    env={"OMP_NUM_THREADS": "1"})  # the two jobs run at once: one thread each on a small machine  # fmt: skip
-    if proc.returncode and "cannot pickle" in proc.stderr:  # TODO: remove once pufferfish/train.py is fixed
-        pytest.xfail("submitit pickles the task function by value when pufferfish.train runs as __main__; "
-                     "train.py must hand submitit the importable pufferfish.train.main")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith("."))
     assert [d.name.split("_", 1)[0] for d in jobs] == ["0", "1"], jobs

@@ -61,7 +61,7 @@ def test_evaluation_in_chunks_is_the_full_loss_without_the_full_logits():
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pufferfish.run import evaluate
+    from pufferfish.evaluation import evaluate
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(num_layers=2, num_dims=64, num_heads=4, num_kv_heads=2, vocab_size=211, seq_len=32))

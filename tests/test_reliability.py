@@ -19,16 +19,15 @@ import pytest
 import torch
 
 import pufferfish.checkpoint as ckpt
-from pufferfish.errors import CheckpointError, ConfigError, PufferfishError
+from pufferfish.errors import CheckpointError, ConfigError, OutOfMemoryError, PufferfishError
 from pufferfish.reliability import (
     DivergedError,
-    OutOfMemoryError,
     PendingSteps,
+    StopFlag,
     finite_on_device,
     is_out_of_memory,
     skip_on_device,
 )
-from pufferfish.run import StopFlag
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
 from tests.conftest import ROOT, compose, tiny_overrides
@@ -61,7 +60,7 @@ def straight(tmp_path_factory, cache_dir) -> Path:
 
 def inject(monkeypatch, fault) -> None:
     """Wrap the loop's lm_loss: fault(call_number, x) may return "nan", raise, or return None (no fault)."""
-    import pufferfish.train as loop
+    import pufferfish.step as loop
 
     real, calls = loop.lm_loss, itertools.count(1)
 
@@ -537,10 +536,10 @@ def test_unwritable_run_directory_is_reported_before_anything_else(tmp_path, cac
 def test_full_disk_is_reported_before_training(tmp_path, cache_dir, monkeypatch):
     import shutil
 
-    import pufferfish.run
+    import pufferfish.rundir
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(pufferfish.run.shutil, "disk_usage", lambda p: usage._replace(free=50 * 2**20))
+    monkeypatch.setattr(pufferfish.rundir.shutil, "disk_usage", lambda p: usage._replace(free=50 * 2**20))
     with pytest.raises(ConfigError, match="only 50 MiB free"):
         train(compose(*tiny_overrides(tmp_path / "run", cache_dir, *SHORT)))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -549,10 +548,10 @@ def test_full_disk_is_reported_before_training(tmp_path, cache_dir, monkeypatch)
 def test_a_disk_too_small_for_the_checkpoints_is_reported_before_training(tmp_path, cache_dir, monkeypatch):
     import shutil
 
-    import pufferfish.run
+    import pufferfish.rundir
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(pufferfish.run.shutil, "disk_usage", lambda p: usage._replace(free=600 * 2**20))
+    monkeypatch.setattr(pufferfish.rundir.shutil, "disk_usage", lambda p: usage._replace(free=600 * 2**20))
     overrides = tiny_overrides(tmp_path / "run", cache_dir, "model.num_layers=8", "model.num_dims=512",
                                "train.max_steps=10", "dry_run=true")  # ~20M parameters: ~250 MiB a checkpoint
     with pytest.raises(ConfigError, match=r"MiB each and 4 exist at once.*train.keep_checkpoints"):
@@ -572,7 +571,7 @@ GPU_RUN = ("gpu=gtx1060", "mode=ultra_fast", "model.num_layers=4", "model.num_di
 def test_gpu_out_of_memory_backs_off_under_a_smaller_cap_than_planned(tmp_path, cache_dir, monkeypatch):
     """The plan is made for an emulated 6 GB card; the allocator is then capped below what the planned step
     was measured to need, so the step really runs out of memory and must back off."""
-    import pufferfish.train as loop
+    import pufferfish.step as loop
 
     whole, run = tmp_path / "whole", tmp_path / "run"
     common = (*GPU_RUN, "optimizations=baseline", "train.batch_tokens=65536")  # fp32: comparable to float tolerance

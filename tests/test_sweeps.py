@@ -86,13 +86,14 @@ def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypatch):
     import pufferfish.measure as measure_module
+    import pufferfish.step as step_module
 
     cfg = compose("experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}")
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(measure_module, "lm_loss", out_of_memory)
+    monkeypatch.setattr(step_module, "lm_loss", out_of_memory)
     record = measure_module.measure(cfg)
     assert record["fits"] is False and record["oom"].startswith("CUDA out of memory")
     assert json.loads((tmp_path / "measure.json").read_text())["fits"] is False
@@ -100,7 +101,7 @@ def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypa
     def bug(*args, **kwargs):
         raise RuntimeError("shape mismatch")  # not memory: a bug, raised for Hydra to report
 
-    monkeypatch.setattr(measure_module, "lm_loss", bug)
+    monkeypatch.setattr(step_module, "lm_loss", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         measure_module.measure(cfg)
 

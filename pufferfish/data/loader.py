@@ -51,7 +51,7 @@ class TrainBatches:
         stride: int | None = None,
     ):
         self.tokens = np.memmap(token_path, dtype=np.dtype(dtype), mode="r")
-        self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
+        self.seq_len, self.micro_batch, self.seed, self.fraction = seq_len, micro_batch, seed, fraction
         # samples between successive batches: micro_batch alone, or world x micro_batch when each of
         # `world` data-parallel ranks starts at rank x micro_batch and takes every world-th batch
         self.stride = stride or micro_batch

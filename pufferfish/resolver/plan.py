@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from ..config import OptimConfig
 from ..errors import ConfigError
 from ..model import ModelConfig
 from .capabilities import card_path
@@ -27,6 +28,10 @@ from .shapes import (  # noqa: F401  (kv_heads_for, micro_batch_step, USABLE_MEM
     model_dict,
 )
 
+OPTIMIZER_KEYS = ("weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
+SCHEDULE_KEYS = ("schedule", "warmup_frac", "min_lr_ratio", "decay_frac")  # and what schedule.lr_at reads
+OPTIMIZER_DEFAULTS = {k: getattr(OptimConfig, k) for k in OPTIMIZER_KEYS}  # a plan.json from before they were kept
+SCHEDULE_DEFAULTS = {k: getattr(OptimConfig, k) for k in SCHEDULE_KEYS}
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
@@ -75,6 +80,22 @@ class Plan:
     attention_kernel: str = "auto"
     fused_adamw: bool = False
     tf32: bool = False
+    # the rest of what the loop runs, from the optim and optimizations groups: the loop reads the plan alone
+    optimizer: dict = field(default_factory=lambda: dict(OPTIMIZER_DEFAULTS))  # weight_decay, beta1, beta2
+    schedule: dict = field(default_factory=lambda: dict(SCHEDULE_DEFAULTS))  # lr schedule: schedule.lr_at's
+    grad_clip: float = 1.0
+    chunked_loss: bool = False
+    loss_chunk_tokens: int = 4096
+    prefetch_batches: int = 2
+    ddp_graphs: str = "whole"
+    # what changed during the run, in order: {"step", "kind", "why", and the new values}; plan.json keeps them
+    revisions: list = field(default_factory=list)
+
+    def revise(self, step: int, kind: str, why: str, **changes) -> dict:
+        """Record a change made during the run (the fields are already set); returns the record, for the log."""
+        record = {"kind": kind, "step": step, "why": why, **changes}
+        self.revisions.append(record)
+        return record
 
     def recalibrate(self, step: int, seconds_per_step: float, seconds_left: float, max_step_s: float | None = None):
         """Fit the schedule to the measured speed, so the run ends on time with its schedule complete; a step
@@ -301,4 +322,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         predicted_loss=best.loss, limits=limits,
         compile=path.compile, compile_backend=path.compile_backend, attention_kernel=path.attention_kernel,
         fused_adamw=path.fused_adamw, tf32=path.tf32,
+        optimizer={k: cfg.optim[k] for k in OPTIMIZER_KEYS}, schedule={k: cfg.optim[k] for k in SCHEDULE_KEYS},
+        grad_clip=float(cfg.optim.grad_clip), chunked_loss=bool(cfg.optimizations.chunked_loss),
+        loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
+        prefetch_batches=int(cfg.optimizations.prefetch_batches), ddp_graphs=str(cfg.optimizations.ddp_graphs),
     )  # fmt: skip

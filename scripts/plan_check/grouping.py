@@ -121,7 +121,7 @@ def as_run(planned: dict, ran: dict) -> dict:
 
 
 def plan_pairs(args, extra: list[str], card: tuple[str, int] | None) -> list[Pair]:
-    """Every pair's plan, as its job would make it (pufferfish/run.py's plan_for: detect_hardware, then
+    """Every pair's plan, as its job would make it (pufferfish/rundir.py's plan_for: detect_hardware, then
     make_plan on the prepared data), for the card (name, bytes) its job will see; card None: the CPU."""
     prepared, pairs, limit = {}, [], job_time_limit(args)
     skip = ("hydra.", "hydra/", "run_dir=", "dry_run=")
