@@ -80,9 +80,9 @@ STOP_WORDS = {"schedule": "its schedule complete", "train.max_steps": "train.max
 
 
 def _the_plan(cfg, world, run_dir, data, found) -> Plan:
-    """Rank 0 plans (or reuses a resumed run's plan.json) and writes the run directory; the others read it."""
+    """Rank 0 plans (or reuses a resumed run's plan.json) and writes the run directory, then lets the others
+    past their barrier (train(), before the data): they read its plan.json."""
     if not world.is_main:
-        barrier(world)  # rank 0 prepares the data cache and the plan first
         return Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
     if found:
         check_same_run(cfg, run_dir)
@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> dict:
     # the default corpus's cap, decided on rank 0 (the others would each touch GPU 0 to detect the hardware)
     data_cfg = same_on_all(world, data_config(cfg, world.size) if world.is_main else None)
     if not world.is_main:
-        barrier(world)  # rank 0 prepares the data cache first
+        barrier(world)  # rank 0 prepares the data cache and the plan first
     data = prepare_data(data_cfg, progress=tc.progress and world.is_main)
     ready = time.perf_counter()  # the budget counts from here: planning, building, the first checkpoint are in it
     found = load_latest(ckpt_dir)
