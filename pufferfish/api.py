@@ -20,8 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config as _schemas  # noqa: F401
 from .errors import ConfigError
 from .model import ModelConfig
+from .paths import CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODE_BANDS = [("ultra_fast", 0.01), ("quick_dev", 0.5), ("standard", 3.0), ("extended", float("inf"))]
 
 

@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from . import config as _schemas  # noqa: F401  (registers the schemas with Hydra)
-from .api import CONF_DIR
 from .best import BestModel
 from .checkpoint import (
     atomic_write_bytes,
@@ -45,6 +44,7 @@ from .loss import lm_loss
 from .model import build_model
 from .model.moe import moe_aux_loss, moe_metrics, update_moe_biases
 from .optim import build_optimizer
+from .paths import CONF_DIR
 from .profiling import StepProfiler
 from .reliability import (
     NonFiniteGuard,

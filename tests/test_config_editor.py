@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pufferfish.api import CONF_DIR
 from pufferfish.config_editor import Editor
+from pufferfish.paths import CONF_DIR
 from tests.conftest import run_cli, tiny_overrides
 
 
