@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .api import compose_config
+from .config import compose_config
 from .errors import ConfigError, OneLineArgumentParser, PufferfishError, exit_on_user_error
 from .overrides import check_command_line
 from .paths import CONF_DIR
