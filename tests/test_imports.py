@@ -111,7 +111,8 @@ def write_package(root: Path, files: dict[str, str]) -> Path:
 
 def test_every_kind_of_import_becomes_the_edges_python_runs(tmp_path):
     package = write_package(tmp_path, {
-        "pkg/__init__.py": "from .sub import Thing\n\ndef __getattr__(name):\n    from .heavy import Big\n    return Big\n",
+        "pkg/__init__.py": "from .sub import Thing\n\ndef __getattr__(name):\n    from .heavy import Big\n"
+                           "    return Big\n",
         "pkg/heavy.py": "import torch\nfrom . import sub\n",
         "pkg/plain.py": "from __future__ import annotations\nimport os.path\n",
         "pkg/user.py": "from . import plain\nfrom .sub import Thing\nfrom .sub.deep import f\n",
@@ -123,7 +124,7 @@ def test_every_kind_of_import_becomes_the_edges_python_runs(tmp_path):
         "pkg": {"pkg.sub"},  # __getattr__ only hands Big on: not an edge
         "pkg.heavy": {"pkg.sub"},  # torch is not the package's
         "pkg.plain": set(),
-        "pkg.user": {"pkg.plain", "pkg.sub", "pkg.sub.deep"},  # a submodule, a package's name, a package's module
+        "pkg.user": {"pkg.plain", "pkg.sub", "pkg.sub.deep"},  # module, package's name, package's module
         "pkg.late": {"pkg.heavy"},  # inside a function; `pkg` itself is the importer's own package
         "pkg.sub": set(),
         "pkg.sub.deep": {"pkg.plain", "pkg.sub"},  # two levels up; its own package's names
@@ -146,4 +147,4 @@ def test_pufferfish_imports_have_no_cycle():
     graph = import_graph(PUFFERFISH)
     assert {"pufferfish", "pufferfish.train", "pufferfish.model.llama", "pufferfish.resolver"} <= set(graph)
     cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle or []) + "; move what both need into a third module"
+    assert cycle is None, f"import cycle: {' -> '.join(cycle or [])}; move what both need into a third module"
