@@ -12,16 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from . import config as _schemas  # noqa: F401
+from .config import compose_config  # importable from here too, as scripts and tests do
 from .errors import ConfigError
 from .model import ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODE_BANDS = [("ultra_fast", 0.01), ("quick_dev", 0.5), ("standard", 3.0), ("extended", float("inf"))]
 
 
@@ -40,11 +37,6 @@ def model_overrides(mc: ModelConfig) -> list[str]:
                 f"moe.every_n_layers={mc.moe_every_n_layers}", f"moe.first_dense_layers={mc.moe_first_dense_layers}",
                 f"moe.score_func={mc.moe_score_func}", f"moe.expert_ffn_dims={mc.moe_expert_ffn_dims}"]  # fmt: skip
     return out
-
-
-def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return compose(config_name, overrides=overrides)
 
 
 class Trainer:

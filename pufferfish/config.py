@@ -1,15 +1,19 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
 The YAML options under conf/<group>/ are validated against these dataclasses: an unknown key or a value
-of the wrong type fails at composition time with Hydra's message naming the key.
+of the wrong type fails at composition time with Hydra's message naming the key. compose_config composes
+them as the command line does, for the Python API, the config editor, scripts and tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+from .paths import CONF_DIR
 
 
 @dataclass
@@ -202,3 +206,9 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The config the command line composes from these overrides, from the package's own conf/."""
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose(config_name, overrides=overrides)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .api import CONF_DIR, compose_config
+from .config import compose_config
 from .errors import ConfigError, OneLineArgumentParser, PufferfishError, exit_on_user_error
 from .overrides import check_command_line
+from .paths import CONF_DIR
 from .resolver import detect_hardware, format_plan, make_plan
 
 GROUPS = ("gpu", "mode", "model", "attention", "moe", "optimizations", "data", "logger")  # as in train.yaml

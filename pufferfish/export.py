@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import CheckpointError, ConfigError, exit_on_user_error
 from .generate import find_tokenizer, load_model
+from .paths import CONF_DIR
 
 # Pufferfish name (after "layers.N.") -> Hugging Face name (after "model.layers.N.")
 LAYER_NAMES = {
@@ -152,7 +153,7 @@ def export(checkpoint: str | Path, out: str | Path, tokenizer_path: str | None =
     return out
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="export")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     export(cfg.checkpoint, cfg.out, cfg.tokenizer)

@@ -14,6 +14,7 @@ from .data.tokenizer import Tokenizer
 from .errors import CheckpointError, ConfigError, exit_on_user_error
 from .model import ModelConfig, build_model
 from .model.sampling import generate
+from .paths import CONF_DIR
 
 # past seq_len every new token recomputes the whole context: beyond this many contexts a request is a mistake
 MAX_CONTEXTS = 8
@@ -84,7 +85,7 @@ def sample_text(cfg: DictConfig) -> list[str]:
     return [tok.decode(row.tolist()) for row in out]
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="generate")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="generate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     for i, text in enumerate(sample_text(cfg)):

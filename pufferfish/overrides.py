@@ -18,7 +18,9 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .config import compose_config
 from .errors import ConfigError
+from .paths import CONF_DIR
 from .validate import check_overrides
 
 # Hydra flags whose value is the next argument: it is not an override
@@ -119,8 +121,6 @@ def writable_folder(key: str, value: str) -> None:
 def check_command_line(argv: list[str], config_name: str = "train") -> None:
     """Raise a ConfigError for the first override Hydra would not take; return quietly otherwise."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .api import CONF_DIR, compose_config
 
     items, flags = split_argv(argv)
     if set(flags) & FLAGS_WITHOUT_RUN:  # help and info: nothing runs (and --info takes an optional word)

@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from . import config as _schemas  # noqa: F401  (registers the schemas with Hydra)
-from .api import CONF_DIR
 from .best import BestModel
 from .checkpoint import (
     atomic_write_bytes,
@@ -44,6 +43,7 @@ from .loggers import attach_loggers
 from .model import build_model
 from .model.moe import moe_metrics
 from .optim import build_optimizer
+from .paths import CONF_DIR
 from .profiling import StepProfiler
 from .reliability import (
     NonFiniteGuard,

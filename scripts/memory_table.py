@@ -46,10 +46,11 @@ def predicted_records(gpu: str, extra: list[str]) -> list[dict]:
 
     from pufferfish import config as _schemas  # noqa: F401
     from pufferfish.measure import allocator_cap, job_prediction, predicted_max_layers, target_hardware
+    from pufferfish.paths import CONF_DIR
     from pufferfish.resolver import detect_hardware, predict_peak_bytes
     from pufferfish.runlog import git_revision
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
         sweep = compose("train", ["experiment=memory_table"], return_hydra_config=True).hydra.sweeper.params
         records = []
         for technique in str(sweep["experiment/memory@memory"]).split(","):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pufferfish.api import CONF_DIR
 from pufferfish.config_editor import Editor
+from pufferfish.paths import CONF_DIR
 from tests.conftest import run_cli, tiny_overrides
 
 
@@ -55,8 +55,9 @@ def test_editor_script_saves_an_experiment_that_trains(tmp_path, cache_dir):
 
     run = tmp_path / "run"
     keep = [o for o in tiny_overrides(run, cache_dir) if not o.startswith(("gpu=", "mode="))]
+    # hydra.run.dir too: Hydra's own files would otherwise go to outputs/ in the checkout
     dry = run_cli("pufferfish.train", "experiment=tiny_edit", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-                  "dry_run=true", *keep)  # fmt: skip
+                  "dry_run=true", *keep, f"hydra.run.dir={run}")  # fmt: skip
     assert dry.returncode == 0, dry.stderr[-2000:]
     plan = json.loads((run / "plan.json").read_text())
     assert plan["hardware"]["profile"] == "gtx1060" and plan["time_budget_s"] == 0.2 * 3600

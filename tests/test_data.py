@@ -24,9 +24,9 @@ from pufferfish.data.corpora import split_documents
 from pufferfish.data.tokenizer import Tokenizer, train_tokenizer
 from pufferfish.data.tokens import CHUNK_CHARS, encode_split
 from pufferfish.errors import ConfigError, DataError
+from pufferfish.paths import CONF_DIR
 from tests.conftest import english_corpus, english_file
 
-REPO = Path(__file__).parents[1]
 PARTS = 24  # english_corpus() cut into documents of about 48 KB, at paragraph breaks
 VAL_PARTS = ["part03.txt", "part11.txt", "part19.txt"]  # held out by data.val_paths
 TRICKY = (
@@ -37,7 +37,7 @@ TRICKY = (
 def data_cfg(option: str, **overrides):
     # the real YAML option on the real schema, shrunk by overrides, as Hydra would compose it
     schema = OmegaConf.structured(DataConfig)
-    return OmegaConf.merge(schema, OmegaConf.load(REPO / "conf" / "data" / f"{option}.yaml"), overrides)
+    return OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / "data" / f"{option}.yaml"), overrides)
 
 
 def round_trips(tok: Tokenizer, text: str) -> bool:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .layers import FeedForward, RMSNorm
+from .moe import MoEFeedForward
 
 # enable_gqa lets SDPA read grouped K/V without materialising repeated heads (torch 2.5+), but only the
 # flash and math kernels take it: where flash cannot run (fp32, GPUs before sm80) it would fall back to
@@ -35,16 +37,6 @@ def _flash_can_run(q) -> bool:
     if not _flash_enabled():  # another kernel asked for (attention.sdpa_backend)
         return False
     return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dims))
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,19 +101,6 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, num_dims: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(num_dims, hidden, bias=False)
-        self.w3 = nn.Linear(num_dims, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, num_dims, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -129,8 +108,6 @@ class Block(nn.Module):
         self.attention = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.num_dims, cfg.norm_eps)
         if cfg.is_moe_layer(layer):
-            from .moe import MoEFeedForward
-
             self.feed_forward = MoEFeedForward(cfg)
         else:
             self.feed_forward = FeedForward(cfg.num_dims, cfg.ffn_dims)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .llama import FeedForward
+from .layers import FeedForward
 
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 

@@ -6,15 +6,15 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
+from ..paths import CONF_DIR
 from .capabilities import choose_precision
 
-CONF_GPU = Path(__file__).resolve().parents[2] / "conf" / "gpu"
+CONF_GPU = CONF_DIR / "gpu"
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS/cuDNN workspaces: outside PyTorch's allocator
 
