@@ -14,7 +14,7 @@ from pufferfish.errors import ConfigError
 from pufferfish.resolver import format_plan, make_plan, predict_peak_bytes
 from pufferfish.resolver.capabilities import ARCHITECTURES, architecture
 from pufferfish.resolver.hardware import GIB, hardware_on
-from pufferfish.resolver.plan import _shape, memory_budget, model_dict
+from pufferfish.resolver.plan import memory_budget, memory_shape, model_dict
 from pufferfish.resolver.replan import plan_eager_step
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
@@ -69,13 +69,13 @@ def test_the_memory_and_speed_models_count_the_step_the_card_runs():
     """The same model and micro-batch: the 1060's eager fp32 step keeps more than the 3060's compiled bf16 one."""
     pascal, ampere = compose("gpu=gtx1060"), compose("gpu=rtx3060")
     mc = model_dict(pascal, 8, 512, 8192, 512)
-    eager = _shape(mc, pascal, on_card(pascal), 8, False)
-    compiled = _shape(mc, ampere, on_card(ampere), 8, False)
+    eager = memory_shape(mc, pascal, on_card(pascal), 8, False)
+    compiled = memory_shape(mc, ampere, on_card(ampere), 8, False)
     assert not eager.compiled and eager.precision == "fp32" and eager.repeated_kv
     assert compiled.compiled and compiled.precision == "bf16" and not compiled.repeated_kv
     assert predict_peak_bytes(eager).activations > predict_peak_bytes(compiled).activations
     baseline = compose("gpu=rtx3060", "optimizations=baseline")  # compile off: counted as eager there too
-    assert not _shape(mc, baseline, on_card(baseline), 8, False).compiled
+    assert not memory_shape(mc, baseline, on_card(baseline), 8, False).compiled
 
 
 def test_flash_needs_sixteen_bits_and_compute_capability_8():

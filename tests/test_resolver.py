@@ -8,7 +8,15 @@ import torch
 
 from pufferfish.errors import ConfigError
 from pufferfish.model import ModelConfig, build_model, count_parameters
-from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes, speed
+from pufferfish.resolver import (
+    Shape,
+    count_params,
+    detect_hardware,
+    grad_ckpt_for,
+    make_plan,
+    predict_peak_bytes,
+    speed,
+)
 from pufferfish.resolver.hardware import (
     Hardware,
     known_profiles,
@@ -16,7 +24,7 @@ from pufferfish.resolver.hardware import (
     nearest_profile,
 )
 from pufferfish.resolver.memory import ACTIVATION_CALIBRATION
-from pufferfish.resolver.plan import _shape, kv_heads_for, memory_budget, micro_batch_step
+from pufferfish.resolver.plan import kv_heads_for, memory_budget, memory_shape, micro_batch_step
 from pufferfish.resolver.shapes import heads_reason, model_dict
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
@@ -243,7 +251,7 @@ def test_every_plan_fits_its_memory_and_respects_mode_bounds_or_says_why(gpu, mo
     if plan.grad_accum > 1:  # memory binds the micro-batch: the next size up (in the planner's steps) would not fit
         step = micro_batch_step(plan.micro_batch)
         assert plan.micro_batch % step == 0 and (plan.micro_batch < 8 or plan.micro_batch % 2 == 0)
-        bigger = _shape(plan.model, cfg, hw, plan.micro_batch + step, plan.grad_ckpt)
+        bigger = memory_shape(plan.model, cfg, hw, plan.micro_batch + step, plan.grad_ckpt)
         assert predict_peak_bytes(bigger).total > memory_budget(hw)
 
 
@@ -275,10 +283,19 @@ def test_small_data_is_named_as_the_binding_limit():
 
 def test_gradient_checkpointing_only_when_needed():
     cfg = compose("gpu=gtx1650", "mode=standard", "optimizations=all", "model.num_layers=24", "model.num_dims=768")
-    plan = make_plan(cfg, fake_gpu("gtx1650", "fp16"), 8192, 10**9)
+    hw = fake_gpu("gtx1650", "fp16")
+    plan = make_plan(cfg, hw, 8192, 10**9)
     assert plan.grad_ckpt and "does not fit" in plan.reasons["grad_ckpt"]
+    assert grad_ckpt_for(plan.model, cfg, hw, 1)  # the search's rule: even one sequence does not fit without it
+    assert not grad_ckpt_for(plan.model, cfg, replace(hw, vram_bytes=80 * GIB), plan.micro_batch)
     big = make_plan(compose("gpu=h200", "mode=quick_dev"), fake_gpu("h200"), 8192, 10**9)
     assert not big.grad_ckpt
+    fixed = compose("gpu=h200", "mode=quick_dev", "model.num_layers=24", "model.num_dims=768", "train.micro_batch=512")
+    assert make_plan(fixed, fake_gpu("h200"), 8192, 10**9).grad_ckpt == grad_ckpt_for(
+        model_dict(fixed, 24, 768, 8192, fixed.mode.seq_len), fixed, fake_gpu("h200"), 512)  # a given micro-batch
+    for policy, ckpt in (("always", True), ("never", False)):  # asked for: whatever the memory says
+        asked = compose("gpu=gtx1650", "mode=standard", f"optimizations.grad_ckpt={policy}")
+        assert grad_ckpt_for(plan.model, asked, replace(hw, vram_bytes=80 * GIB) if ckpt else hw, 64) is ckpt
 
 
 def test_physics_moves_the_plan_outside_mode_bounds_with_a_reason():
