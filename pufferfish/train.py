@@ -338,7 +338,7 @@ def train(cfg: DictConfig) -> dict:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     if cfg.job == "measure":
-        from .measure import measure
+        from .lab.measure import measure
 
         measure(cfg)
     elif cfg.job == "train":

@@ -3,8 +3,6 @@ the device falls back to eager and the run goes on."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from pufferfish.resolver.replan import plan_eager_step
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
 from pufferfish.transforms import sdpa_backend
-from tests.conftest import compose
+from tests.conftest import compose, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = ("NVIDIA H200", int(140.4 * GIB))
@@ -161,13 +159,9 @@ def test_a_compilation_that_fails_falls_back_to_eager_with_one_line_and_the_run_
 
 
 def test_the_readmes_card_table_comes_from_the_plans():
-    done = run_cli_script("card_table.py", "--profiles", "gtx1060", "rtx3060", "--modes", "quick_dev")
+    done = run_cli("pufferfish.lab.card_table", "--profiles", "gtx1060", "rtx3060", "--modes", "quick_dev")
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()[2:]}
     assert "| Pascal 6.1 | fp32 | eager | efficient |" in rows["gtx1060"]
     assert "| Ampere 8.6 | bf16 | compiled | flash |" in rows["rtx3060"]
 
-
-def run_cli_script(name: str, *args: str):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)  # fmt: skip

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose, run_cli
+from tests.conftest import compose, run_cli
 
 # the table's experiment, shrunk: 8 heads of 8 dims so the rows' 4 kv heads really group
 TINY = ["gpu=cpu", "model.num_dims=64", "model.num_heads=8", "model.ffn_dims=128", "model.vocab_size=256",
@@ -18,9 +17,8 @@ TINY = ["gpu=cpu", "model.num_dims=64", "model.num_heads=8", "model.ffn_dims=128
 ABSURD = 100_000  # layers: the memory model's peak is far over any machine's cap, so the job is never run
 
 
-def run_script(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)  # fmt: skip
+def run_table(name: str, *args) -> subprocess.CompletedProcess:
+    return run_cli(f"pufferfish.lab.{name}", *map(str, args), timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,7 @@ def test_memory_table_reads_only_the_jobs_own_files(memory_sweep, tmp_path):
     (job / "notes.json").write_text(json.dumps({**stray, "technique": "notes"}))
     (sweep / "9_crashed_L3" / ".hydra").mkdir(parents=True)  # a job that died before writing its result
 
-    done = run_script("memory_table.py", sweep)
+    done = run_table("memory_table", sweep)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "stray_copy" not in out and "notes" not in out
@@ -85,7 +83,7 @@ def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypatch):
-    import pufferfish.measure as measure_module
+    import pufferfish.lab.measure as measure_module
     import pufferfish.step as step_module
 
     cfg = compose("experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}")
@@ -107,7 +105,7 @@ def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypa
 
 
 def test_predicted_memory_table_has_one_row_per_technique():
-    done = run_script("memory_table.py", "--predicted", "--gpu", "gtx1060")
+    done = run_table("memory_table", "--predicted", "--gpu", "gtx1060")
     assert done.returncode == 0, done.stderr
     impact = done.stdout.split("## Memory Usage")[0]
     rows = [line.split("|")[1].strip() for line in impact.splitlines() if line.startswith("| ")][1:]
@@ -117,7 +115,7 @@ def test_predicted_memory_table_has_one_row_per_technique():
 
 
 def test_bisection_finds_the_largest_depth_that_fits_in_few_probes():
-    from pufferfish.sweep_tools import bisect_max_layers
+    from pufferfish.lab.sweep_tools import bisect_max_layers
 
     probes = []
 
@@ -137,7 +135,7 @@ def test_speed_table_pairs_jobs_into_improvements(tmp_path):
                    "model.num_kv_heads=4", "train.measure_batches=random", "train.measure_steps=3",
                    "experiment/speed@speed=reference,mixed_precision", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    table = run_script("speed_table.py", tmp_path)
+    table = run_table("speed_table", tmp_path)
     assert table.returncode == 0, table.stderr
     assert "| mixed precision |" in table.stdout and "x |" in table.stdout and "faster (no figure)" in table.stdout
     assert (tmp_path / "speed_table.png").exists()
@@ -145,9 +143,8 @@ def test_speed_table_pairs_jobs_into_improvements(tmp_path):
 
 def test_measured_sweep_gets_bisected_max_layers_from_probe_jobs(tmp_path, monkeypatch):
     """The GPU side without a GPU: jobs' records as CUDA writes them, probes faked where they would run."""
-    import importlib.util
-
-    import pufferfish.sweep_tools as st
+    import pufferfish.lab.sweep_tools as st
+    from pufferfish.lab import memory_table
 
     cap, fitting = 6 * st.GIB, {"baseline": 13, "grad_ckpt": 30}
 
@@ -178,10 +175,7 @@ def test_measured_sweep_gets_bisected_max_layers_from_probe_jobs(tmp_path, monke
     assert not probed  # past the deadline no probe starts
     assert st.search_max_layers(tmp_path, records, workers=2) == fitting and not failed
     assert len(probed) <= 8  # the linear guess from the 12- and 24-layer peaks lands next to the answer
-    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "scripts" / "memory_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    md, _ = table.render(*st.read_jobs(tmp_path))
+    md, _ = memory_table.render(*st.read_jobs(tmp_path))
     assert "| 13 (bisected) | 8 | 11 |" in md and "| 30 (bisected) | 12 | 28 |" in md
     assert "Measured on NVIDIA H200" in md and "does not fit; needed uncapped" in md
     assert "max_layers/probe_baseline_L14" in {r["job_dir"] for r in st.read_jobs(tmp_path)[0]}

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .resolver import predict_peak_bytes
-from .resolver.hardware import CUDA_CONTEXT_BYTES, GIB, choose_precision
-from .resolver.plan import USABLE_MEMORY, _shape, model_dict
+from pufferfish.resolver import memory_shape, model_dict, predict_peak_bytes
+from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, choose_precision
+from pufferfish.resolver.shapes import USABLE_MEMORY
 
 SCHEMA = "pufferfish.measure/1"  # in every measure.json (pufferfish/measure.py); the tables read no other
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def job_identity() -> dict:
@@ -74,7 +73,7 @@ def job_prediction(cfg, hw, num_layers: int, num_dims: int, micro_batch: int, vo
     math_kernel = cfg.attention.sdpa_backend == "math" or (grouped and gpu_target and not flash)
 
     def shape(ckpt: bool):  # a measuring job's step is one micro-batch: its gradients are made in the backward
-        return replace(_shape(mc, cfg, target, micro_batch, ckpt), attention_math=math_kernel, grads_in_forward=False)
+        return replace(memory_shape(mc, cfg, target, micro_batch, ckpt), attention_math=math_kernel, grads_in_forward=False)
 
     policy = cfg.optimizations.grad_ckpt
     budget = allocator_cap(hw) * USABLE_MEMORY  # the plan's headroom, so `auto` decides as in training
@@ -162,7 +161,7 @@ def probe(overrides: list[str], num_layers: int, job_dir: Path, timeout: int = 1
         keep = [o for o in overrides if not o.startswith(("model.num_layers=", "run_dir=", "hydra."))]
         cmd = [sys.executable, "-m", "pufferfish.train", *keep, f"model.num_layers={num_layers}",
                f"hydra.run.dir={job_dir}"]  # fmt: skip
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode or not out.exists():
             raise RuntimeError(f"probe {' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(out.read_text())

@@ -29,14 +29,12 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibrate import shape_of  # noqa: E402
+from pufferfish.model import ModelConfig
+from pufferfish.resolver import Shape, memory, predict_peak_bytes, speed
+from pufferfish.resolver.hardware import load_profile, profile_peak_flops
 
-from pufferfish.bench import Technique  # noqa: E402
-from pufferfish.model import ModelConfig  # noqa: E402
-from pufferfish.resolver import Shape, memory, predict_peak_bytes, speed  # noqa: E402
-from pufferfish.resolver.hardware import load_profile, profile_peak_flops  # noqa: E402
+from .bench import Technique
+from .calibrate import shape_of
 
 FIELDS = set(ModelConfig.__dataclass_fields__)
 # the constants --refit fits: (speed.py name, key in a dict constant or None); EAGER_GPU_FACTOR is measured
@@ -86,7 +84,7 @@ def load_calibrate(path: str, source: str | None, predates: bool) -> list[Row]:
 
 
 def load_bench(path: str, predates: bool) -> list[Row]:
-    from bench_throughput import TECHNIQUES
+    from .bench_throughput import TECHNIQUES
 
     data = json.loads(Path(path).read_text())
     rows = []

@@ -25,14 +25,13 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pufferfish.bench import Technique, make_train_step, peak_bytes_of_two_steps, time_steps  # noqa: E402
-from pufferfish.model import ModelConfig  # noqa: E402
-from pufferfish.resolver import Shape, predict_peak_bytes, predict_tokens_per_s  # noqa: E402
-from pufferfish.resolver.hardware import GIB, Hardware, load_profile, profile_peak_flops  # noqa: E402
-from pufferfish.resolver.plan import _shape, kv_heads_for  # noqa: E402
-from pufferfish.runlog import git_revision  # noqa: E402
-from pufferfish.step import use_tf32  # noqa: E402
+from pufferfish.model import ModelConfig
+from pufferfish.resolver import Shape, kv_heads_for, memory_shape, predict_peak_bytes, predict_tokens_per_s
+from pufferfish.resolver.hardware import GIB, Hardware, load_profile, profile_peak_flops
+from pufferfish.runlog import git_revision
+from pufferfish.step import use_tf32
+
+from .bench import Technique, make_train_step, peak_bytes_of_two_steps, time_steps
 
 
 def grid(name: str) -> list[tuple[dict, int, Technique]]:
@@ -145,7 +144,7 @@ def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -
     cfg = SimpleNamespace(attention=SimpleNamespace(sdpa_backend="auto"),
                           optimizations=SimpleNamespace(chunked_loss=t.chunked, loss_chunk_tokens=4096,
                                                         compile=bool(t.compile)))  # fmt: skip
-    return replace(_shape(mc.to_dict(), cfg, hw, batch, t.ckpt), grads_in_forward=False)  # one micro-batch a step
+    return replace(memory_shape(mc.to_dict(), cfg, hw, batch, t.ckpt), grads_in_forward=False)  # one micro-batch a step
 
 
 def main():

@@ -26,13 +26,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibrate import shape_of  # noqa: E402
+from pufferfish.model import ModelConfig
+from pufferfish.resolver import memory, predict_peak_bytes
 
-from pufferfish.bench import Technique  # noqa: E402
-from pufferfish.model import ModelConfig  # noqa: E402
-from pufferfish.resolver import memory, predict_peak_bytes  # noqa: E402
+from .bench import Technique
+from .calibrate import shape_of
 
 FIELDS = set(ModelConfig.__dataclass_fields__)
 
@@ -60,11 +58,11 @@ def grid_rows(path: str, eager_only: bool = False) -> list[dict]:
 def plan_rows(path: str) -> list[dict]:
     """Runs of check_plans.py, their Shapes rebuilt as the planner builds them, for the card they ran on (an
     H200: plan_check's assumed card), by the profile rules check_plans itself plans with (hardware_on)."""
-    from plan_check.cards import ASSUMED_CARD_GIB
-
     from pufferfish.api import compose_config
+    from pufferfish.resolver import memory_shape, model_dict
     from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, hardware_on
-    from pufferfish.resolver.plan import _shape, model_dict
+
+    from .plan_check.cards import ASSUMED_CARD_GIB
 
     total = int(ASSUMED_CARD_GIB * GIB)
     out = []
@@ -78,7 +76,7 @@ def plan_rows(path: str) -> list[dict]:
         hw = hardware_on(cfg.gpu, cfg.optimizations, "cuda", "NVIDIA H200", total, total - CUDA_CONTEXT_BYTES)
         assert hw.precision == r["precision"], f"{r['profile']}: planned {hw.precision}, ran {r['precision']}"
         mc = model_dict(cfg, r["num_layers"], r["num_dims"], 8192, r["seq_len"])
-        s = replace(_shape(mc, cfg, hw, r["micro_batch"], r["grad_ckpt"]), grads_in_forward=r.get("grad_accum", 2) > 1)
+        s = replace(memory_shape(mc, cfg, hw, r["micro_batch"], r["grad_ckpt"]), grads_in_forward=r.get("grad_accum", 2) > 1)
         bound = r["cap_bytes"] if v == "OOM" else r["measured_peak_bytes"]  # OOM: the cap is a lower bound
         out.append(dict(src="plans", shape=s, measured=bound, oom=v == "OOM", skip=False,
                         label=f"{r['profile']}/{r['mode']} {s.num_layers}x{s.num_dims} {s.micro_batch}x{s.seq_len}"))

@@ -14,11 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf
 
-from pufferfish.runlog import read_metrics  # noqa: E402
-from pufferfish.schedule import lr_at  # noqa: E402
+from pufferfish.runlog import read_metrics
+from pufferfish.schedule import lr_at
 
 
 def check(run: Path, tolerance: float) -> dict:

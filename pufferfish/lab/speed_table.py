@@ -14,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pufferfish.sweep_tools import gib, markdown, read_jobs, technique_of  # noqa: E402
+from .sweep_tools import gib, markdown, read_jobs, technique_of
 
 # (the README's row, the job with the technique, the job without it: conf/experiment/speed/<option>.yaml)
 ROWS = [

@@ -16,14 +16,14 @@ from dataclasses import replace
 
 import torch
 
-from .checkpoint import atomic_write_text
-from .data import prepare_data
-from .data.loader import TrainBatches
-from .errors import ConfigError, PufferfishError
-from .model import ModelConfig, build_model
-from .optim import build_optimizer
-from .reliability import is_out_of_memory
-from .resolver import (
+from pufferfish.checkpoint import atomic_write_text
+from pufferfish.data import prepare_data
+from pufferfish.data.loader import TrainBatches
+from pufferfish.errors import ConfigError, PufferfishError
+from pufferfish.model import ModelConfig, build_model
+from pufferfish.optim import build_optimizer
+from pufferfish.reliability import is_out_of_memory
+from pufferfish.resolver import (
     apply_memory_cap,
     count_params,
     detect_hardware,
@@ -31,12 +31,14 @@ from .resolver import (
     predict_peak_bytes,
     prefer_expandable_segments,
 )
-from .resolver.capabilities import card_path
-from .resolver.hardware import GIB
-from .resolver.speed import flops_per_token, predict_tokens_per_s
-from .rundir import run_directory, save_config
-from .runlog import git_revision
-from .step import StepSpec, TrainStep, use_tf32
+from pufferfish.resolver.capabilities import card_path
+from pufferfish.resolver.hardware import GIB
+from pufferfish.resolver.speed import flops_per_token, predict_tokens_per_s
+from pufferfish.rundir import run_directory, save_config
+from pufferfish.runlog import git_revision
+from pufferfish.step import StepSpec, TrainStep, use_tf32
+from pufferfish.transforms import apply_speed_transforms
+
 from .sweep_tools import (
     SCHEMA,
     allocator_cap,
@@ -45,7 +47,6 @@ from .sweep_tools import (
     predicted_max_layers,
     target_hardware,
 )
-from .transforms import apply_speed_transforms
 
 WARMUP_STEPS = 8  # the peer's: steps left out of the timing (compilation, autotuning, allocator growth)
 NOMINAL_CORPUS_TOKENS = 10**9  # random tokens have no corpus; the resolver sizes unset fields as if it were large

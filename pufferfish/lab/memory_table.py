@@ -14,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pufferfish.sweep_tools import (  # noqa: E402
+from .sweep_tools import (
     GIB,
     gib,
     markdown,
@@ -45,11 +43,13 @@ def predicted_records(gpu: str, extra: list[str]) -> list[dict]:
     from hydra import compose, initialize_config_dir
 
     from pufferfish import config as _schemas  # noqa: F401
-    from pufferfish.measure import allocator_cap, job_prediction, predicted_max_layers, target_hardware
+    from pufferfish.api import CONF_DIR
     from pufferfish.resolver import detect_hardware, predict_peak_bytes
     from pufferfish.runlog import git_revision
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+    from .sweep_tools import allocator_cap, job_prediction, predicted_max_layers, target_hardware
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
         sweep = compose("train", ["experiment=memory_table"], return_hydra_config=True).hydra.sweeper.params
         records = []
         for technique in str(sweep["experiment/memory@memory"]).split(","):

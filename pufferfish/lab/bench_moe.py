@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pufferfish.api import compose_config  # noqa: E402
-from pufferfish.train import train  # noqa: E402
+from pufferfish.api import compose_config
+from pufferfish.train import train
 
 DATASHEET = {"h200": 989e12, "h100": 989e12, "a100_80gb": 312e12, "a100_40gb": 312e12}
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pufferfish.api import compose_config  # noqa: E402
-from pufferfish.resolver import make_plan  # noqa: E402
-from pufferfish.resolver.capabilities import architecture  # noqa: E402
-from pufferfish.resolver.hardware import GIB, hardware_on  # noqa: E402
+from pufferfish.api import compose_config
+from pufferfish.resolver import make_plan
+from pufferfish.resolver.capabilities import architecture
+from pufferfish.resolver.hardware import GIB, hardware_on
 
 PROFILES = "gtx1060 gtx1650 rtx2060 rtx3060 rtx4060 rtx3090 rtx4090 a100_40gb a100_80gb h100 h200".split()
 VOCAB, CORPUS_TOKENS = 32000, 10**10  # a large corpus: the plans are time-bound, as on real data
