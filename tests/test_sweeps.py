@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
 import pytest
 import torch
 
-from tests.conftest import compose, run_cli
+from pufferfish.api import compose_config
+from pufferfish.errors import ConfigError
+from pufferfish.overrides import check_command_line
+from tests.conftest import run_cli
 
 # the table's experiment, shrunk: 8 heads of 8 dims so the rows' 4 kv heads really group
 TINY = ["gpu=cpu", "model.num_dims=64", "model.num_heads=8", "model.ffn_dims=128", "model.vocab_size=256",
@@ -24,7 +28,7 @@ def run_table(name: str, *args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def memory_sweep(tmp_path_factory):
     sweep = tmp_path_factory.mktemp("memory_sweep")
-    done = run_cli("pufferfish.train", "-m", "experiment=memory_table", *TINY, "experiment/memory@memory=baseline,all_three",
+    done = run_cli("pufferfish.lab.measure", "-m", "experiment=memory_table", *TINY, "experiment/memory@memory=baseline,all_three",
                    f"model.num_layers=1,2,{ABSURD}", f"hydra.sweep.dir={sweep}", timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return sweep
@@ -74,7 +78,7 @@ def test_memory_table_reads_only_the_jobs_own_files(memory_sweep, tmp_path):
 
 def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     # gqa's 4 kv heads do not divide 2 heads: a ConfigError would exit the whole multirun at once
-    done = run_cli("pufferfish.train", "-m", "experiment=memory_table", *TINY, "model.num_heads=2",
+    done = run_cli("pufferfish.lab.measure", "-m", "experiment=memory_table", *TINY, "model.num_heads=2",
                    "experiment/memory@memory=gqa,baseline", "model.num_layers=1", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     records = {r["technique"]: r for r in map(json.loads, map(lambda p: p.read_text(), tmp_path.glob("*/measure.json")))}
@@ -83,10 +87,10 @@ def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypatch):
-    import pufferfish.lab.measure as measure_module
+    import pufferfish.lab.measure as measure_module  # registers the measuring job's config
     import pufferfish.step as step_module
 
-    cfg = compose("experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}")
+    cfg = compose_config(["experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}"], "measure")
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -114,6 +118,22 @@ def test_predicted_memory_table_has_one_row_per_technique():
     assert "[fp32" in impact  # gtx1060 has no bf16 and no fast fp16: mixed precision is fp32 there
 
 
+def test_the_measuring_job_is_a_command_of_its_own_and_its_settings_are_not_training_settings():
+    import pufferfish.lab.measure  # noqa: F401  (registers the measuring job's config)
+
+    for argv, said in ((["job=measure"], "job is not a setting of pufferfish.train: the measuring job"),
+                       (["train.measure_steps=3"], "measure.steps of python -m pufferfish.lab.measure"),
+                       (["-m", "experiment=memory_table"], "runs as python -m pufferfish.lab.measure -m experiment=")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_command_line(argv)
+    check_command_line(["-m", "experiment=memory_table", "measure.steps=3"], "measure", "pufferfish.lab.measure")
+    with pytest.raises(ConfigError, match=r"measure\.stepz is not a setting of pufferfish\.lab\.measure; did you "
+                                          r"mean measure\.steps\?"):  # fmt: skip
+        check_command_line(["measure.stepz=3"], "measure", "pufferfish.lab.measure")
+    cfg = compose_config(["experiment=speed_table"], "measure")
+    assert (cfg.measure.steps, cfg.measure.batches) == (28, "data")  # the experiment's, over measure.yaml's own
+
+
 def test_bisection_finds_the_largest_depth_that_fits_in_few_probes():
     from pufferfish.lab.sweep_tools import bisect_max_layers
 
@@ -131,8 +151,8 @@ def test_bisection_finds_the_largest_depth_that_fits_in_few_probes():
 
 
 def test_speed_table_pairs_jobs_into_improvements(tmp_path):
-    done = run_cli("pufferfish.train", "-m", "experiment=speed_table", *TINY, "model.num_layers=1",
-                   "model.num_kv_heads=4", "train.measure_batches=random", "train.measure_steps=3",
+    done = run_cli("pufferfish.lab.measure", "-m", "experiment=speed_table", *TINY, "model.num_layers=1",
+                   "model.num_kv_heads=4", "measure.batches=random", "measure.steps=3",
                    "experiment/speed@speed=reference,mixed_precision", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     table = run_table("speed_table", tmp_path)

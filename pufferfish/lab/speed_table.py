@@ -1,7 +1,7 @@
 """The original README's "Training Speed Improvements" table from a speed sweep's measuring jobs.
 
-    python -m pufferfish.train -m experiment=speed_table hydra.sweep.dir=DIR   # or: make sweep-speed
-    python scripts/speed_table.py DIR
+    python -m pufferfish.lab.measure -m experiment=speed_table hydra.sweep.dir=DIR   # or: make sweep-speed
+    python -m pufferfish.lab.speed_table DIR
 
 Reads only the jobs' own measure.json files; writes DIR/speed_table.md and DIR/speed_table.png and prints
 the Markdown. Each improvement is the ratio of two jobs' tokens/s (median step after warm-up), named below.

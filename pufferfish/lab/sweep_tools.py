@@ -159,7 +159,7 @@ def probe(overrides: list[str], num_layers: int, job_dir: Path, timeout: int = 1
     out = job_dir / "measure.json"
     if not out.exists():
         keep = [o for o in overrides if not o.startswith(("model.num_layers=", "run_dir=", "hydra."))]
-        cmd = [sys.executable, "-m", "pufferfish.train", *keep, f"model.num_layers={num_layers}",
+        cmd = [sys.executable, "-m", "pufferfish.lab.measure", *keep, f"model.num_layers={num_layers}",
                f"hydra.run.dir={job_dir}"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode or not out.exists():
