@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import torch
 
+import pufferfish.lab.config  # noqa: F401  (registers the measuring job's config: conf/measure.yaml's schema)
 from pufferfish.api import compose_config
 from pufferfish.errors import ConfigError
 from pufferfish.overrides import check_command_line
@@ -87,7 +88,7 @@ def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypatch):
-    import pufferfish.lab.measure as measure_module  # registers the measuring job's config
+    import pufferfish.lab.measure as measure_module
     import pufferfish.step as step_module
 
     cfg = compose_config(["experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}"], "measure")
@@ -119,8 +120,6 @@ def test_predicted_memory_table_has_one_row_per_technique():
 
 
 def test_the_measuring_job_is_a_command_of_its_own_and_its_settings_are_not_training_settings():
-    import pufferfish.lab.measure  # noqa: F401  (registers the measuring job's config)
-
     for argv, said in ((["job=measure"], "job is not a setting of pufferfish.train: the measuring job"),
                        (["train.measure_steps=3"], "measure.steps of python -m pufferfish.lab.measure"),
                        (["-m", "experiment=memory_table"], "runs as python -m pufferfish.lab.measure -m experiment=")):
@@ -132,6 +131,28 @@ def test_the_measuring_job_is_a_command_of_its_own_and_its_settings_are_not_trai
         check_command_line(["measure.stepz=3"], "measure", "pufferfish.lab.measure")
     cfg = compose_config(["experiment=speed_table"], "measure")
     assert (cfg.measure.steps, cfg.measure.batches) == (28, "data")  # the experiment's, over measure.yaml's own
+
+
+def test_a_job_is_shaped_and_checkpointed_as_the_planner_would():
+    """The memory model's figures for a job are the planner's: its Shape (the card's attention kernel) and
+    its checkpointing rule, decided for the card the job is for (here a GPU profile, predicted on the CPU)."""
+    from pufferfish.lab.sweep_tools import job_prediction, target_hardware
+    from pufferfish.resolver import detect_hardware, make_plan, predict_peak_bytes
+
+    def job(technique: str, gpu: str, layers: int):
+        cfg = compose_config(["experiment=memory_table", f"gpu={gpu}", f"experiment/memory@memory={technique}",
+                              f"model.num_layers={layers}"], "measure")  # fmt: skip
+        hw = detect_hardware(cfg.gpu, cfg.optimizations, "cpu")
+        return cfg, hw, job_prediction(cfg, hw, layers, 768, 8, 32000)
+
+    _, _, (_, _, gqa) = job("gqa", "gtx1060", 12)
+    _, _, (_, _, mha) = job("baseline", "gtx1060", 12)
+    assert gqa.repeated_kv and not gqa.attention_math  # fp32 on Pascal: K/V repeated for the efficient kernel
+    assert predict_peak_bytes(gqa).total < predict_peak_bytes(mha).total  # so grouping saves memory, as measured
+    for layers, checkpointed in ((12, False), (24, True)):  # optimizations=all: checkpointing only when needed
+        cfg, hw, (_, ckpt, _) = job("all", "rtx3060", layers)
+        assert ckpt is checkpointed
+        assert make_plan(cfg, target_hardware(cfg, hw), 32000, 10**9).grad_ckpt is checkpointed
 
 
 def test_bisection_finds_the_largest_depth_that_fits_in_few_probes():
