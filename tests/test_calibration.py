@@ -38,12 +38,12 @@ def test_fit_script_reprints_rows_the_model_predicts_exactly(tmp_path, capsys):
                      "measured_tps": tps})  # fmt: skip
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"rows": rows, "git": "test", "grid": "check2"}))
-    before = dict(speed.HOST_LAYER_S), speed.HALF_SHARE_DIMS
     assert fit_speed_model.main(["--fit", str(path), "--check", str(path), "--refit"]) == 0
     out = capsys.readouterr().out
     assert "check2 grid (held out)                        median  0.0%, worst  0.0% (4 rows)" in out
     assert "memory  fit and check2 grids together" in out and "refit on 4 fit-grid rows" in out
-    assert (dict(speed.HOST_LAYER_S), speed.HALF_SHARE_DIMS) == before  # the refit is undone on return
+    assert "host_layer_s['eager'] = " in out and "not fitted: eager_gpu_factor = 1.7" in out
+    assert speed.CONSTANTS == speed.SpeedConstants()  # the refit's constants were passed, not set in the model
 
 
 
@@ -67,10 +67,13 @@ def test_memory_fit_script_reprints_grid_and_plan_rows_the_model_predicts_exactl
            "measured_peak_bytes": predict_peak_bytes(s).total}  # fmt: skip
     plans = tmp_path / "check_plans.json"
     plans.write_text(json.dumps({"rows": [run]}))
-    assert fit_memory_model.main(["--grids", str(grid), "--plans", str(plans)]) == 0
+    assert fit_memory_model.main(["--grids", str(grid), "--plans", str(plans), "--refit"]) == 0
     out = capsys.readouterr().out
     assert "| check3 | 0.0% | 0.0% | 3 |" in out
     assert "finished runs predicted +0.0% of measured at the least" in out
+    # the rows are the committed model's own predictions: the search finds the committed compiled constants
+    assert "refit (compiled rows: weighted worst 0.0%, median 0.0%): compiled_layer_factor = 1.3, " in out
+    assert predict_peak_bytes(s).total == run["measured_peak_bytes"]  # and sets nothing in the model
 
 
 def test_memory_fit_script_leaves_out_the_compiled_rows_of_eager_only_grids(tmp_path, capsys):
