@@ -41,13 +41,13 @@ sweep-speed: ## speed table: multirun on the real GPU, then .md + .png (SWEEP_DI
 	$(PYTHON) -m pufferfish.lab.speed_table "$$d" && exit $$rc
 
 bench: ## throughput against transformers' Llama on this device (tiny shape on CPU)
-	$(PYTHON) scripts/bench_throughput.py $(ARGS)
+	$(PYTHON) -m pufferfish.lab.bench_throughput $(ARGS)
 
 check-plans: ## every gpu profile x mode plan, 20 steps under its memory cap: OOM? share of the cap used (GPU; ARGS=)
-	$(PYTHON) scripts/check_plans.py $(ARGS)
+	$(PYTHON) -m pufferfish.lab.check_plans $(ARGS)
 
 quality: ## handed-over loss per wall-clock budget: the plan, a multirun oracle, nanoGPT's recipe (GPU; ARGS="--out DIR ...")
-	$(PYTHON) scripts/quality_per_budget.py $(ARGS)
+	$(PYTHON) -m pufferfish.lab.quality_per_budget $(ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check pufferfish tests scripts

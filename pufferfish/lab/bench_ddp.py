@@ -1,6 +1,6 @@
 """Data parallelism on N GPUs against one, and what the link between the GPUs can carry.
 
-    python scripts/bench_ddp.py --gpus 2 --out ddp.json     # on a machine with at least 2 GPUs
+    python -m pufferfish.lab.bench_ddp --gpus 2 --out ddp.json     # on a machine with at least 2 GPUs
 
 Four runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16 or --micro, `optimizations=all`):
   one      1 GPU,  accumulation A: the per-GPU batch            (tokens/s baseline)

@@ -1,6 +1,6 @@
 """MoE against the dense model with the same active parameters, trained for the same wall-clock time.
 
-    python scripts/bench_moe.py --seconds 60 --out moe.json     # on a GPU; any extra args are overrides
+    python -m pufferfish.lab.bench_moe --seconds 60 --out moe.json     # on a GPU; any extra args are overrides
 
 Both runs go through the real training function on the default corpus with the same shape, data,
 schedule logic and budget; only the `moe` group differs (8 experts, top-2, each expert half the dense

@@ -1,8 +1,8 @@
 """Training throughput of Pufferfish against transformers' LlamaForCausalLM, same device, same shape.
 
-    python scripts/bench_throughput.py                      # 124M-class shape, every speed technique
-    python scripts/bench_throughput.py --shape 350m --only all
-    python scripts/bench_throughput.py --device cpu --tiny  # a seconds-long smoke run (CI)
+    python -m pufferfish.lab.bench_throughput                      # 124M-class shape, every speed technique
+    python -m pufferfish.lab.bench_throughput --shape 350m --only all
+    python -m pufferfish.lab.bench_throughput --device cpu --tiny  # a seconds-long smoke run (CI)
 
 Tokens/s is the median over timed steps after warm-up (device synchronised around each step); MFU is
 (6N + 12 L d T) x tokens/s over a peak, N the parameters (tied embedding once, no position table),

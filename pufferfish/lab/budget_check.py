@@ -1,7 +1,7 @@
 """Did a run end on its time budget with its learning-rate schedule complete? (docs/benchmarks.md, time budget)
 
     python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.1 run_dir=RUN
-    python scripts/budget_check.py RUN
+    python -m pufferfish.lab.budget_check RUN
 
 Reads the run directory: the budget (plan.json), the training loop's time and steps (summary.json) and
 the learning rate of the last logged step (metrics.jsonl) against the schedule's last value.

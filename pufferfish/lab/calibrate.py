@@ -1,15 +1,15 @@
 """Predicted against measured peak memory and tokens/s over a grid of shapes (the resolver's models).
 
-    python scripts/calibrate.py --grid fit --out fit.json      # measure; print the constants that fit
-    python scripts/calibrate.py --grid check --out check.json  # a different grid: the errors we report
-    python scripts/calibrate.py --grid check2 --out check2.json  # a third, weighted to what plans use
-    python scripts/calibrate.py --grid check2 --list            # the grid and its predictions, no GPU
-    python scripts/calibrate.py --grid check3 --out check3.json  # a fourth, held out from the refits
+    python -m pufferfish.lab.calibrate --grid fit --out fit.json      # measure; print the constants that fit
+    python -m pufferfish.lab.calibrate --grid check --out check.json  # a different grid: the errors we report
+    python -m pufferfish.lab.calibrate --grid check2 --out check2.json  # a third, weighted to what plans use
+    python -m pufferfish.lab.calibrate --grid check2 --list            # the grid and its predictions, no GPU
+    python -m pufferfish.lab.calibrate --grid check3 --out check3.json  # a fourth, held out from the refits
 
 Memory is `torch.cuda.max_memory_allocated` over two steps from a clean start; speed is the median of
 timed steps after warm-up. Every shape compiles afresh (static shapes, as a run compiles once): reusing
 dynamo's cache would recompile later shapes with dynamic sizes. Needs a CUDA device (the CPU profile is
-calibrated at run time instead). `scripts/fit_speed_model.py` re-predicts and refits from the JSON.
+calibrated at run time instead). `python -m pufferfish.lab.fit_speed_model` re-predicts and refits from the JSON.
 """
 
 from __future__ import annotations

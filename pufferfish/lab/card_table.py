@@ -1,7 +1,7 @@
 """What each consumer and datacentre card runs, and the speed model's prediction for it (README's table).
 
-    python scripts/card_table.py                  # Markdown: every gpu profile's step and predicted tokens/s
-    python scripts/card_table.py --modes standard --profiles gtx1060 rtx3060
+    python -m pufferfish.lab.card_table                  # Markdown: every gpu profile's step and predicted tokens/s
+    python -m pufferfish.lab.card_table --modes standard --profiles gtx1060 rtx3060
 
 Each profile is planned as on its own card (pufferfish.resolver's hardware_on and make_plan, with the default
 optimizations=all), described without a GPU, for a large corpus: nothing runs, every figure is predicted.

@@ -1,10 +1,10 @@
 """Does every gpu profile x mode plan run under its emulated memory cap, and fill it? (docs/benchmarks.md, plan check)
 
-    python scripts/check_plans.py --out outputs/check_plans          # 11 profiles x 4 modes on every GPU here
-    python scripts/check_plans.py --list                             # which pairs share a job; runs nothing
-    python scripts/check_plans.py --profiles gtx1060,rtx3060 --modes standard --gpus 1 --jobs-per-gpu 4
-    python scripts/check_plans.py --max-minutes 7 -- data=text_files data.paths=[corpus.txt]   # extra overrides
-    python scripts/check_plans.py --device cpu --profiles cpu --modes ultra_fast       # the machinery, on CPU
+    python -m pufferfish.lab.check_plans --out outputs/check_plans          # 11 profiles x 4 modes on every GPU here
+    python -m pufferfish.lab.check_plans --list                             # which pairs share a job; runs nothing
+    python -m pufferfish.lab.check_plans --profiles gtx1060,rtx3060 --modes standard --gpus 1 --jobs-per-gpu 4
+    python -m pufferfish.lab.check_plans --max-minutes 7 -- data=text_files data.paths=[corpus.txt]   # extra overrides
+    python -m pufferfish.lab.check_plans --device cpu --profiles cpu --modes ultra_fast       # the machinery, on CPU
 
 Each job is `python -m pufferfish.train gpu=P mode=M train.max_steps=20` (no evaluation until the end, no
 sample) in its own run directory OUT/P-M; a profile smaller than the card caps the process's allocator at

@@ -1,8 +1,8 @@
 """Quality per budget: the validation loss each system hands over in the same wall-clock time, on the same tokens.
 
-    python scripts/quality_per_budget.py --out DIR [--corpora default,shakespeare] [--budgets 30,108]
+    python -m pufferfish.lab.quality_per_budget --out DIR [--corpora default,shakespeare] [--budgets 30,108]
         [--systems plan,oracle,nanogpt] [--gpu h200]
-    python scripts/quality_per_budget.py --out DIR --report       # the table and the PNG from DIR's results
+    python -m pufferfish.lab.quality_per_budget --out DIR --report       # the table and the PNG from DIR's results
 
 For every corpus and budget (seconds of training):
 - plan: `python -m pufferfish.train gpu=G mode=quick_dev mode.target_hours=B/3600`, the plan as a user gets it;
