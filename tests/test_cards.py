@@ -9,10 +9,16 @@ import pytest
 import torch
 
 from pufferfish.errors import ConfigError
-from pufferfish.resolver import format_plan, make_plan, predict_peak_bytes
+from pufferfish.resolver import (
+    format_plan,
+    make_plan,
+    memory_budget,
+    memory_shape,
+    model_dict,
+    predict_peak_bytes,
+)
 from pufferfish.resolver.capabilities import ARCHITECTURES, architecture
 from pufferfish.resolver.hardware import GIB, hardware_on
-from pufferfish.resolver.plan import memory_budget, memory_shape, model_dict
 from pufferfish.resolver.replan import plan_eager_step
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train

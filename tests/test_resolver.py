@@ -24,8 +24,14 @@ from pufferfish.resolver.hardware import (
     nearest_profile,
 )
 from pufferfish.resolver.memory import CONSTANTS
-from pufferfish.resolver.plan import kv_heads_for, memory_budget, memory_shape, micro_batch_step
-from pufferfish.resolver.shapes import heads_reason, model_dict
+from pufferfish.resolver.shapes import (
+    heads_reason,
+    kv_heads_for,
+    memory_budget,
+    memory_shape,
+    micro_batch_step,
+    model_dict,
+)
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
 

@@ -17,16 +17,7 @@ from .hardware import Hardware
 from .memory import count_params, predict_peak_bytes
 from .scaling import TOKENS_PER_PARAM, effective_tokens
 from .search import MAX_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search
-from .shapes import (  # noqa: F401  (kv_heads_for, micro_batch_step, USABLE_MEMORY: the planner's public helpers)
-    USABLE_MEMORY,
-    _candidates,
-    heads_reason,
-    kv_heads_for,
-    memory_budget,
-    memory_shape,
-    micro_batch_step,
-    model_dict,
-)
+from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
 
 OPTIMIZER_KEYS = ("weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
 SCHEDULE_KEYS = ("schedule", "warmup_frac", "min_lr_ratio", "decay_frac")  # and what schedule.lr_at reads
