@@ -32,22 +32,22 @@ sweep: sweep-memory ## alias of sweep-memory
 
 sweep-memory: ## memory tables: multirun under 6 GB emulation, max layers by bisection, .md + .png (SWEEP_DIR=, ARGS=)
 	d="$(or $(SWEEP_DIR),multirun/memory_table/$$(date +%Y-%m-%d_%H-%M-%S))"; rc=0; \
-	$(PYTHON) -m pufferfish.train -m experiment=memory_table hydra.sweep.dir="$$d" $(ARGS) || rc=$$?; \
-	$(PYTHON) scripts/memory_table.py "$$d" --search-max-layers && exit $$rc
+	$(PYTHON) -m pufferfish.lab.measure -m experiment=memory_table hydra.sweep.dir="$$d" $(ARGS) || rc=$$?; \
+	$(PYTHON) -m pufferfish.lab.memory_table "$$d" --search-max-layers && exit $$rc
 
 sweep-speed: ## speed table: multirun on the real GPU, then .md + .png (SWEEP_DIR=, ARGS=)
 	d="$(or $(SWEEP_DIR),multirun/speed_table/$$(date +%Y-%m-%d_%H-%M-%S))"; rc=0; \
-	$(PYTHON) -m pufferfish.train -m experiment=speed_table hydra.sweep.dir="$$d" $(ARGS) || rc=$$?; \
-	$(PYTHON) scripts/speed_table.py "$$d" && exit $$rc
+	$(PYTHON) -m pufferfish.lab.measure -m experiment=speed_table hydra.sweep.dir="$$d" $(ARGS) || rc=$$?; \
+	$(PYTHON) -m pufferfish.lab.speed_table "$$d" && exit $$rc
 
 bench: ## throughput against transformers' Llama on this device (tiny shape on CPU)
-	$(PYTHON) scripts/bench_throughput.py $(ARGS)
+	$(PYTHON) -m pufferfish.lab.bench_throughput $(ARGS)
 
 check-plans: ## every gpu profile x mode plan, 20 steps under its memory cap: OOM? share of the cap used (GPU; ARGS=)
-	$(PYTHON) scripts/check_plans.py $(ARGS)
+	$(PYTHON) -m pufferfish.lab.check_plans $(ARGS)
 
 quality: ## handed-over loss per wall-clock budget: the plan, a multirun oracle, nanoGPT's recipe (GPU; ARGS="--out DIR ...")
-	$(PYTHON) scripts/quality_per_budget.py $(ARGS)
+	$(PYTHON) -m pufferfish.lab.quality_per_budget $(ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check pufferfish tests scripts

@@ -167,8 +167,6 @@ class TrainConfig:
     progress: bool = True
     profile_steps: int = 0  # >0: torch.profiler over this many steps; tables and traces in the run directory
     profile_start: int = 10  # steps of this run (after a resume: from there) before profiling: compile, warm-up
-    measure_steps: int = 2  # job=measure: training steps run (peak memory over all; tokens/s after warm-up)
-    measure_batches: str = "random"  # job=measure: random (tokens, no data preparation) | data (the real loader)
 
 
 @dataclass
@@ -183,7 +181,6 @@ class PufferfishConfig:
     logger: LoggerConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    job: str = "train"  # train | measure (a few steps at a fixed shape: peak memory, tokens/s, fits or not)
     dry_run: bool = False  # print and save the plan, train nothing
     run_dir: str | None = None  # null = Hydra's output directory
 

@@ -51,15 +51,27 @@ def hydra_output_dir() -> Path | None:
         return None
 
 
+def hydra_job_log() -> Path | None:
+    """The log file Hydra keeps for the job in its output folder: <job name>.log (train.log for
+    pufferfish.train), or None when the folder is not there."""
+    folder = hydra_output_dir()
+    if folder is None or not folder.is_dir():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    return folder / f"{HydraConfig.get().job.name}.log"
+
+
 def log_console(fn):
-    """Wrap a Hydra task function: stdout and stderr also go to train.log in Hydra's output folder."""
+    """Wrap a Hydra task function: stdout and stderr also go to the job's log in Hydra's output folder
+    (train.log for pufferfish.train), beside what Hydra's own logging writes there."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        folder = hydra_output_dir()
-        if folder is None or not folder.is_dir():
+        path = hydra_job_log()
+        if path is None:
             return fn(*args, **kwargs)
-        with open(folder / "train.log", "a", encoding="utf-8", errors="replace") as log:
+        with open(path, "a", encoding="utf-8", errors="replace") as log:
             out, err = Tee(sys.stdout, log), Tee(sys.stderr, log)
             sys.stdout, sys.stderr = out, err
             try:

@@ -18,7 +18,7 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import compose_config
+from .config import GROUPS, compose_config
 from .errors import ConfigError
 from .paths import CONF_DIR
 from .validate import check_overrides
@@ -36,6 +36,12 @@ REQUIRED = {  # what a ??? key of the entry point's YAML wants, in plain words
     "checkpoint": "a run directory, its checkpoints folder or a .pt file",
     "out": "the folder to write the Hugging Face files into",
 }
+MEASURE = "python -m pufferfish.lab.measure"
+MOVED = {  # settings that left the training config, and where they are now
+    "job": f"the measuring job (job=measure) is a command of its own: {MEASURE} [group=option ...]",
+    "train.measure_steps": f"the measuring job's steps are measure.steps of {MEASURE}",
+    "train.measure_batches": f"the measuring job's batches are measure.batches of {MEASURE}",
+}
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -50,6 +56,13 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             overrides.append(arg)
     return overrides, flags
+
+
+def composes_groups(conf_dir: Path, config_name: str) -> bool:
+    """Whether the primary config conf/<config_name>.yaml composes the config groups (train.yaml does;
+    export.yaml and generate.yaml have none)."""
+    defaults = OmegaConf.load(conf_dir / f"{config_name}.yaml").get("defaults", [])
+    return any(isinstance(d, DictConfig) and set(d) & set(GROUPS) for d in defaults)
 
 
 def group_options(conf_dir: Path) -> dict[str, list[str]]:
@@ -118,10 +131,12 @@ def writable_folder(key: str, value: str) -> None:
                           f"folder") from None  # fmt: skip
 
 
-def check_command_line(argv: list[str], config_name: str = "train") -> None:
-    """Raise a ConfigError for the first override Hydra would not take; return quietly otherwise."""
+def check_command_line(argv: list[str], config_name: str = "train", module: str | None = None) -> None:
+    """Raise a ConfigError for the first override Hydra would not take; return quietly otherwise. `module` is
+    the command's, for the messages (default pufferfish.<config_name>)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    module = module or f"pufferfish.{config_name}"
     items, flags = split_argv(argv)
     if set(flags) & FLAGS_WITHOUT_RUN:  # help and info: nothing runs (and --info takes an optional word)
         return
@@ -134,7 +149,8 @@ def check_command_line(argv: list[str], config_name: str = "train") -> None:
                               f"holding ( ) [ ] {{ }} , or spaces: 'prompt=\"f(x)\"'") from None  # fmt: skip
     check_overrides(items)
     elsewhere = set(flags) & FLAGS_OTHER_CONFIG or any(o.key_or_group == "hydra.searchpath" for o in parsed)
-    groups = group_options(CONF_DIR) if config_name == "train" and not elsewhere else {"hydra/launcher": []}
+    grouped = not elsewhere and composes_groups(CONF_DIR, config_name)
+    groups = group_options(CONF_DIR) if grouped else {"hydra/launcher": []}
     for o in parsed:
         key = o.key_or_group
         if key in groups and groups[key] and not o.is_delete():
@@ -154,15 +170,19 @@ def check_command_line(argv: list[str], config_name: str = "train") -> None:
     try:
         base = compose_config([i for (o, _), i in zip(own, plain) if o.key_or_group in groups], config_name)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(one_line(e)) from None
+        hint = f"; an experiment of the measuring job runs as {MEASURE} -m experiment=..." \
+            if "Key 'measure' not in" in str(e.__cause__ or e) else ""  # fmt: skip
+        raise ConfigError(one_line(e) + hint) from None
     known = keys_of(base)
     for o, _ in own:  # a misspelled key: Hydra would suggest `+key=`, which adds a setting nothing reads
         key = o.key_or_group
+        if key in MOVED and key not in known:  # with + too: nothing would read it
+            raise ConfigError(f"{key} is not a setting of {module}: {MOVED[key]}")
         if o.is_add() or key in groups or key in known:
             continue
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"`python -m pufferfish.{config_name} --cfg job` lists them"
-        raise ConfigError(f"{key} is not a setting of pufferfish.{config_name}; {hint}")
+        hint = f"did you mean {close[0]}?" if close else f"`python -m {module} --cfg job` lists them"
+        raise ConfigError(f"{key} is not a setting of {module}; {hint}")
     try:
         cfg = compose_config(plain, config_name)
     except (HydraException, OmegaConfBaseException) as e:
@@ -170,7 +190,7 @@ def check_command_line(argv: list[str], config_name: str = "train") -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(", ".join(f"{k}= is required ({REQUIRED.get(k, 'no default')})" for k in missing)
-                          + f": python -m pufferfish.{config_name} " + " ".join(f"{k}=..." for k in missing))  # fmt: skip
+                          + f": python -m {module} " + " ".join(f"{k}=..." for k in missing))  # fmt: skip
     for o in parsed:
         if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and not o.is_sweep_override():
             writable_folder(o.key_or_group, str(o.value()))

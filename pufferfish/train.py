@@ -37,7 +37,7 @@ from .data.loader import TrainBatches
 from .data.tokenizer import Tokenizer
 from .distributed import agree_to_stop, barrier, init_world, same_on_all, wrap
 from .distributed import close as close_world
-from .errors import ConfigError, exit_on_user_error
+from .errors import exit_on_user_error
 from .evaluation import Evaluator, write_sample
 from .loggers import attach_loggers
 from .model import build_model
@@ -337,14 +337,7 @@ def train(cfg: DictConfig) -> dict:
 @log_console  # outside the next one: train.log gets its one-line error too
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    if cfg.job == "measure":
-        from .measure import measure
-
-        measure(cfg)
-    elif cfg.job == "train":
-        train(cfg)
-    else:
-        raise ConfigError(f"job={cfg.job!r}; allowed: train, measure")
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ def one_of(*choices):
 LAYERS, DIMS = whole(1, 256), whole(2, 16384)
 # key: (test, what is allowed). A null passes wherever the schema allows one (the resolver decides).
 RULES = {
-    "job": one_of("train", "measure"),
     "mode.target_hours": (lambda v: _number(v) and 0 < v <= 720, "hours of training, > 0 and at most 720 (30 days)"),
     "mode.seq_len": whole(2, 2**20),
     "mode.min_layers": LAYERS,

@@ -36,7 +36,7 @@
 #   bash scripts/gpu2_measurements.sh plans4 OUT   # every profile x mode plan after the refit; the GPU tests
 #                                                  # (a cold machine: give it 8 minutes, PLAN_MINUTES=8)
 #   bash scripts/gpu2_measurements.sh gap OUT      # one shape (12 x 512 at 512 x 512, as quick_dev plans it) measured
-#                                                  # by calibrate.py's step and by pufferfish.train (no evaluation;
+#                                                  # by pufferfish.lab.calibrate's step and by pufferfish.train (no evaluation;
 #                                                  # then accumulation 2): do runs keep more than the grids' steps?
 # Plan check of the current memory model, DDP profile, time budget (2026-11-30):
 #   bash scripts/gpu2_measurements.sh plans5a OUT  # every plan of the large profiles (h200 ... rtx4090), 8.3 minutes
@@ -48,7 +48,7 @@
 #                                                  # finer micro-batch rounding (8 minutes)
 #   bash scripts/gpu2_measurements.sh ddp6 OUT     # ddp5's scaling at micro-batch 64 (one step = one micro-batch):
 #                                                  # is the 16-sequence step's scaling a host limit?
-#   bash scripts/gpu2_measurements.sh budget5 OUT  # a real 0.03 h run on one GPU, checked by budget_check.py
+#   bash scripts/gpu2_measurements.sh budget5 OUT  # a real 0.03 h run on one GPU, checked by pufferfish.lab.budget_check
 set -uo pipefail
 part=$1 out=$2
 export PUFFERFISH_CACHE=$PWD/.pfcache PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
@@ -56,14 +56,14 @@ quiet() { grep -v -i -E "warn|^\s*$" ; }
 summary() {  # LABEL RUN_DIR: a pufferfish.train run's peak memory (rank 0) against its plan's, and its speed
   python -c "import json, sys; s = json.load(open(sys.argv[2] + '/summary.json')); print(sys.argv[1], 'params', s['params'], 'peak GiB', round(s['peak_mem_bytes'] / 2**30, 2), 'predicted', round(s['predicted_peak_bytes'] / 2**30, 2), 'tokens/s', round(s['tokens_per_s']))" "$1" "$2" || tail -5 "$2.log"
 }
-plan_check() {  # MINUTES [check_plans.py args]: every chosen profile x mode plan on both GPUs, its table, no run dirs
-  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes "$1" "${@:2}" --out "$out/check_plans" 2>&1 | tail -3
+plan_check() {  # MINUTES [check_plans args]: every chosen profile x mode plan on both GPUs, its table, no run dirs
+  python -m pufferfish.lab.check_plans --gpus 2 --jobs-per-gpu 6 --max-minutes "$1" "${@:2}" --out "$out/check_plans" 2>&1 | tail -3
   cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
   rm -rf "$out"/check_plans/*/
 }
-ddp_profiled() {  # NAME [bench_ddp.py args]: compiled DDP scaling beside two runs apart, 3 steps of each profiled
+ddp_profiled() {  # NAME [bench_ddp args]: compiled DDP scaling beside two runs apart, 3 steps of each profiled
   rm -rf /tmp/bench_ddp_*
-  timeout 330 python scripts/bench_ddp.py --gpus 2 --steps 50 --no-probe --scaling-only --apart "${@:2}" \
+  timeout 330 python -m pufferfish.lab.bench_ddp --gpus 2 --steps 50 --no-probe --scaling-only --apart "${@:2}" \
     --out "$out/$1.json" train.profile_steps=3 train.profile_start=21 > "$out/$1.log" 2>&1
   grep -E "^\| " "$out/$1.log"
   mkdir -p "$out/profiles"
@@ -79,64 +79,64 @@ if [ "$part" = budget ]; then
   CUDA_VISIBLE_DEVICES=0 python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.1 \
     train.progress=false run_dir="$run" hydra.run.dir="$run" > "$out/budget_run.log" 2>&1 &
   budget_pid=$!
-  CUDA_VISIBLE_DEVICES=1 timeout 200 python scripts/calibrate.py --grid check2 --out "$out/check2.json" 2>&1 | quiet | tail -32
-  CUDA_VISIBLE_DEVICES=1 timeout 200 python scripts/bench_throughput.py --out "$out/bench124.json" 2>&1 | quiet | tail -13
-  CUDA_VISIBLE_DEVICES=1 timeout 100 python scripts/bench_throughput.py --shape 350m --no-peer \
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python -m pufferfish.lab.calibrate --grid check2 --out "$out/check2.json" 2>&1 | quiet | tail -32
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python -m pufferfish.lab.bench_throughput --out "$out/bench124.json" 2>&1 | quiet | tail -13
+  CUDA_VISIBLE_DEVICES=1 timeout 100 python -m pufferfish.lab.bench_throughput --shape 350m --no-peer \
     --only "bf16+fused+compile(step)" "bf16+fused+compile(step)+cudnn-attention" --out "$out/bench350.json" 2>&1 | quiet | tail -4
   wait $budget_pid
   tail -4 "$out/budget_run.log"
-  python scripts/budget_check.py "$run" | tail -3
+  python -m pufferfish.lab.budget_check "$run" | tail -3
   rm -rf "$run/checkpoints"
 elif [ "$part" = plans ]; then
-  python scripts/check_plans.py --gpus 2 --jobs-per-gpu 6 --max-minutes 8.3 --out "$out/check_plans" 2>&1 | tail -50
+  python -m pufferfish.lab.check_plans --gpus 2 --jobs-per-gpu 6 --max-minutes 8.3 --out "$out/check_plans" 2>&1 | tail -50
 elif [ "$part" = ddp ]; then
-  timeout 320 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --out "$out/ddp_bf16.json" 2>&1 | quiet | tail -16
-  timeout 170 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 30 --no-probe --out "$out/ddp_fp32.json" \
+  timeout 320 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --steps 60 --out "$out/ddp_bf16.json" 2>&1 | quiet | tail -16
+  timeout 170 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --steps 30 --no-probe --out "$out/ddp_fp32.json" \
     optimizations.precision=fp32 optimizations.compile=false 2>&1 | quiet | tail -10
 elif [ "$part" = grid ]; then
   export CUDA_VISIBLE_DEVICES=0
-  timeout 290 python scripts/calibrate.py --grid check3 --out "$out/check3.json" 2>&1 | quiet | tail -24
-  timeout 250 python scripts/bench_throughput.py --profile --out "$out/bench124.json" \
+  timeout 290 python -m pufferfish.lab.calibrate --grid check3 --out "$out/check3.json" 2>&1 | quiet | tail -24
+  timeout 250 python -m pufferfish.lab.bench_throughput --profile --out "$out/bench124.json" \
     --only "bf16+fused+compile(step)" "bf16+fused+compile(step, CUDA graphs)" 2>&1 | quiet | tail -24
 elif [ "$part" = plans3 ]; then
-  CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=graph_breaks,recompiles timeout 110 python scripts/bench_throughput.py --no-peer \
+  CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=graph_breaks,recompiles timeout 110 python -m pufferfish.lab.bench_throughput --no-peer \
     --profile --only "bf16+fused+compile(step)" "bf16+fused+compile(step, CUDA graphs)" --out "$out/diag124.json" 2>&1 \
     | grep -E "^#|^\||cudagraph|Graph break|graph_break|Recompil" | grep -v "^# *$" | cut -c1-220 | head -80
   plan_check 6.2
 elif [ "$part" = fixed ]; then
   timeout 60 python -m pytest -m gpu tests/test_model.py -q -k one_graph 2>&1 | tail -2
-  CUDA_VISIBLE_DEVICES=1 timeout 200 python scripts/calibrate.py --grid check3 --out "$out/check3_fixed.json" > "$out/check3.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=0 timeout 150 python scripts/bench_throughput.py --profile --only "bf16+fused+compile(step)" \
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python -m pufferfish.lab.calibrate --grid check3 --out "$out/check3_fixed.json" > "$out/check3.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python -m pufferfish.lab.bench_throughput --profile --only "bf16+fused+compile(step)" \
     --out "$out/bench124_fixed.json" 2>&1 | grep -E "^\||^# (NVIDIA|host|torch.compile)" | cut -c1-400
   wait
   quiet < "$out/check3.log" | grep -E "^\| |median" | tail -22
-  timeout 240 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_fixed.json" 2>&1 | quiet | tail -9
+  timeout 240 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_fixed.json" 2>&1 | quiet | tail -9
 elif [ "$part" = ddp2 ]; then
-  timeout 280 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_split.json" 2>&1 | quiet | tail -9
-  timeout 280 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_whole.json" \
+  timeout 280 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_split.json" 2>&1 | quiet | tail -9
+  timeout 280 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --steps 60 --no-probe --out "$out/ddp_whole.json" \
     optimizations.ddp_graphs=whole 2>&1 | quiet | tail -9
 elif [ "$part" = ddp3 ]; then
   for graphs in split whole; do
-    TORCH_LOGS=recompiles,graph_breaks timeout 270 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe \
+    TORCH_LOGS=recompiles,graph_breaks timeout 270 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --steps 60 --no-probe \
       --scaling-only --out "$out/ddp_$graphs.json" optimizations.ddp_graphs=$graphs > "$out/ddp_$graphs.log" 2>&1
     echo "$graphs: $(grep -c 'Recompiling' "$out/ddp_$graphs.log") recompile lines, $(grep -ci 'graph break' "$out/ddp_$graphs.log") graph-break lines"
     grep -E "^\| " "$out/ddp_$graphs.log"
   done
 elif [ "$part" = ddp4 ]; then
   for graphs in whole split; do
-    TORCH_LOGS=graph_breaks timeout 150 python scripts/bench_ddp.py --gpus 2 --accum 4 --steps 60 --no-probe \
+    TORCH_LOGS=graph_breaks timeout 150 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --steps 60 --no-probe \
       --scaling-only --out "$out/ddp4_$graphs.json" optimizations.ddp_graphs=$graphs > "$out/ddp4_$graphs.log" 2>&1
     echo "$graphs: $(grep -ci 'graph break' "$out/ddp4_$graphs.log") graph-break lines"
     grep -E "^\| [0-9]" "$out/ddp4_$graphs.log"
   done
-  chunked() { for g in "$@"; do timeout 200 python scripts/calibrate.py --grid "$g" --only chunked --out "$out/${g}_chunked.json" 2>&1 \
+  chunked() { for g in "$@"; do timeout 200 python -m pufferfish.lab.calibrate --grid "$g" --only chunked --out "$out/${g}_chunked.json" 2>&1 \
     | grep -E "^\| [0-9]" | sed "s/^/$g /"; done; }
   CUDA_VISIBLE_DEVICES=0 chunked fit check > "$out/chunked_a.log" &
   CUDA_VISIBLE_DEVICES=1 chunked check2 check3 > "$out/chunked_b.log" &
   wait
   cat "$out"/chunked_?.log
 elif [ "$part" = gap ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python scripts/calibrate.py --shape 12x512:512x512:all:8192 --out "$out/gap_calibrate.json" \
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python -m pufferfish.lab.calibrate --shape 12x512:512x512:all:8192 --out "$out/gap_calibrate.json" \
     2>&1 | grep -E "^\| [0-9]" | sed "s/^/calibrate.py step: /" &
   for accum in 1 2; do  # accumulation 2: the gradients exist during the second micro-batch's forward
     r=$out/gap_train_a$accum
@@ -149,7 +149,7 @@ elif [ "$part" = gap ]; then
   done
   wait
 elif [ "$part" = compiled ]; then
-  grids() { for g in "$@"; do timeout 330 python scripts/calibrate.py --grid "$g" --only compiled --out "$out/${g}_compiled.json" 2>&1 \
+  grids() { for g in "$@"; do timeout 330 python -m pufferfish.lab.calibrate --grid "$g" --only compiled --out "$out/${g}_compiled.json" 2>&1 \
     | grep -E "^\| [0-9]" | sed "s/^/$g /"; done; }
   CUDA_VISIBLE_DEVICES=0 grids fit check > "$out/grids_a.log" &
   CUDA_VISIBLE_DEVICES=0 grids check2 > "$out/grids_b.log" &
@@ -182,21 +182,21 @@ elif [ "$part" = budget5 ]; then
   timeout 210 python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.03 train.progress=false \
     train.sample_tokens=0 run_dir="$run" hydra.run.dir="$run" > "$out/budget_run.log" 2>&1
   tail -3 "$out/budget_run.log"
-  python scripts/budget_check.py "$run" | tail -3
+  python -m pufferfish.lab.budget_check "$run" | tail -3
   rm -rf "$run/checkpoints" "$run/tokenizer.model"
 elif [ "$part" = ddp5 ]; then
   bash "$0" gap "$out" | grep -v -E "^NVIDIA|^torch "
   ddp_profiled ddp5 --accum 4
   (cd "$out" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
 elif [ "$part" = final ]; then
-  timeout 200 python scripts/bench_ddp.py --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
-  timeout 175 python scripts/check_plans.py --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
+  timeout 200 python -m pufferfish.lab.bench_ddp --gpus 2 --accum 4 --out "$out/ddp.json" 2>&1 | quiet | tail -8
+  timeout 175 python -m pufferfish.lab.check_plans --profiles h200,h100,a100_80gb,rtx3090,rtx4090,a100_40gb --modes standard \
     --gpus 2 --jobs-per-gpu 3 --max-minutes 2.7 --out "$out/check_plans" 2>&1 | tail -2
   cut -d'|' -f2-5,9-13,15,17 "$out/check_plans/check_plans.md"
   ab() {  # old tree on GPU $1, new on GPU $2, one shape
     CUDA_VISIBLE_DEVICES=$1 timeout 65 python .abtest/scripts/bench_throughput.py --shape "$3" --no-peer \
       --only "bf16+fused+compile(step)" --out "$out/ab_separate_$3.json" > "$out/ab_separate_$3.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=$2 timeout 65 python scripts/bench_throughput.py --shape "$3" --no-peer \
+    CUDA_VISIBLE_DEVICES=$2 timeout 65 python -m pufferfish.lab.bench_throughput --shape "$3" --no-peer \
       --only "bf16+fused+compile(step)" --out "$out/ab_fused_$3.json" > "$out/ab_fused_$3.log" 2>&1
     wait
     grep -h "^| pufferfish" "$out/ab_separate_$3.log" | sed "s/^/separate $3 GPU$1 /"

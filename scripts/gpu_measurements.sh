@@ -10,11 +10,11 @@ export PUFFERFISH_SHARED_DATA=$PWD/.devcarry PYTHONUNBUFFERED=1
 quiet() { grep -v -i -E "warn|^\s*$" ; }
 if [ "$part" = 1 ]; then
   python -m pytest -m gpu tests/test_reliability.py -q -p no:cacheprovider 2>&1 | tail -5
-  python scripts/bench_moe.py --seconds 30 --out "$out/moe.json" 2>&1 | quiet | tail -5
-  python -m pufferfish.train -m experiment=speed_table hydra.sweep.dir=multirun/speed_table > "$out/speed_sweep.log" 2>&1
-  python scripts/speed_table.py multirun/speed_table --out "$out" 2>&1 | tail -15
+  python -m pufferfish.lab.bench_moe --seconds 30 --out "$out/moe.json" 2>&1 | quiet | tail -5
+  python -m pufferfish.lab.measure -m experiment=speed_table hydra.sweep.dir=multirun/speed_table > "$out/speed_sweep.log" 2>&1
+  python -m pufferfish.lab.speed_table multirun/speed_table --out "$out" 2>&1 | tail -15
 else
-  python -m pufferfish.train -m experiment=memory_table hydra.sweep.dir=multirun/memory_table > "$out/memory_sweep.log" 2>&1
-  python scripts/memory_table.py multirun/memory_table --search-max-layers --minutes 2.5 --out "$out" 2>&1 | tail -30
-  timeout 170 python scripts/calibrate.py --grid check --out "$out/check.json" 2>&1 | quiet | tail -40
+  python -m pufferfish.lab.measure -m experiment=memory_table hydra.sweep.dir=multirun/memory_table > "$out/memory_sweep.log" 2>&1
+  python -m pufferfish.lab.memory_table multirun/memory_table --search-max-layers --minutes 2.5 --out "$out" 2>&1 | tail -30
+  timeout 170 python -m pufferfish.lab.calibrate --grid check --out "$out/check.json" 2>&1 | quiet | tail -40
 fi

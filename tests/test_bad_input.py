@@ -229,6 +229,7 @@ def cli_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "negative_budget": (["mode.target_hours=-1"], r"mode\.target_hours=-1"),
         "null_group": (["model=null"], r"model=null: a config group needs an option name"),
         "added_key": (["+train.lerning_rate=0.1"], r"train\.lerning_rate: not a Pufferfish setting"),
+        "measuring_job": (["job=measure"], r"job is not a setting of pufferfish\.train: .*python -m pufferfish\.lab\.measure"),
     }
 
 
@@ -251,7 +252,7 @@ def cli_results(tmp_path_factory, cache_dir):
 
 
 CLI_NAMES = ("unknown_gpu", "wrong_type", "no_paths", "missing_path", "binary_file", "kv_heads", "negative_budget",
-             "null_group", "added_key")  # fmt: skip
+             "null_group", "added_key", "measuring_job")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CLI_NAMES)

@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end on CPU (no timing is asserted: figures come from a GPU)."""
+"""The lab's benchmarks run end to end on CPU (no timing is asserted: figures come from a GPU)."""
 
 import json
 
@@ -10,7 +10,7 @@ def test_throughput_benchmark_runs_on_cpu_against_transformers(tmp_path):
     import sys
 
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--device", "cpu", "--tiny",
+    proc = subprocess.run([sys.executable, "-m", "pufferfish.lab.bench_throughput", "--device", "cpu", "--tiny",
                            "--only", "baseline", "bf16", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

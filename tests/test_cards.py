@@ -3,23 +3,27 @@ the device falls back to eager and the run goes on."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pufferfish.errors import ConfigError
-from pufferfish.resolver import format_plan, make_plan, predict_peak_bytes
+from pufferfish.resolver import (
+    format_plan,
+    make_plan,
+    memory_budget,
+    memory_shape,
+    model_dict,
+    predict_peak_bytes,
+)
 from pufferfish.resolver.capabilities import ARCHITECTURES, architecture
 from pufferfish.resolver.hardware import GIB, hardware_on
-from pufferfish.resolver.plan import _shape, memory_budget, model_dict
 from pufferfish.resolver.replan import plan_eager_step
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
 from pufferfish.transforms import sdpa_backend
-from tests.conftest import compose
+from tests.conftest import compose, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = ("NVIDIA H200", int(140.4 * GIB))
@@ -69,13 +73,13 @@ def test_the_memory_and_speed_models_count_the_step_the_card_runs():
     """The same model and micro-batch: the 1060's eager fp32 step keeps more than the 3060's compiled bf16 one."""
     pascal, ampere = compose("gpu=gtx1060"), compose("gpu=rtx3060")
     mc = model_dict(pascal, 8, 512, 8192, 512)
-    eager = _shape(mc, pascal, on_card(pascal), 8, False)
-    compiled = _shape(mc, ampere, on_card(ampere), 8, False)
+    eager = memory_shape(mc, pascal, on_card(pascal), 8, False)
+    compiled = memory_shape(mc, ampere, on_card(ampere), 8, False)
     assert not eager.compiled and eager.precision == "fp32" and eager.repeated_kv
     assert compiled.compiled and compiled.precision == "bf16" and not compiled.repeated_kv
     assert predict_peak_bytes(eager).activations > predict_peak_bytes(compiled).activations
     baseline = compose("gpu=rtx3060", "optimizations=baseline")  # compile off: counted as eager there too
-    assert not _shape(mc, baseline, on_card(baseline), 8, False).compiled
+    assert not memory_shape(mc, baseline, on_card(baseline), 8, False).compiled
 
 
 def test_flash_needs_sixteen_bits_and_compute_capability_8():
@@ -161,13 +165,9 @@ def test_a_compilation_that_fails_falls_back_to_eager_with_one_line_and_the_run_
 
 
 def test_the_readmes_card_table_comes_from_the_plans():
-    done = run_cli_script("card_table.py", "--profiles", "gtx1060", "rtx3060", "--modes", "quick_dev")
+    done = run_cli("pufferfish.lab.card_table", "--profiles", "gtx1060", "rtx3060", "--modes", "quick_dev")
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()[2:]}
     assert "| Pascal 6.1 | fp32 | eager | efficient |" in rows["gtx1060"]
     assert "| Ampere 8.6 | bf16 | compiled | flash |" in rows["rtx3060"]
 
-
-def run_cli_script(name: str, *args: str):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)  # fmt: skip

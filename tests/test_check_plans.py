@@ -1,4 +1,4 @@
-"""scripts/check_plans.py on CPU: the machinery behind the GPU plan check, real jobs, and which
+"""python -m pufferfish.lab.check_plans on CPU: the machinery behind the GPU plan check, real jobs, and which
 profile x mode pairs share one job (their plans made through fake GPU hardware, as tests/test_resolver.py)."""
 
 import json
@@ -6,13 +6,11 @@ import subprocess
 import sys
 from dataclasses import replace
 
+from pufferfish.lab.plan_check.cards import gpu_ids
+from pufferfish.lab.plan_check.grouping import Pair, as_run, group_pairs, memory_key, pair_for, ran_as_planned
+from pufferfish.lab.plan_check.rows import read_rows, verdict
+from pufferfish.lab.plan_check.scheduler import Cards, Job
 from tests.conftest import ROOT, compose, tiny_overrides
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from plan_check.cards import gpu_ids  # noqa: E402
-from plan_check.grouping import Pair, as_run, group_pairs, memory_key, pair_for, ran_as_planned  # noqa: E402
-from plan_check.rows import read_rows, verdict  # noqa: E402
-from plan_check.scheduler import Cards, Job  # noqa: E402
 
 VERDICTS = ("ok", "OOM", "crash", "below 70 %", "not memory-bound")
 
@@ -21,7 +19,7 @@ def test_check_plans_runs_a_job_and_reads_its_memory(tmp_path, cache_dir):
     shared = ("gpu=", "mode=", "run_dir=", "train.sample_tokens=")  # the script sets these itself
     extra = [o for o in tiny_overrides(tmp_path / "unused", cache_dir) if not o.startswith(shared)]
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, "scripts/check_plans.py", "--device", "cpu", "--profiles", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "pufferfish.lab.check_plans", "--device", "cpu", "--profiles", "cpu",
                            "--modes", "ultra_fast", "--steps", "3", "--out", str(out), "--", *extra],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -123,7 +121,7 @@ def test_list_groups_the_pairs_and_runs_nothing(tmp_path, cache_dir):
     shared = ("gpu=", "mode=", "run_dir=", "train.sample_tokens=")
     extra = [o for o in tiny_overrides(tmp_path / "unused", cache_dir) if not o.startswith(shared)]
     out = tmp_path / "list.json"
-    proc = subprocess.run([sys.executable, "scripts/check_plans.py", "--list", "--profiles", "a100_80gb,h100",
+    proc = subprocess.run([sys.executable, "-m", "pufferfish.lab.check_plans", "--list", "--profiles", "a100_80gb,h100",
                            "--modes", "ultra_fast", "extended", "--out", str(tmp_path / "check"), "--json", str(out),
                            "--", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -144,7 +142,7 @@ def test_two_pairs_with_one_plan_run_once(tmp_path, cache_dir):
     extra += ["model.num_layers=1", "model.num_dims=64", "model.seq_len=32", "train.micro_batch=4",
               "train.batch_tokens=128", "mode.min_data_fraction=0.5", "mode.max_data_fraction=1.0"]  # fmt: skip
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, "scripts/check_plans.py", "--device", "cpu", "--profiles", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "pufferfish.lab.check_plans", "--device", "cpu", "--profiles", "cpu",
                            "--modes", "ultra_fast,quick_dev", "--steps", "3", "--timeout", "35", "--out", str(out),
                            "--", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

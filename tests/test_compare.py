@@ -18,7 +18,7 @@ def test_compare_two_runs_table_and_png(tmp_path, cache_dir):
     assert [p.name for p in find_runs(sweep)] == ["mha", "mqa"]
 
     png = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, "scripts/compare_runs.py", str(sweep), "--out", str(png)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "pufferfish.compare", str(sweep), "--out", str(png)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| m")]

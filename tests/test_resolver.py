@@ -8,16 +8,30 @@ import torch
 
 from pufferfish.errors import ConfigError
 from pufferfish.model import ModelConfig, build_model, count_parameters
-from pufferfish.resolver import Shape, count_params, detect_hardware, make_plan, predict_peak_bytes, speed
+from pufferfish.resolver import (
+    Shape,
+    count_params,
+    detect_hardware,
+    grad_ckpt_for,
+    make_plan,
+    predict_peak_bytes,
+    speed,
+)
 from pufferfish.resolver.hardware import (
     Hardware,
     known_profiles,
     load_profile,
     nearest_profile,
 )
-from pufferfish.resolver.memory import ACTIVATION_CALIBRATION
-from pufferfish.resolver.plan import _shape, kv_heads_for, memory_budget, micro_batch_step
-from pufferfish.resolver.shapes import heads_reason, model_dict
+from pufferfish.resolver.memory import CONSTANTS
+from pufferfish.resolver.shapes import (
+    heads_reason,
+    kv_heads_for,
+    memory_budget,
+    memory_shape,
+    micro_batch_step,
+    model_dict,
+)
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
 
@@ -54,7 +68,7 @@ def test_memory_terms_by_hand():
     P = 100 * 64 + 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 + 3 * 64 * 192)
     m = predict_peak_bytes(s)
     assert (m.weights, m.gradients, m.optimizer, m.autocast_copies) == (4 * P, 4 * P, 8 * P, 0)
-    tokens, k = 16, ACTIVATION_CALIBRATION["fp32"]  # the measured factor on the dynamic terms
+    tokens, k = 16, CONSTANTS.activation_calibration["fp32"]  # the measured factor on the dynamic terms
     per_layer = 4 * (7 * 64 + 2 * 32 + 4 * 192)
     assert m.activations == int(k * tokens * (2 * per_layer + 2 * 4 * 64))
     assert m.logits == int(k * tokens * 100 * 12)
@@ -80,6 +94,10 @@ def test_memory_terms_by_hand():
     assert abs(cc.logits - max(0, 1.5 * tokens * 128 * 2 - block)) <= 1
     math_attn = predict_peak_bytes(replace(s, attention_math=True))
     assert math_attn.attention_scores == 2 * 2 * 4 * 8 * 8 * 4 * 2
+    tried = replace(CONSTANTS, compiled_layer_factor=2.6, compiled_unaligned_vocab_bytes=0)  # constants to try
+    other = predict_peak_bytes(replace(s, compiled=True), tried)
+    assert abs(other.activations - 2 * compiled.activations) <= 1 and other.logits == tokens * 100 * 2
+    assert predict_peak_bytes(replace(s, compiled=True)) == compiled  # the committed ones are untouched
 
 
 def test_a_step_of_one_micro_batch_makes_its_gradients_in_the_backward():
@@ -146,25 +164,29 @@ def test_small_gpu_steps_cost_their_kernel_launches():
     """A tiny model on a GPU: the host launching kernels binds, whatever the FLOPs; on a CPU the FLOPs do."""
     s = small_shape(micro_batch=4)  # 2 layers, 32 tokens
     assert step_seconds(s, 1e12, 0.5, on_gpu=False) == pytest.approx(flops_per_token(s) * 32 / (1e12 * 0.5))
-    step_s, eager, compiled = speed.HOST_STEP_S, speed.HOST_LAYER_S["eager"], speed.HOST_LAYER_S["compiled"]
+    fitted = speed.CONSTANTS
+    step_s, eager, compiled = fitted.host_step_s, fitted.host_layer_s["eager"], fitted.host_layer_s["compiled"]
     assert step_seconds(s, 1e12, 0.5, on_gpu=True) == pytest.approx(step_s + 2 * eager)  # per step + per layer
     assert step_seconds(replace(s, micro_batch=64), 1e12, 0.5, True) == pytest.approx(step_s + 2 * eager)  # batch is free
     assert step_seconds(replace(s, compiled=True), 1e12, 0.5, True) == pytest.approx(step_s + 2 * compiled)
-    ck = speed.CHECKPOINT_HOST_FACTOR  # checkpointed blocks launch their forward again, compiled or not
+    ck = fitted.checkpoint_host_factor  # checkpointed blocks launch their forward again, compiled or not
     assert step_seconds(replace(s, grad_ckpt=True), 1e12, 0.5, True) == pytest.approx(step_s + 2 * eager * ck)
     assert step_seconds(replace(s, grad_ckpt=True, compiled=True), 1e12, 0.5, True) == pytest.approx(
         step_s + 2 * compiled * ck)  # fmt: skip
     moe = replace(s, moe_layers=2, moe_num_experts=4, moe_active_experts=2, moe_expert_ffn_dims=96)
-    assert step_seconds(moe, 1e12, 0.5, True) == pytest.approx(step_s + 2 * speed.MOE_LAYER_LAUNCHES * eager)
+    assert step_seconds(moe, 1e12, 0.5, True) == pytest.approx(step_s + 2 * fitted.moe_layer_launches * eager)
+    tried = replace(fitted, host_step_s=0.0, host_layer_s={"eager": 1e-3, "compiled": 5e-4})  # constants to try
+    assert step_seconds(s, 1e12, 0.5, True, constants=tried) == pytest.approx(2e-3)
+    assert step_seconds(s, 1e12, 0.5, on_gpu=True) == pytest.approx(step_s + 2 * eager)  # the committed: untouched
 
 
 def test_big_gpu_steps_cost_their_flops_at_a_share_that_grows_with_width():
     big = Shape(2, 1024, 16, 4, 2816, 32000, 1024, micro_batch=64, precision="bf16", compiled=True)
     flops, h200 = flops_per_token(big) * 64 * 1024, (989e12, 0.55)
-    D = speed.HALF_SHARE_DIMS  # without a bandwidth: fitted on the H200
+    D = speed.CONSTANTS.half_share_dims  # without a bandwidth: fitted on the H200
     assert step_seconds(big, *h200, True) == pytest.approx(flops / (989e12 * 0.55 * 1024 / (1024 + D)))
     assert step_seconds(replace(big, compiled=False), *h200, True) == pytest.approx(  # unfused kernels
-        speed.EAGER_GPU_FACTOR * flops / (989e12 * 0.55 * 1024 / (1024 + D)))
+        speed.CONSTANTS.eager_gpu_factor * flops / (989e12 * 0.55 * 1024 / (1024 + D)))
     # with the bandwidth, the roofline's ridge: 2 bytes x 989 TFLOP/s / 4.8 TB/s = 412 dims (4 bytes at TF32's half rate)
     ridge = 2 * 989e12 / 4.8e12
     assert step_seconds(big, *h200, True, bandwidth=4.8e12) == pytest.approx(flops / (989e12 * 0.55 * 1024 / (1024 + ridge)))
@@ -243,7 +265,7 @@ def test_every_plan_fits_its_memory_and_respects_mode_bounds_or_says_why(gpu, mo
     if plan.grad_accum > 1:  # memory binds the micro-batch: the next size up (in the planner's steps) would not fit
         step = micro_batch_step(plan.micro_batch)
         assert plan.micro_batch % step == 0 and (plan.micro_batch < 8 or plan.micro_batch % 2 == 0)
-        bigger = _shape(plan.model, cfg, hw, plan.micro_batch + step, plan.grad_ckpt)
+        bigger = memory_shape(plan.model, cfg, hw, plan.micro_batch + step, plan.grad_ckpt)
         assert predict_peak_bytes(bigger).total > memory_budget(hw)
 
 
@@ -275,10 +297,19 @@ def test_small_data_is_named_as_the_binding_limit():
 
 def test_gradient_checkpointing_only_when_needed():
     cfg = compose("gpu=gtx1650", "mode=standard", "optimizations=all", "model.num_layers=24", "model.num_dims=768")
-    plan = make_plan(cfg, fake_gpu("gtx1650", "fp16"), 8192, 10**9)
+    hw = fake_gpu("gtx1650", "fp16")
+    plan = make_plan(cfg, hw, 8192, 10**9)
     assert plan.grad_ckpt and "does not fit" in plan.reasons["grad_ckpt"]
+    assert grad_ckpt_for(plan.model, cfg, hw, 1)  # the search's rule: even one sequence does not fit without it
+    assert not grad_ckpt_for(plan.model, cfg, replace(hw, vram_bytes=80 * GIB), plan.micro_batch)
     big = make_plan(compose("gpu=h200", "mode=quick_dev"), fake_gpu("h200"), 8192, 10**9)
     assert not big.grad_ckpt
+    fixed = compose("gpu=h200", "mode=quick_dev", "model.num_layers=24", "model.num_dims=768", "train.micro_batch=512")
+    assert make_plan(fixed, fake_gpu("h200"), 8192, 10**9).grad_ckpt == grad_ckpt_for(
+        model_dict(fixed, 24, 768, 8192, fixed.mode.seq_len), fixed, fake_gpu("h200"), 512)  # a given micro-batch
+    for policy, ckpt in (("always", True), ("never", False)):  # asked for: whatever the memory says
+        asked = compose("gpu=gtx1650", "mode=standard", f"optimizations.grad_ckpt={policy}")
+        assert grad_ckpt_for(plan.model, asked, replace(hw, vram_bytes=80 * GIB) if ckpt else hw, 64) is ckpt
 
 
 def test_physics_moves_the_plan_outside_mode_bounds_with_a_reason():

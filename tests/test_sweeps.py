@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose, run_cli
+import pufferfish.lab.config  # noqa: F401  (registers the measuring job's config: conf/measure.yaml's schema)
+from pufferfish.api import compose_config
+from pufferfish.errors import ConfigError
+from pufferfish.overrides import check_command_line
+from tests.conftest import run_cli
 
 # the table's experiment, shrunk: 8 heads of 8 dims so the rows' 4 kv heads really group
 TINY = ["gpu=cpu", "model.num_dims=64", "model.num_heads=8", "model.ffn_dims=128", "model.vocab_size=256",
@@ -18,15 +22,14 @@ TINY = ["gpu=cpu", "model.num_dims=64", "model.num_heads=8", "model.ffn_dims=128
 ABSURD = 100_000  # layers: the memory model's peak is far over any machine's cap, so the job is never run
 
 
-def run_script(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)  # fmt: skip
+def run_table(name: str, *args) -> subprocess.CompletedProcess:
+    return run_cli(f"pufferfish.lab.{name}", *map(str, args), timeout=120)
 
 
 @pytest.fixture(scope="module")
 def memory_sweep(tmp_path_factory):
     sweep = tmp_path_factory.mktemp("memory_sweep")
-    done = run_cli("pufferfish.train", "-m", "experiment=memory_table", *TINY, "experiment/memory@memory=baseline,all_three",
+    done = run_cli("pufferfish.lab.measure", "-m", "experiment=memory_table", *TINY, "experiment/memory@memory=baseline,all_three",
                    f"model.num_layers=1,2,{ABSURD}", f"hydra.sweep.dir={sweep}", timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return sweep
@@ -61,7 +64,7 @@ def test_memory_table_reads_only_the_jobs_own_files(memory_sweep, tmp_path):
     (job / "notes.json").write_text(json.dumps({**stray, "technique": "notes"}))
     (sweep / "9_crashed_L3" / ".hydra").mkdir(parents=True)  # a job that died before writing its result
 
-    done = run_script("memory_table.py", sweep)
+    done = run_table("memory_table", sweep)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "stray_copy" not in out and "notes" not in out
@@ -76,7 +79,7 @@ def test_memory_table_reads_only_the_jobs_own_files(memory_sweep, tmp_path):
 
 def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     # gqa's 4 kv heads do not divide 2 heads: a ConfigError would exit the whole multirun at once
-    done = run_cli("pufferfish.train", "-m", "experiment=memory_table", *TINY, "model.num_heads=2",
+    done = run_cli("pufferfish.lab.measure", "-m", "experiment=memory_table", *TINY, "model.num_heads=2",
                    "experiment/memory@memory=gqa,baseline", "model.num_layers=1", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     records = {r["technique"]: r for r in map(json.loads, map(lambda p: p.read_text(), tmp_path.glob("*/measure.json")))}
@@ -85,10 +88,10 @@ def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypatch):
-    import pufferfish.measure as measure_module
+    import pufferfish.lab.measure as measure_module
     import pufferfish.step as step_module
 
-    cfg = compose("experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}")
+    cfg = compose_config(["experiment=memory_table", *TINY, "model.num_layers=1", f"run_dir={tmp_path}"], "measure")
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -107,7 +110,7 @@ def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypa
 
 
 def test_predicted_memory_table_has_one_row_per_technique():
-    done = run_script("memory_table.py", "--predicted", "--gpu", "gtx1060")
+    done = run_table("memory_table", "--predicted", "--gpu", "gtx1060")
     assert done.returncode == 0, done.stderr
     impact = done.stdout.split("## Memory Usage")[0]
     rows = [line.split("|")[1].strip() for line in impact.splitlines() if line.startswith("| ")][1:]
@@ -116,8 +119,44 @@ def test_predicted_memory_table_has_one_row_per_technique():
     assert "[fp32" in impact  # gtx1060 has no bf16 and no fast fp16: mixed precision is fp32 there
 
 
+def test_the_measuring_job_is_a_command_of_its_own_and_its_settings_are_not_training_settings():
+    for argv, said in ((["job=measure"], "job is not a setting of pufferfish.train: the measuring job"),
+                       (["train.measure_steps=3"], "measure.steps of python -m pufferfish.lab.measure"),
+                       (["-m", "experiment=memory_table"], "runs as python -m pufferfish.lab.measure -m experiment=")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_command_line(argv)
+    check_command_line(["-m", "experiment=memory_table", "measure.steps=3"], "measure", "pufferfish.lab.measure")
+    with pytest.raises(ConfigError, match=r"measure\.stepz is not a setting of pufferfish\.lab\.measure; did you "
+                                          r"mean measure\.steps\?"):  # fmt: skip
+        check_command_line(["measure.stepz=3"], "measure", "pufferfish.lab.measure")
+    cfg = compose_config(["experiment=speed_table"], "measure")
+    assert (cfg.measure.steps, cfg.measure.batches) == (28, "data")  # the experiment's, over measure.yaml's own
+
+
+def test_a_job_is_shaped_and_checkpointed_as_the_planner_would():
+    """The memory model's figures for a job are the planner's: its Shape (the card's attention kernel) and
+    its checkpointing rule, decided for the card the job is for (here a GPU profile, predicted on the CPU)."""
+    from pufferfish.lab.sweep_tools import job_prediction, target_hardware
+    from pufferfish.resolver import detect_hardware, make_plan, predict_peak_bytes
+
+    def job(technique: str, gpu: str, layers: int):
+        cfg = compose_config(["experiment=memory_table", f"gpu={gpu}", f"experiment/memory@memory={technique}",
+                              f"model.num_layers={layers}"], "measure")  # fmt: skip
+        hw = detect_hardware(cfg.gpu, cfg.optimizations, "cpu")
+        return cfg, hw, job_prediction(cfg, hw, layers, 768, 8, 32000)
+
+    _, _, (_, _, gqa) = job("gqa", "gtx1060", 12)
+    _, _, (_, _, mha) = job("baseline", "gtx1060", 12)
+    assert gqa.repeated_kv and not gqa.attention_math  # fp32 on Pascal: K/V repeated for the efficient kernel
+    assert predict_peak_bytes(gqa).total < predict_peak_bytes(mha).total  # so grouping saves memory, as measured
+    for layers, checkpointed in ((12, False), (24, True)):  # optimizations=all: checkpointing only when needed
+        cfg, hw, (_, ckpt, _) = job("all", "rtx3060", layers)
+        assert ckpt is checkpointed
+        assert make_plan(cfg, target_hardware(cfg, hw), 32000, 10**9).grad_ckpt is checkpointed
+
+
 def test_bisection_finds_the_largest_depth_that_fits_in_few_probes():
-    from pufferfish.sweep_tools import bisect_max_layers
+    from pufferfish.lab.sweep_tools import bisect_max_layers
 
     probes = []
 
@@ -133,11 +172,11 @@ def test_bisection_finds_the_largest_depth_that_fits_in_few_probes():
 
 
 def test_speed_table_pairs_jobs_into_improvements(tmp_path):
-    done = run_cli("pufferfish.train", "-m", "experiment=speed_table", *TINY, "model.num_layers=1",
-                   "model.num_kv_heads=4", "train.measure_batches=random", "train.measure_steps=3",
+    done = run_cli("pufferfish.lab.measure", "-m", "experiment=speed_table", *TINY, "model.num_layers=1",
+                   "model.num_kv_heads=4", "measure.batches=random", "measure.steps=3",
                    "experiment/speed@speed=reference,mixed_precision", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    table = run_script("speed_table.py", tmp_path)
+    table = run_table("speed_table", tmp_path)
     assert table.returncode == 0, table.stderr
     assert "| mixed precision |" in table.stdout and "x |" in table.stdout and "faster (no figure)" in table.stdout
     assert (tmp_path / "speed_table.png").exists()
@@ -145,9 +184,8 @@ def test_speed_table_pairs_jobs_into_improvements(tmp_path):
 
 def test_measured_sweep_gets_bisected_max_layers_from_probe_jobs(tmp_path, monkeypatch):
     """The GPU side without a GPU: jobs' records as CUDA writes them, probes faked where they would run."""
-    import importlib.util
-
-    import pufferfish.sweep_tools as st
+    import pufferfish.lab.sweep_tools as st
+    from pufferfish.lab import memory_table
 
     cap, fitting = 6 * st.GIB, {"baseline": 13, "grad_ckpt": 30}
 
@@ -178,10 +216,7 @@ def test_measured_sweep_gets_bisected_max_layers_from_probe_jobs(tmp_path, monke
     assert not probed  # past the deadline no probe starts
     assert st.search_max_layers(tmp_path, records, workers=2) == fitting and not failed
     assert len(probed) <= 8  # the linear guess from the 12- and 24-layer peaks lands next to the answer
-    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "scripts" / "memory_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    md, _ = table.render(*st.read_jobs(tmp_path))
+    md, _ = memory_table.render(*st.read_jobs(tmp_path))
     assert "| 13 (bisected) | 8 | 11 |" in md and "| 30 (bisected) | 12 | 28 |" in md
     assert "Measured on NVIDIA H200" in md and "does not fit; needed uncapped" in md
     assert "max_layers/probe_baseline_L14" in {r["job_dir"] for r in st.read_jobs(tmp_path)[0]}

@@ -117,7 +117,7 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
 
 def hardware_on(gpu_cfg, optimizations_cfg, device: str, device_name: str, total: int, free: int) -> Hardware:
     """The Hardware of the gpu profile on a described device (its name, total and free bytes): the profile
-    mapping, precision, peak and emulation rules, without touching the device (scripts/check_plans.py plans
+    mapping, precision, peak and emulation rules, without touching the device (pufferfish/lab/check_plans.py plans
     for GPUs it leaves to its jobs)."""
     on_cpu = device == "cpu"
     notes: list[str] = []

@@ -2,40 +2,54 @@
 
 Counts what autograd keeps alive for the backward pass of our own blocks (pufferfish/model/llama.py),
 so each coefficient can be checked by hand; the calibration factors below were fitted against
-`torch.cuda.max_memory_allocated` (docs/benchmarks.md, scripts/calibrate.py).
+`torch.cuda.max_memory_allocated` (docs/benchmarks.md, pufferfish/lab/calibrate.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# Fitted (scripts/fit_memory_model.py --refit; data and command: docs/measurements/README.md) on all 89 rows of
-# the H200 grids fit, check, check2 and check3 (scripts/calibrate.py), the compiled ones re-measured after
-# ed2f2e9's graph-break fix (2026-11-30, torch 2.11), with the gradients counted where they are: a grid step
-# runs one micro-batch, so they are made in its backward (Shape.grads_in_forward=False). All rows: median
-# 5.6 %, worst 16 % (in-sample: every grid was used; the plan check below is the held-out test).
-# Eager: measured / counted bytes of the dynamic terms (activations, logits), by the worst absolute error.
-# fp16 is taken to match bf16.
-ACTIVATION_CALIBRATION = {"fp32": 0.96, "bf16": 1.20, "fp16": 1.20}
-# A torch.compile'd step (forward + loss as one graph) is counted by what that graph keeps, not as a share of
-# the eager step (compiled_bytes_per_token, logit_bytes): an under-prediction weighing 1.5x an over-prediction,
-# within the bounds of the plan check of the same day (scripts/check_plans.py): the plans' large micro-batches
-# keep more per block than the grids' shapes (12 x 512 at 512 x 512: 1.34x the count, in train.py and in
-# calibrate.py's step alike, measured 2026-11-30; 1.1-1.25x on the grids), so the plans' bound sets the
-# block factor and the grids the rest. Compiled rows: median 3.8 %, worst 14 %.
-COMPILED_LAYER_FACTOR = 1.30  # measured / counted bytes of a compiled block's saved tensors
-COMPILED_MOE_FACTOR = 1.8  # and of a compiled MoE block's, on top (the expert dispatch keeps more: 2 rows)
-COMPILED_LOGIT_BYTES = 2  # per logit element: the graph keeps the 16-bit logits; their gradient reuses them
-# a vocabulary that is not a multiple of 64 (e.g. GPT-2's 50,257) costs more per logit in the compiled loss:
-# fitted on the one such row (check3, 6 x 896, V 50,257)
-COMPILED_UNALIGNED_VOCAB_BYTES = 3
-# checkpointed and compiled: each block's kept input counted at this share of fp32 (the graph keeps some in
-# 16 bits), and the loss's phase at this multiple of its logits (6 rows: check2's and check3's lean rows)
-COMPILED_CKPT_INPUT_FACTOR = 0.75
-COMPILED_CKPT_LOGIT_FACTOR = 1.5
 ALLOCATOR_SLACK = 1.05  # fragmentation and rounding in the caching allocator
 FIXED_BYTES = 64 * 1024**2  # workspaces and small buffers inside the allocator
+
+
+@dataclass(frozen=True)
+class MemoryConstants:
+    """The memory model's fitted constants; the defaults are the committed fit. predict_peak_bytes takes
+    another set to try it (pufferfish/lab/fit_memory_model.py --refit searches them)."""
+
+    # Fitted (python -m pufferfish.lab.fit_memory_model --refit; data and command:
+    # docs/measurements/README.md) on all 89 rows of the H200 grids fit, check, check2 and check3
+    # (pufferfish/lab/calibrate.py), the compiled ones re-measured after ed2f2e9's graph-break fix
+    # (2026-11-30, torch 2.11), with the gradients counted where they are: a grid step runs one micro-batch,
+    # so they are made in its backward (Shape.grads_in_forward=False). All rows: median 5.6 %, worst 16 %
+    # (in-sample: every grid was used; the plan check below is the held-out test). Eager: measured / counted
+    # bytes of the dynamic terms (activations, logits), by the worst absolute error. fp16 is taken to match
+    # bf16.
+    activation_calibration: dict[str, float] = field(
+        default_factory=lambda: {"fp32": 0.96, "bf16": 1.20, "fp16": 1.20})
+    # A torch.compile'd step (forward + loss as one graph) is counted by what that graph keeps, not as a share
+    # of the eager step (compiled_bytes_per_token, logit_bytes): an under-prediction weighing 1.5x an
+    # over-prediction, within the bounds of the plan check of the same day (pufferfish/lab/check_plans.py):
+    # the plans' large micro-batches keep more per block than the grids' shapes (12 x 512 at 512 x 512: 1.34x
+    # the count, in train.py and in calibrate.py's step alike, measured 2026-11-30; 1.1-1.25x on the grids),
+    # so the plans' bound sets the block factor and the grids the rest. Compiled rows: median 3.8 %, worst 14
+    # %.
+    compiled_layer_factor: float = 1.30  # measured / counted bytes of a compiled block's saved tensors
+    compiled_moe_factor: float = 1.8  # and of a compiled MoE block's, on top (expert dispatch keeps more: 2 rows)
+    compiled_logit_bytes: float = 2  # per logit element: the graph keeps 16-bit logits; their gradient reuses them
+    # a vocabulary that is not a multiple of 64 (e.g. GPT-2's 50,257) costs more per logit in the compiled
+    # loss: fitted on the one such row (check3, 6 x 896, V 50,257)
+    compiled_unaligned_vocab_bytes: float = 3
+    # checkpointed and compiled: each block's kept input counted at this share of fp32 (the graph keeps some
+    # in 16 bits), and the loss's phase at this multiple of its logits (6 rows: check2's and check3's lean
+    # rows)
+    compiled_ckpt_input_factor: float = 0.75
+    compiled_ckpt_logit_factor: float = 1.5
+
+
+CONSTANTS = MemoryConstants()  # the committed fit
 
 
 @dataclass
@@ -148,48 +162,50 @@ def block_bytes_per_token(s: Shape, moe: bool) -> float:
     return compiled_bytes_per_token(s, moe) if s.compiled else activation_bytes_per_token(s, moe)
 
 
-def logit_bytes(s: Shape) -> float:
+def logit_bytes(s: Shape, constants: MemoryConstants = CONSTANTS) -> float:
     """The loss's tensors at its peak. Eager: logits in the compute dtype, their fp32 log-softmax and fp32
     gradient (~12 bytes per element at bf16). Eager and chunked: one chunk's logits (recomputed in backward)
     and its fp32 copies as above, plus the hidden states' gradient. Compiled, chunked or not: the graph fuses
     the fp32 softmax into its reductions and keeps the 16-bit logits of the whole micro-batch, their gradient
     written over them (measured: ~2 bytes per element; traced, the chunked loss keeps every chunk's logits);
-    see COMPILED_LOGIT_BYTES."""
+    see MemoryConstants.compiled_logit_bytes."""
     tokens = s.micro_batch * s.seq_len
     if s.compiled:  # chunked or not: traced into the graph, the chunked loss kept every chunk's logits too
-        unaligned = COMPILED_UNALIGNED_VOCAB_BYTES if s.vocab_size % 64 else 0
-        return tokens * s.vocab_size * (COMPILED_LOGIT_BYTES + unaligned)
+        unaligned = constants.compiled_unaligned_vocab_bytes if s.vocab_size % 64 else 0
+        return tokens * s.vocab_size * (constants.compiled_logit_bytes + unaligned)
     if s.chunked_loss:
         chunk = min(tokens, s.loss_chunk_tokens) * s.vocab_size * (BYTES[s.precision] + 8)
         return chunk + tokens * s.num_dims * 4
     return tokens * s.vocab_size * (BYTES[s.precision] + 8)
 
 
-def dynamic_parts(s: Shape) -> tuple[float, float, float]:
+def dynamic_parts(s: Shape, constants: MemoryConstants = CONSTANTS) -> tuple[float, float, float]:
     """(kept, block, loss), calibrated: what stays from the forward to the backward (every block's saved
     tensors; with checkpointing each block's input), the one block recomputed at a time (checkpointing;
     else 0), and the loss's tensors at its peak."""
     tokens = s.micro_batch * s.seq_len
     kinds = [False] * (s.moe_layers < s.num_layers) + [True] * (s.moe_layers > 0)  # dense, MoE layers
-    per_token = {moe: block_bytes_per_token(s, moe) * (COMPILED_MOE_FACTOR if moe and s.compiled else 1)
+    k = constants
+    per_token = {moe: block_bytes_per_token(s, moe) * (k.compiled_moe_factor if moe and s.compiled else 1)
                  for moe in kinds}  # fmt: skip
     dense = s.num_layers - s.moe_layers
     if s.compiled:
-        act_k, logit_k = COMPILED_LAYER_FACTOR, 1.0
-        input_k, ckpt_logit_k = COMPILED_CKPT_INPUT_FACTOR, COMPILED_CKPT_LOGIT_FACTOR
+        act_k, logit_k = k.compiled_layer_factor, 1.0
+        input_k, ckpt_logit_k = k.compiled_ckpt_input_factor, k.compiled_ckpt_logit_factor
     else:
-        act_k = logit_k = input_k = ckpt_logit_k = ACTIVATION_CALIBRATION[s.precision]
+        act_k = logit_k = input_k = ckpt_logit_k = k.activation_calibration[s.precision]
     kept = tokens * 4 * s.num_dims * 2  # embedding output and final norm input
     if s.grad_ckpt:  # keep each block's (fp32) input; recompute one block at a time in backward
         inputs = tokens * s.num_layers * 4 * s.num_dims
         block = tokens * max(per_token.values()) * act_k
-        return kept * act_k + inputs * input_k, block, logit_bytes(s) * ckpt_logit_k
+        return kept * act_k + inputs * input_k, block, logit_bytes(s, k) * ckpt_logit_k
     kept += tokens * (dense * per_token.get(False, 0) + s.moe_layers * per_token.get(True, 0))
-    return kept * act_k, 0.0, logit_bytes(s) * logit_k
+    return kept * act_k, 0.0, logit_bytes(s, k) * logit_k
 
 
-def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
-    """Peak bytes inside PyTorch's allocator for one AdamW training step (no CUDA context)."""
+def predict_peak_bytes(s: Shape, constants: MemoryConstants = CONSTANTS) -> MemoryBreakdown:
+    """Peak bytes inside PyTorch's allocator for one AdamW training step (no CUDA context), by the committed
+    constants or by `constants`."""
     P = count_params(s)
     weights, grads, optim = 4 * P, 4 * P, 8 * P  # fp32 master weights, fp32 grads, AdamW m and v
     autocast = 2 * P if s.precision != "fp32" else 0  # 16-bit weight copies cached by autocast
@@ -203,7 +219,7 @@ def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
         weights, grads = -(-weights // s.shards) + gathered, -(-grads // s.shards) + gathered
         optim = -(-optim // s.shards)
         autocast = 0 if s.precision == "bf16" else autocast
-    kept, block, loss = dynamic_parts(s)
+    kept, block, loss = dynamic_parts(s, constants)
     if s.grads_in_forward:  # every gradient all step. With checkpointing the loss's backward is over before
         # the last block is recomputed, so the two do not coexist: `logits` counts the loss's excess over the block
         acts, logits = kept + block, max(0.0, loss - block)

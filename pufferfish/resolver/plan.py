@@ -17,16 +17,7 @@ from .hardware import Hardware
 from .memory import count_params, predict_peak_bytes
 from .scaling import TOKENS_PER_PARAM, effective_tokens
 from .search import MAX_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search
-from .shapes import (  # noqa: F401  (kv_heads_for, micro_batch_step, USABLE_MEMORY: the planner's public helpers)
-    USABLE_MEMORY,
-    _candidates,
-    _shape,
-    heads_reason,
-    kv_heads_for,
-    memory_budget,
-    micro_batch_step,
-    model_dict,
-)
+from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
 
 OPTIMIZER_KEYS = ("weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
 SCHEDULE_KEYS = ("schedule", "warmup_frac", "min_lr_ratio", "decay_frac")  # and what schedule.lr_at reads
@@ -189,7 +180,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if not cands:
         smallest = _candidates(cfg, relaxed=True)[0]
         micro = train.micro_batch or 1
-        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, micro, True, shards)).total
+        need = predict_peak_bytes(memory_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, micro, True, shards)).total
         fix = "a smaller train.micro_batch (or null: the largest that fits)" if train.micro_batch else \
             "a smaller mode, a shorter model.seq_len, or optimizations=lean"  # fmt: skip
         raise ConfigError(
@@ -200,7 +191,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     bounds = f"{mode.min_layers}-{mode.max_layers} layers, {mode.min_dims}-{mode.max_dims} dims"
     if best_inside is None:
         smallest = _candidates(cfg)[0]
-        need = predict_peak_bytes(_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True, shards)).total
+        need = predict_peak_bytes(memory_shape(model_dict(cfg, *smallest, vocab, seq_len), cfg, hw, 1, True, shards)).total
         reasons["outside_mode"] = (f"mode={mode.name}'s smallest shape ({smallest[0]} x {smallest[1]}) needs about "
                                    f"{need / 2**30:.2f} GiB at micro-batch 1; gpu={hw.profile} leaves "
                                    f"{mem_budget / 2**30:.2f} GiB: planned below the mode's bounds")  # fmt: skip

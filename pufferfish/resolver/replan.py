@@ -18,7 +18,8 @@ import torch
 from ..errors import ConfigError, OutOfMemoryError
 from .hardware import Hardware
 from .memory import predict_peak_bytes
-from .plan import EVALS_PER_RUN, _shape, memory_budget
+from .plan import EVALS_PER_RUN
+from .shapes import memory_budget, memory_shape
 from .speed import predict_tokens_per_s
 
 
@@ -32,7 +33,7 @@ def plan_eager_step(plan, cfg, step: int, error: str) -> dict:
     shards = plan.world_size if cfg.train.get("parallel", "ddp") == "fsdp2" else 1
 
     def eager(micro: int):
-        return replace(_shape(plan.model, cfg, hw, micro, plan.grad_ckpt, shards), compiled=False,
+        return replace(memory_shape(plan.model, cfg, hw, micro, plan.grad_ckpt, shards), compiled=False,
                        grads_in_forward=plan.grad_accum > 1)  # fmt: skip
 
     old = plan.micro_batch

@@ -10,7 +10,15 @@ from .capabilities import card_path
 from .hardware import Hardware
 from .memory import Shape, count_params
 from .scaling import epochs_worth_training, predicted_loss
-from .shapes import MAX_MICRO_BATCH, _candidates, _fit_micro_batch, _shape, memory_budget, model_dict
+from .shapes import (
+    MAX_MICRO_BATCH,
+    _candidates,
+    _fit_micro_batch,
+    grad_ckpt_for,
+    memory_budget,
+    memory_shape,
+    model_dict,
+)
 from .speed import predict_tokens_per_s
 
 MAX_EPOCHS = epochs_worth_training()  # ~22: another epoch would be worth under a quarter of fresh text
@@ -64,10 +72,10 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     seq_len, on_gpu = mc["seq_len"], hw.profile != "cpu"
 
     def speed(micro: int) -> float:
-        s = _shape(mc, cfg, hw, micro, ckpt, shards, path)
+        s = memory_shape(mc, cfg, hw, micro, ckpt, shards, path)
         return predict_tokens_per_s(s, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
 
-    shape = _shape(mc, cfg, hw, mb, ckpt, shards, path)
+    shape = memory_shape(mc, cfg, hw, mb, ckpt, shards, path)
     n = count_params(shape)
     tps = speed(mb)
     target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
@@ -90,16 +98,15 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
 def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
             shards: int) -> list[Candidate]:  # fmt: skip
     """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits."""
-    ckpt_policy, path = cfg.optimizations.grad_ckpt, card_path(cfg, hw)  # the card's step: the same for every shape
+    path = card_path(cfg, hw)  # the card's step: the same for every shape
     mem_budget, cap = memory_budget(hw), cfg.train.micro_batch or MAX_MICRO_BATCH
     out = []
     for L, d in _candidates(cfg, relaxed=True):
         mc = model_dict(cfg, L, d, vocab, seq_len)
-        for ckpt in {"never": [False], "always": [True], "auto": [False, True]}[ckpt_policy]:
-            mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards, path)
-            if mb:
-                out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards, path))
-                break  # checkpointing only when the plain step does not fit
+        ckpt = grad_ckpt_for(mc, cfg, hw, cfg.train.micro_batch or 1, shards, path)  # only when needed to fit
+        mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards, path)
+        if mb:
+            out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards, path))
     return out
 
 

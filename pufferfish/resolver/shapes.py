@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import ConfigError
 from ..model import ModelConfig
 from .capabilities import card_path
 from .hardware import CUDA_CONTEXT_BYTES, Hardware
@@ -14,7 +15,11 @@ MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long befo
 USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
 
 
-def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1, path=None) -> Shape:
+def memory_shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shards: int = 1, path=None) -> Shape:
+    """The memory model's Shape of model dict `mc` (model_dict's) at this micro-batch on the card `hw`, as the
+    planner counts it: the card's step (card_path: precision, compiled or eager, attention kernel, repeated K/V
+    heads), the config's loss chunking, MoE layers, and FSDP2 shards. Gradients are taken to exist during the
+    forward (Shape.grads_in_forward), the safe case; a step of one micro-batch may replace it."""
     moe_layers = sum(ModelConfig.from_dict(mc).is_moe_layer(i) for i in range(mc["num_layers"])) if mc["use_moe"] else 0
     path = path or card_path(cfg, hw)  # the step the card runs: eager fp32 keeps more than compiled bf16
     return Shape(
@@ -86,6 +91,25 @@ def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: in
     return mc.to_dict()
 
 
+GRAD_CKPT_OPTIONS = {"never": (False,), "always": (True,), "auto": (False, True)}  # optimizations.grad_ckpt, in order
+
+
+def grad_ckpt_for(mc: dict, cfg, hw: Hardware, micro_batch: int, shards: int = 1, path=None) -> bool:
+    """Whether the planner checkpoints model dict `mc` at this micro-batch on `hw`: as optimizations.grad_ckpt
+    asks; under `auto` only when the step without it does not fit memory_budget(hw). The shape search decides
+    each shape with it (at train.micro_batch, or at 1 while the micro-batch is free), and so does a measuring
+    job at its own micro-batch."""
+    policy = cfg.optimizations.grad_ckpt
+    if policy not in GRAD_CKPT_OPTIONS:
+        raise ConfigError(f"optimizations.grad_ckpt={policy!r}; allowed: {', '.join(GRAD_CKPT_OPTIONS)}")
+    *tried, last = GRAD_CKPT_OPTIONS[policy]
+    budget = memory_budget(hw)
+    for ckpt in tried:
+        if predict_peak_bytes(memory_shape(mc, cfg, hw, micro_batch, ckpt, shards, path)).total <= budget:
+            return ckpt
+    return last
+
+
 def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
     """Shapes within the mode's bounds; relaxed: anything smaller too (when physics forbids the bounds)."""
     mode, spec = cfg.mode, cfg.model
@@ -111,7 +135,7 @@ def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, 
     """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of
     micro_batch_step; train.micro_batch is kept as given."""
     path = path or card_path(cfg, hw)  # once: the bisection builds many shapes
-    fits = lambda mb: predict_peak_bytes(_shape(mc, cfg, hw, mb, grad_ckpt, shards, path)).total <= budget_bytes  # noqa: E731
+    fits = lambda mb: predict_peak_bytes(memory_shape(mc, cfg, hw, mb, grad_ckpt, shards, path)).total <= budget_bytes  # noqa: E731
     if cfg.train.micro_batch:
         return cap if fits(cap) else 0
     if not fits(1):

@@ -3,15 +3,15 @@
 The host queues kernels asynchronously, so on a GPU a step takes about the longer of two times, not
 their sum:
 
-    GPU   FLOPs / (peak x mfu x d / (d + D))                       x EAGER_GPU_FACTOR unless compiled
-    host  HOST_STEP_S + sum over layers of HOST_LAYER_S[eager|compiled]
-              x CHECKPOINT_HOST_FACTOR (checkpointed blocks, eager or compiled)
-              x MOE_LAYER_LAUNCHES (an MoE layer)
+    GPU   FLOPs / (peak x mfu x d / (d + D))                       x eager_gpu_factor unless compiled
+    host  host_step_s + sum over layers of host_layer_s[eager|compiled]
+              x checkpoint_host_factor (checkpointed blocks, eager or compiled)
+              x moe_layer_launches (an MoE layer)
 
 Per token a d x d matmul moves about 2d elements but does 2d^2 FLOPs, so narrow layers wait on memory:
 with the two times added, the matmuls reach a share d / (d + D) of the profile's `mfu`, where
 D = bytes per element x peak / bandwidth is the roofline's ridge (412 on the H200). Without a bandwidth
-the fitted D below is used. Eager steps also run the unfused elementwise kernels and loss that
+the fitted D (half_share_dims) is used. Eager steps also run the unfused elementwise kernels and loss that
 torch.compile fuses away. Small models on a fast GPU are therefore launch-bound: their speed barely
 depends on width or batch. The host's time per layer is as large for a compiled step as for an eager one
 on the H200's host (the eager optimizer, clipping and autograd's per-parameter work stay, and the
@@ -19,43 +19,56 @@ compiled graphs' launches cost about what the eager ones save), and checkpointed
 both: the recomputed forward is launched again in the backward. The chunked loss's per-chunk launches
 were fitted too and came out nil (a few chunks per step), so they have no term. The constants were fitted
 on the H200 with its host (torch 2.11, 2026-11-29) on three calibration grids by
-`scripts/fit_speed_model.py --refit`; launch times depend on the host CPU (they varied by about 20 %
-between machines of the same kind), so other machines differ. The CPU profile keeps FLOPs at its measured
-matmul rate x mfu, and every run re-plans its steps from the speed it measures (pufferfish/train.py): a
-wrong prediction costs accuracy, not the budget.
+`python -m pufferfish.lab.fit_speed_model --refit`; launch times depend on the host CPU (they varied by
+about 20 % between machines of the same kind), so other machines differ. The CPU profile keeps FLOPs at its
+measured matmul rate x mfu, and every run re-plans its steps from the speed it measures (pufferfish/train.py):
+a wrong prediction costs accuracy, not the budget.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from .memory import BYTES, Shape, count_params
 
-# Fitted: scripts/fit_speed_model.py --refit --fit fit.json check.json check2.json --predates fit.json
-# (the H200 grids of scripts/calibrate.py --grid fit|check|check2, 70 rows; least squares of log step time).
-# D when the bandwidth is not given: the width at which the matmuls reach half the profile's mfu (d = 768
-# reaches 0.67 of it); the H200's roofline 2 x 989 TFLOP/s / 4.8 TB/s would be 412
-HALF_SHARE_DIMS = 371
-# eager GPU time / compiled GPU time of the same step (unfused elementwise kernels and loss): the H200's
-# 12 x 768, 16 x 1024 bf16 step, both GPU-bound: 306k eager vs 519k tokens/s compiled
-# (scripts/bench_throughput.py; measured, not fitted)
-EAGER_GPU_FACTOR = 1.7
-# host seconds per step outside the layers (embedding, loss, clipping, optimizer launches); fitted
-HOST_STEP_S = 4.0e-3
-# host seconds to launch one layer's forward and backward kernels (and its optimizer share); fitted. The
-# compiled one is nearly the eager one: compiled steps took 2-3 ms per layer on the check2 grid, 1.1-1.8 ms
-# on the older fit and check grids. Checked (docs/benchmarks.md, speed model accuracy): six compiled check3
-# rows predicted within 6 % median, 17 % worst (H200, 2026-11-29); check3's ten compiled rows re-measured by
-# `calibrate.py --grid check3 --only compiled` (H200, 2026-11-30) on a host that launched faster ran 6-37 %
-# faster than predicted (median 17 %). Host-bound speeds differ by machine more than the model's error, so
-# the value stands; each run re-plans from the speed it measures
-HOST_LAYER_S = {"eager": 2.35e-3, "compiled": 2.25e-3}
-# checkpointed blocks launch their forward again in the backward (eager: plus torch.utils.checkpoint's
-# hooks); fitted on eager rows of all grids and the compiled checkpointed rows of check2 (5.6-7 ms per layer
-# where compiled rows without checkpointing took 2-3 ms)
-CHECKPOINT_HOST_FACTOR = 2.2
-# an MoE layer's host time / a dense layer's (router, sort, gather, grouped GEMMs, scatter); fitted on the
-# four MoE rows of check and check2 (eager, eager checkpointed, compiled: each +20..+66 % too fast with the
-# 1.27 of counted aten ops, scripts/fit_speed_model.py --count-ops: routing's ops cost more than a matmul's launch)
-MOE_LAYER_LAUNCHES = 1.77
+
+@dataclass(frozen=True)
+class SpeedConstants:
+    """The speed model's fitted and measured constants; the defaults are the committed ones. The step-time
+    functions below take another set to try it (pufferfish/lab/fit_speed_model.py --refit fits them)."""
+
+    # Fitted: python -m pufferfish.lab.fit_speed_model --refit --fit fit.json check.json check2.json
+    # --predates fit.json (the H200 grids of pufferfish/lab/calibrate.py --grid fit|check|check2, 70 rows;
+    # least squares of log step time). D when the bandwidth is not given: the width at which the matmuls reach
+    # half the profile's mfu (d = 768 reaches 0.67 of it); the H200's roofline 2 x 989 TFLOP/s / 4.8 TB/s
+    # would be 412
+    half_share_dims: float = 371
+    # eager GPU time / compiled GPU time of the same step (unfused elementwise kernels and loss): the H200's
+    # 12 x 768, 16 x 1024 bf16 step, both GPU-bound: 306k eager vs 519k tokens/s compiled
+    # (pufferfish/lab/bench_throughput.py; measured, not fitted)
+    eager_gpu_factor: float = 1.7
+    # host seconds per step outside the layers (embedding, loss, clipping, optimizer launches); fitted
+    host_step_s: float = 4.0e-3
+    # host seconds to launch one layer's forward and backward kernels (and its optimizer share); fitted. The
+    # compiled one is nearly the eager one: compiled steps took 2-3 ms per layer on the check2 grid, 1.1-1.8
+    # ms on the older fit and check grids. Checked (docs/benchmarks.md, speed model accuracy): six compiled
+    # check3 rows predicted within 6 % median, 17 % worst (H200, 2026-11-29); check3's ten compiled rows
+    # re-measured by `calibrate --grid check3 --only compiled` (H200, 2026-11-30) on a host that launched
+    # faster ran 6-37 % faster than predicted (median 17 %). Host-bound speeds differ by machine more than the
+    # model's error, so the value stands; each run re-plans from the speed it measures
+    host_layer_s: dict[str, float] = field(default_factory=lambda: {"eager": 2.35e-3, "compiled": 2.25e-3})
+    # checkpointed blocks launch their forward again in the backward (eager: plus torch.utils.checkpoint's
+    # hooks); fitted on eager rows of all grids and the compiled checkpointed rows of check2 (5.6-7 ms per
+    # layer where compiled rows without checkpointing took 2-3 ms)
+    checkpoint_host_factor: float = 2.2
+    # an MoE layer's host time / a dense layer's (router, sort, gather, grouped GEMMs, scatter); fitted on the
+    # four MoE rows of check and check2 (eager, eager checkpointed, compiled: each +20..+66 % too fast with
+    # the 1.27 of counted aten ops, fit_speed_model --count-ops: routing's ops cost more than a matmul's
+    # launch)
+    moe_layer_launches: float = 1.77
+
+
+CONSTANTS = SpeedConstants()  # the committed values
 
 
 def flops_per_token(s: Shape) -> float:
@@ -68,32 +81,36 @@ def flops_per_token(s: Shape) -> float:
     return per_token
 
 
-def half_share_dims(s: Shape, peak_flops: float, bandwidth: float = 0.0) -> float:
+def half_share_dims(s: Shape, peak_flops: float, bandwidth: float = 0.0,
+                    constants: SpeedConstants = CONSTANTS) -> float:  # fmt: skip
     """The width D at which matmuls reach half of mfu: the roofline's ridge, or the H200's without a bandwidth."""
-    return BYTES[s.precision] * peak_flops / bandwidth if bandwidth > 0 else HALF_SHARE_DIMS
+    return BYTES[s.precision] * peak_flops / bandwidth if bandwidth > 0 else constants.half_share_dims
 
 
-def gpu_seconds(s: Shape, peak_flops: float, mfu: float, bandwidth: float = 0.0) -> float:
+def gpu_seconds(s: Shape, peak_flops: float, mfu: float, bandwidth: float = 0.0,
+                constants: SpeedConstants = CONSTANTS) -> float:  # fmt: skip
     """Time the GPU spends computing one micro-step (forward, backward, optimizer share); bandwidth in bytes/s."""
-    share = mfu * s.num_dims / (s.num_dims + half_share_dims(s, peak_flops, bandwidth))
+    share = mfu * s.num_dims / (s.num_dims + half_share_dims(s, peak_flops, bandwidth, constants))
     seconds = flops_per_token(s) * s.micro_batch * s.seq_len / (peak_flops * share)
-    return seconds if s.compiled else seconds * EAGER_GPU_FACTOR
+    return seconds if s.compiled else seconds * constants.eager_gpu_factor
 
 
-def host_seconds(s: Shape) -> float:
+def host_seconds(s: Shape, constants: SpeedConstants = CONSTANTS) -> float:
     """Time the host spends launching one micro-step's kernels."""
-    kind = "compiled" if s.compiled else "eager"
-    per_layer = HOST_LAYER_S[kind] * (CHECKPOINT_HOST_FACTOR if s.grad_ckpt else 1.0)
-    layers = s.num_layers - s.moe_layers + s.moe_layers * MOE_LAYER_LAUNCHES
-    return HOST_STEP_S + layers * per_layer
+    k, kind = constants, "compiled" if s.compiled else "eager"
+    per_layer = k.host_layer_s[kind] * (k.checkpoint_host_factor if s.grad_ckpt else 1.0)
+    layers = s.num_layers - s.moe_layers + s.moe_layers * k.moe_layer_launches
+    return k.host_step_s + layers * per_layer
 
 
-def step_seconds(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0) -> float:
+def step_seconds(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0,
+                 constants: SpeedConstants = CONSTANTS) -> float:  # fmt: skip
     if not on_gpu:  # the CPU runs its ops one after another at the measured matmul rate
         return flops_per_token(s) * s.micro_batch * s.seq_len / (peak_flops * mfu)
-    return max(gpu_seconds(s, peak_flops, mfu, bandwidth), host_seconds(s))
+    return max(gpu_seconds(s, peak_flops, mfu, bandwidth, constants), host_seconds(s, constants))
 
 
-def predict_tokens_per_s(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0) -> float:
+def predict_tokens_per_s(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0,
+                         constants: SpeedConstants = CONSTANTS) -> float:  # fmt: skip
     """Tokens per second of one process; `bandwidth` (bytes/s, Hardware.bandwidth) sets the GPU's own ridge."""
-    return s.micro_batch * s.seq_len / step_seconds(s, peak_flops, mfu, on_gpu, bandwidth)
+    return s.micro_batch * s.seq_len / step_seconds(s, peak_flops, mfu, on_gpu, bandwidth, constants)

@@ -1,10 +1,10 @@
 """Does every gpu profile x mode plan run under its emulated memory cap, and fill it? (docs/benchmarks.md, plan check)
 
-    python scripts/check_plans.py --out outputs/check_plans          # 11 profiles x 4 modes on every GPU here
-    python scripts/check_plans.py --list                             # which pairs share a job; runs nothing
-    python scripts/check_plans.py --profiles gtx1060,rtx3060 --modes standard --gpus 1 --jobs-per-gpu 4
-    python scripts/check_plans.py --max-minutes 7 -- data=text_files data.paths=[corpus.txt]   # extra overrides
-    python scripts/check_plans.py --device cpu --profiles cpu --modes ultra_fast       # the machinery, on CPU
+    python -m pufferfish.lab.check_plans --out outputs/check_plans          # 11 profiles x 4 modes on every GPU here
+    python -m pufferfish.lab.check_plans --list                             # which pairs share a job; runs nothing
+    python -m pufferfish.lab.check_plans --profiles gtx1060,rtx3060 --modes standard --gpus 1 --jobs-per-gpu 4
+    python -m pufferfish.lab.check_plans --max-minutes 7 -- data=text_files data.paths=[corpus.txt]   # extra overrides
+    python -m pufferfish.lab.check_plans --device cpu --profiles cpu --modes ultra_fast       # the machinery, on CPU
 
 Each job is `python -m pufferfish.train gpu=P mode=M train.max_steps=20` (no evaluation until the end, no
 sample) in its own run directory OUT/P-M; a profile smaller than the card caps the process's allocator at
@@ -40,13 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from plan_check.cards import ASSUMED_CARD_GIB, card_info, planning_card, visible_gpus  # noqa: E402
-from plan_check.grouping import MODES, PROFILES, Pair, group_pairs, job_time_limit, plan_pairs  # noqa: E402
-from plan_check.report import grouping_text, markdown  # noqa: E402
-from plan_check.rows import read_rows  # noqa: E402
-from plan_check.scheduler import Cards, Job, need_gib, run_jobs  # noqa: E402
+from .plan_check.cards import ASSUMED_CARD_GIB, card_info, planning_card, visible_gpus
+from .plan_check.grouping import MODES, PROFILES, Pair, group_pairs, job_time_limit, plan_pairs
+from .plan_check.report import grouping_text, markdown
+from .plan_check.rows import read_rows
+from .plan_check.scheduler import Cards, Job, need_gib, run_jobs
 
 FAILED = ("OOM", "crash", "timeout", "not run")
 
@@ -66,7 +64,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--steps", type=int, default=20, help="training steps per job")
     p.add_argument("--timeout", type=float, default=600, help="seconds before one job is killed")
     p.add_argument("--max-minutes", type=float, default=None, help="start no job after this; kill those left")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "check_plans", help="run directories go here")
+    p.add_argument("--out", type=Path, default=Path("outputs") / "check_plans",
+                   help="run directories go here")
     p.add_argument("--json", type=Path, default=None, help="rows as JSON (default OUT/check_plans.json; "
                    "with --list: the grouping, only when given)")  # fmt: skip
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the runs' checkpoints (deleted once read)")

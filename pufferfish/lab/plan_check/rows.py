@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 from pufferfish.api import compose_config
-from pufferfish.resolver import Hardware, make_plan, predict_peak_bytes
-from pufferfish.resolver.plan import _shape, memory_budget
+from pufferfish.resolver import Hardware, make_plan, memory_budget, memory_shape, predict_peak_bytes
 from pufferfish.runlog import read_metrics
-from pufferfish.sweep_tools import allocator_cap
 
+from ..sweep_tools import allocator_cap
 from .grouping import Pair, as_run, config_overrides, hardware_of, ran_as_planned
 from .scheduler import Job
 
@@ -105,7 +104,7 @@ def plan_without_max_steps(profile: str, mode: str, extra: list[str], plan: dict
         row["notes"].append("train.max_steps changed the plan: the run's shape is shown")
         out.update(micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"])
     budget = memory_budget(hw)
-    doubled = _shape(plan["model"], cfg, hw, 2 * out["micro_batch"], plan["grad_ckpt"])
+    doubled = memory_shape(plan["model"], cfg, hw, 2 * out["micro_batch"], plan["grad_ckpt"])
     out["double_micro_batch_fits"] = predict_peak_bytes(doubled).total <= budget
     return out
 

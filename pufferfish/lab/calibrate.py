@@ -1,15 +1,15 @@
 """Predicted against measured peak memory and tokens/s over a grid of shapes (the resolver's models).
 
-    python scripts/calibrate.py --grid fit --out fit.json      # measure; print the constants that fit
-    python scripts/calibrate.py --grid check --out check.json  # a different grid: the errors we report
-    python scripts/calibrate.py --grid check2 --out check2.json  # a third, weighted to what plans use
-    python scripts/calibrate.py --grid check2 --list            # the grid and its predictions, no GPU
-    python scripts/calibrate.py --grid check3 --out check3.json  # a fourth, held out from the refits
+    python -m pufferfish.lab.calibrate --grid fit --out fit.json      # measure; print the constants that fit
+    python -m pufferfish.lab.calibrate --grid check --out check.json  # a different grid: the errors we report
+    python -m pufferfish.lab.calibrate --grid check2 --out check2.json  # a third, weighted to what plans use
+    python -m pufferfish.lab.calibrate --grid check2 --list            # the grid and its predictions, no GPU
+    python -m pufferfish.lab.calibrate --grid check3 --out check3.json  # a fourth, held out from the refits
 
 Memory is `torch.cuda.max_memory_allocated` over two steps from a clean start; speed is the median of
 timed steps after warm-up. Every shape compiles afresh (static shapes, as a run compiles once): reusing
 dynamo's cache would recompile later shapes with dynamic sizes. Needs a CUDA device (the CPU profile is
-calibrated at run time instead). `scripts/fit_speed_model.py` re-predicts and refits from the JSON.
+calibrated at run time instead). `python -m pufferfish.lab.fit_speed_model` re-predicts and refits from the JSON.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pufferfish.bench import Technique, make_train_step, peak_bytes_of_two_steps, time_steps  # noqa: E402
-from pufferfish.model import ModelConfig  # noqa: E402
-from pufferfish.resolver import Shape, predict_peak_bytes, predict_tokens_per_s  # noqa: E402
-from pufferfish.resolver.hardware import GIB, Hardware, load_profile, profile_peak_flops  # noqa: E402
-from pufferfish.resolver.plan import _shape, kv_heads_for  # noqa: E402
-from pufferfish.runlog import git_revision  # noqa: E402
-from pufferfish.step import use_tf32  # noqa: E402
+from pufferfish.model import ModelConfig
+from pufferfish.resolver import Shape, kv_heads_for, memory_shape, predict_peak_bytes, predict_tokens_per_s
+from pufferfish.resolver.hardware import GIB, Hardware, load_profile, profile_peak_flops
+from pufferfish.runlog import git_revision
+from pufferfish.step import use_tf32
+
+from .bench import Technique, make_train_step, peak_bytes_of_two_steps, time_steps
 
 
 def grid(name: str) -> list[tuple[dict, int, Technique]]:
@@ -145,7 +144,7 @@ def shape_of(mc: ModelConfig, batch: int, t: Technique, profile: str = "h200") -
     cfg = SimpleNamespace(attention=SimpleNamespace(sdpa_backend="auto"),
                           optimizations=SimpleNamespace(chunked_loss=t.chunked, loss_chunk_tokens=4096,
                                                         compile=bool(t.compile)))  # fmt: skip
-    return replace(_shape(mc.to_dict(), cfg, hw, batch, t.ckpt), grads_in_forward=False)  # one micro-batch a step
+    return replace(memory_shape(mc.to_dict(), cfg, hw, batch, t.ckpt), grads_in_forward=False)  # one micro-batch a step
 
 
 def main():

@@ -1,7 +1,7 @@
 """What each consumer and datacentre card runs, and the speed model's prediction for it (README's table).
 
-    python scripts/card_table.py                  # Markdown: every gpu profile's step and predicted tokens/s
-    python scripts/card_table.py --modes standard --profiles gtx1060 rtx3060
+    python -m pufferfish.lab.card_table                  # Markdown: every gpu profile's step and predicted tokens/s
+    python -m pufferfish.lab.card_table --modes standard --profiles gtx1060 rtx3060
 
 Each profile is planned as on its own card (pufferfish.resolver's hardware_on and make_plan, with the default
 optimizations=all), described without a GPU, for a large corpus: nothing runs, every figure is predicted.
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pufferfish.api import compose_config  # noqa: E402
-from pufferfish.resolver import make_plan  # noqa: E402
-from pufferfish.resolver.capabilities import architecture  # noqa: E402
-from pufferfish.resolver.hardware import GIB, hardware_on  # noqa: E402
+from pufferfish.api import compose_config
+from pufferfish.resolver import make_plan
+from pufferfish.resolver.capabilities import architecture
+from pufferfish.resolver.hardware import GIB, hardware_on
 
 PROFILES = "gtx1060 gtx1650 rtx2060 rtx3060 rtx4060 rtx3090 rtx4090 a100_40gb a100_80gb h100 h200".split()
 VOCAB, CORPUS_TOKENS = 32000, 10**10  # a large corpus: the plans are time-bound, as on real data

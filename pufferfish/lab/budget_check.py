@@ -1,7 +1,7 @@
 """Did a run end on its time budget with its learning-rate schedule complete? (docs/benchmarks.md, time budget)
 
     python -m pufferfish.train gpu=h200 mode=quick_dev mode.target_hours=0.1 run_dir=RUN
-    python scripts/budget_check.py RUN
+    python -m pufferfish.lab.budget_check RUN
 
 Reads the run directory: the budget (plan.json), the training loop's time and steps (summary.json) and
 the learning rate of the last logged step (metrics.jsonl) against the schedule's last value.
@@ -14,11 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf
 
-from pufferfish.runlog import read_metrics  # noqa: E402
-from pufferfish.schedule import lr_at  # noqa: E402
+from pufferfish.runlog import read_metrics
+from pufferfish.schedule import lr_at
 
 
 def check(run: Path, tolerance: float) -> dict:

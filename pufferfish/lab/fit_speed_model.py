@@ -1,18 +1,18 @@
 """Re-predict calibration measurements with the committed memory and speed models; refit the speed constants.
 
-    python scripts/fit_speed_model.py --fit fit.json --check check.json --predates fit.json   # committed models' errors
-    python scripts/fit_speed_model.py --fit fit.json --check check.json --predates fit.json --refit
-    python scripts/fit_speed_model.py --fit fit.json --check check.json check2.json --predates fit.json
-    python scripts/fit_speed_model.py --fit fit.json check.json check2.json --predates fit.json --refit   # the committed fit
-    python scripts/fit_speed_model.py --bench bench124.json bench350.json ...   # bench_throughput rows, held out too
-    python scripts/fit_speed_model.py --count-ops   # ops an MoE / checkpointed block launches per dense block's
+    python -m pufferfish.lab.fit_speed_model --fit fit.json --check check.json --predates fit.json   # committed models' errors
+    python -m pufferfish.lab.fit_speed_model --fit fit.json --check check.json --predates fit.json --refit
+    python -m pufferfish.lab.fit_speed_model --fit fit.json --check check.json check2.json --predates fit.json
+    python -m pufferfish.lab.fit_speed_model --fit fit.json check.json check2.json --predates fit.json --refit   # the committed fit
+    python -m pufferfish.lab.fit_speed_model --bench bench124.json bench350.json ...   # bench_throughput rows, held out too
+    python -m pufferfish.lab.fit_speed_model --count-ops   # ops an MoE / checkpointed block launches per dense block's
 
-Inputs are the JSON of scripts/calibrate.py (rows: model fields, batch, technique, measured peak and tokens/s)
-and of scripts/bench_throughput.py. Every row is re-predicted through the Shape the resolver builds
-(calibrate.shape_of) at the profile's peak and mfu, so the errors are those a plan would have. `--refit`
-fits the fitted constants of pufferfish/resolver/speed.py on the --fit rows only (least squares of the log
-step time, Nelder-Mead) and prints the errors again with them: --check and --bench stay held out. Several
---fit files are fitted together (their rows show as fit:GRID).
+Inputs are the JSON of pufferfish.lab.calibrate (rows: model fields, batch, technique, measured peak and
+tokens/s) and of pufferfish.lab.bench_throughput. Every row is re-predicted through the Shape the resolver
+builds (calibrate.shape_of) at the profile's peak and mfu, so the errors are those a plan would have. `--refit`
+fits the fitted constants of the speed model (SpeedConstants in pufferfish/resolver/speed.py) on the --fit rows
+only (least squares of the log step time, Nelder-Mead) and prints the errors again with them: --check and
+--bench stay held out. Several --fit files are fitted together (their rows show as fit:GRID).
 `--predates FILE` marks a file measured before two code paths changed (58cac20: MoE experts run grouped
 GEMMs in bf16, not a loop; 03a5d1b: fp32 GQA repeats K/V for the efficient kernel, not math attention):
 its MoE and fp32 GQA rows are shown but neither fitted nor counted.
@@ -29,20 +29,19 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibrate import shape_of  # noqa: E402
+from pufferfish.model import ModelConfig
+from pufferfish.resolver import Shape, predict_peak_bytes, speed
+from pufferfish.resolver.hardware import load_profile, profile_peak_flops
+from pufferfish.resolver.speed import SpeedConstants
 
-from pufferfish.bench import Technique  # noqa: E402
-from pufferfish.model import ModelConfig  # noqa: E402
-from pufferfish.resolver import Shape, memory, predict_peak_bytes, speed  # noqa: E402
-from pufferfish.resolver.hardware import load_profile, profile_peak_flops  # noqa: E402
+from .bench import Technique
+from .calibrate import shape_of
 
 FIELDS = set(ModelConfig.__dataclass_fields__)
-# the constants --refit fits: (speed.py name, key in a dict constant or None); EAGER_GPU_FACTOR is measured
-# by scripts/bench_throughput.py (an eager and a compiled GPU-bound step) and printed as it stands
-FITTED = [("HALF_SHARE_DIMS", None), ("HOST_STEP_S", None), ("HOST_LAYER_S", "eager"),
-          ("HOST_LAYER_S", "compiled"), ("CHECKPOINT_HOST_FACTOR", None), ("MOE_LAYER_LAUNCHES", None)]  # fmt: skip
+# the constants --refit fits: (SpeedConstants field, key in a dict field or None); eager_gpu_factor is measured
+# by bench_throughput (an eager and a compiled GPU-bound step) and printed as it stands
+FITTED = [("half_share_dims", None), ("host_step_s", None), ("host_layer_s", "eager"),
+          ("host_layer_s", "compiled"), ("checkpoint_host_factor", None), ("moe_layer_launches", None)]  # fmt: skip
 
 
 @dataclass
@@ -65,7 +64,7 @@ class Row:
 
 
 def load_calibrate(path: str, source: str | None, predates: bool) -> list[Row]:
-    """Rows of a calibrate.py JSON; source None: the grid it records (the file's name before it recorded one)."""
+    """Rows of a calibrate JSON; source None: the grid it records (the file's name before it recorded one)."""
     data = json.loads(Path(path).read_text())
     source = source or data.get("grid") or Path(path).stem
     rows, compiled_before = [], False
@@ -78,7 +77,7 @@ def load_calibrate(path: str, source: str | None, predates: bool) -> list[Row]:
             skip = "measured with the expert loop (before 58cac20)"
         elif predates and t.precision == "fp32" and mc.num_kv_heads < mc.num_heads:
             skip = "fp32 GQA measured with math attention (before 03a5d1b)"
-        if t.compile and "git" not in data:  # calibrate.py before each shape compiled afresh
+        if t.compile and "git" not in data:  # calibrate before each shape compiled afresh
             note = "dynamic-shape compile" if compiled_before else ""
             compiled_before = True
         rows.append(Row(source, s, t, r["batch"] * mc.seq_len / r["measured_tps"], r["measured_peak"], skip, note))
@@ -86,7 +85,7 @@ def load_calibrate(path: str, source: str | None, predates: bool) -> list[Row]:
 
 
 def load_bench(path: str, predates: bool) -> list[Row]:
-    from bench_throughput import TECHNIQUES
+    from .bench_throughput import TECHNIQUES
 
     data = json.loads(Path(path).read_text())
     rows = []
@@ -109,17 +108,18 @@ def peak_and_mfu(precision: str, profile: str = "h200") -> tuple[float, float]:
     return profile_peak_flops(prof, precision), float(prof.mfu)
 
 
-def predicted_step_s(s: Shape) -> float:
-    return speed.step_seconds(s, *peak_and_mfu(s.precision), on_gpu=True)
+def predicted_step_s(s: Shape, k: SpeedConstants) -> float:
+    return speed.step_seconds(s, *peak_and_mfu(s.precision), on_gpu=True, constants=k)
 
 
-def bound(s: Shape) -> str:
-    return "gpu" if speed.gpu_seconds(s, *peak_and_mfu(s.precision)) >= speed.host_seconds(s) else "host"
+def bound(s: Shape, k: SpeedConstants) -> str:
+    return "gpu" if speed.gpu_seconds(s, *peak_and_mfu(s.precision), constants=k) >= speed.host_seconds(s, k) \
+        else "host"  # fmt: skip
 
 
-def speed_err(r: Row) -> float:
-    """predicted / measured tokens/s - 1 (calibrate.py's sign: negative = the model is too slow)."""
-    return r.measured_step_s / predicted_step_s(r.shape) - 1
+def speed_err(r: Row, k: SpeedConstants) -> float:
+    """predicted / measured tokens/s - 1 (calibrate's sign: negative = the model is too slow)."""
+    return r.measured_step_s / predicted_step_s(r.shape, k) - 1
 
 
 def memory_err(r: Row) -> float | None:
@@ -133,7 +133,7 @@ def stats(errs: list[float]) -> str:
     return f"median {statistics.median(errs):5.1%}, worst {max(errs):5.1%} ({len(errs)} rows)"
 
 
-def print_table(rows: list[Row]) -> None:
+def print_table(rows: list[Row], k: SpeedConstants) -> None:
     print("| set | shape | measured GiB | predicted GiB | err | measured tok/s | predicted tok/s | err | bound | note |")
     print("|" + "---|" * 10)
     for r in rows:
@@ -142,11 +142,11 @@ def print_table(rows: list[Row]) -> None:
                if me is not None else "| |")  # fmt: skip
         tps = r.shape.micro_batch * r.shape.seq_len
         print(f"| {r.source} | {r.label} | {mem} | {tps / r.measured_step_s:,.0f} | "
-              f"{tps / predicted_step_s(r.shape):,.0f} | {speed_err(r):+.0%} | {bound(r.shape)} | "
+              f"{tps / predicted_step_s(r.shape, k):,.0f} | {speed_err(r, k):+.0%} | {bound(r.shape, k)} | "
               f"{r.skip or r.note} |")  # fmt: skip
 
 
-def summarize(rows: list[Row]) -> None:
+def summarize(rows: list[Row], k: SpeedConstants) -> None:
     counted = [r for r in rows if not r.skip]
     by = {src: [r for r in counted if r.source == src] for src in dict.fromkeys(r.source for r in counted)}
     grids = [src for src in by if src != "bench"]
@@ -156,9 +156,9 @@ def summarize(rows: list[Row]) -> None:
     together = f"{' and '.join(g.removeprefix('fit:') for g in grids)} grids together"
     print()
     for src, sel in by.items():
-        print(f"speed   {role[src]:45s} {stats([speed_err(r) for r in sel])}")
+        print(f"speed   {role[src]:45s} {stats([speed_err(r, k) for r in sel])}")
     if len(grids) > 1:
-        print(f"speed   {together:45s} {stats([speed_err(r) for g in grids for r in by[g]])}")
+        print(f"speed   {together:45s} {stats([speed_err(r, k) for g in grids for r in by[g]])}")
     for src in grids:
         print(f"memory  {role[src]:45s} {stats([memory_err(r) for r in by[src]])}")
     if len(grids) > 1:
@@ -168,38 +168,13 @@ def summarize(rows: list[Row]) -> None:
         print(f"({len(skipped)} rows shown, not counted: {', '.join(sorted({r.skip for r in skipped}))})")
 
 
-def compiled_activation_factor(rows: list[Row]) -> None:
-    """COMPILED_ACTIVATIONS that makes each compiled row's predicted peak its measured one (bisection)."""
-    found = []
-    if not hasattr(memory, "COMPILED_ACTIVATIONS"):  # the memory model no longer has the one factor
-        return
-    saved = memory.COMPILED_ACTIVATIONS
-    for r in rows:
-        if not r.shape.compiled or r.measured_peak is None or r.skip:
-            continue
-        lo, hi = 0.05, 2.0
-        for _ in range(50):
-            memory.COMPILED_ACTIVATIONS = (lo + hi) / 2
-            lo, hi = ((lo + hi) / 2, hi) if predict_peak_bytes(r.shape).total < r.measured_peak else (lo, (lo + hi) / 2)
-        found.append((r.source, r.label, (lo + hi) / 2))
-    memory.COMPILED_ACTIVATIONS = saved
-    if found:
-        print("\ncompiled steps: the COMPILED_ACTIVATIONS each measured peak asks for")
-        for src, label, f in found:
-            print(f"  {src:5s} {label} {f:.3f}")
-        print(f"  median {statistics.median(f for _, _, f in found):.3f} (committed {saved})")
-
-
-def _get(name, key):
-    value = getattr(speed, name)
+def value_of(k: SpeedConstants, name: str, key: str | None) -> float:
+    value = getattr(k, name)
     return value[key] if key else value
 
 
-def _set(name, key, value) -> None:
-    if key:
-        setattr(speed, name, {**getattr(speed, name), key: value})
-    else:
-        setattr(speed, name, value)
+def with_value(k: SpeedConstants, name: str, key: str | None, value: float) -> SpeedConstants:
+    return replace(k, **{name: {**getattr(k, name), key: value} if key else value})
 
 
 def nelder_mead(f, x0: list[float], steps: int = 4000, scale: float = 0.3) -> list[float]:
@@ -233,36 +208,40 @@ def nelder_mead(f, x0: list[float], steps: int = 4000, scale: float = 0.3) -> li
     return simplex[min(range(n + 1), key=values.__getitem__)]
 
 
-def refit(rows: list[Row]) -> dict:
-    """Set speed.py's fitted constants (in this process) to their least-squares values; returns the old ones."""
+def refit(rows: list[Row]) -> SpeedConstants:
+    """The speed model's fitted constants at their least-squares values, the others as committed."""
     fit_rows = [r for r in rows if r.source.split(":")[0] == "fit" and not r.skip]
 
-    def loss(logs: list[float]) -> float:
+    def constants(logs: list[float]) -> SpeedConstants:
+        k = speed.CONSTANTS
         for (name, key), v in zip(FITTED, logs):
-            _set(name, key, math.exp(v))
-        return sum(math.log(predicted_step_s(r.shape) / r.measured_step_s) ** 2 for r in fit_rows)
+            k = with_value(k, name, key, math.exp(v))
+        return k
 
-    before = {(n, k): _get(n, k) for n, k in FITTED}
-    best = [math.log(v) for v in before.values()]
+    def loss(logs: list[float]) -> float:
+        k = constants(logs)
+        return sum(math.log(predicted_step_s(r.shape, k) / r.measured_step_s) ** 2 for r in fit_rows)
+
+    best = [math.log(value_of(speed.CONSTANTS, name, key)) for name, key in FITTED]
     for scale in (0.3, 0.1, 0.03):  # restarts: Nelder-Mead stalls on the max()'s kinks
         best = nelder_mead(loss, best, scale=scale)
-    loss(best)
     print(f"refit on {len(fit_rows)} fit-grid rows (log step time, least squares):")
     for (name, key), v in zip(FITTED, best):
-        print(f"  {name}{f'[{key!r}]' if key else ''} = {math.exp(v):.4g}   (committed {before[(name, key)]:.4g})")
-    print(f"  not fitted: EAGER_GPU_FACTOR = {speed.EAGER_GPU_FACTOR}")
-    return before
+        committed = value_of(speed.CONSTANTS, name, key)
+        print(f"  {name}{f'[{key!r}]' if key else ''} = {math.exp(v):.4g}   (committed {committed:.4g})")
+    print(f"  not fitted: eager_gpu_factor = {speed.CONSTANTS.eager_gpu_factor}")
+    return constants(best)
 
 
-def eager_gpu_factor(rows: list[Row]) -> None:
+def eager_gpu_factor(rows: list[Row], k: SpeedConstants) -> None:
     """Eager / compiled step time where the bench measured both at one shape, each predicted GPU-bound."""
     bench = [r for r in rows if r.source == "bench" and not r.skip and r.shape.precision == "bf16"
              and not r.shape.grad_ckpt and not r.shape.chunked_loss]  # fmt: skip
     for e in (r for r in bench if not r.shape.compiled and r.technique.fused):
         for c in (r for r in bench if r.shape.compiled and replace(r.shape, compiled=False) == e.shape):
             print(f"bench {e.label.strip()}: eager / compiled step time {e.measured_step_s / c.measured_step_s:.2f} "
-                  f"(EAGER_GPU_FACTOR {speed.EAGER_GPU_FACTOR}; the model calls them {bound(e.shape)}- and "
-                  f"{bound(c.shape)}-bound)")  # fmt: skip
+                  f"(eager_gpu_factor {k.eager_gpu_factor}; the model calls them {bound(e.shape, k)}- and "
+                  f"{bound(c.shape, k)}-bound)")  # fmt: skip
 
 
 def count_ops() -> None:
@@ -303,18 +282,19 @@ def count_ops() -> None:
     per_block = {(moe, ck): (ops(4, moe, ck) - ops(2, moe, ck)) / 2 for moe in (False, True) for ck in (False, True)}
     dense = per_block[(False, False)]
     print(f"ops per block, forward+backward: dense {dense:.0f}, MoE {per_block[(True, False)]:.0f} "
-          f"(x{per_block[(True, False)] / dense:.2f}; MOE_LAYER_LAUNCHES, fitted on host time, {speed.MOE_LAYER_LAUNCHES}), "
-          f"checkpointed {per_block[(False, True)]:.0f} (x{per_block[(False, True)] / dense:.2f}; "
-          f"CHECKPOINT_HOST_FACTOR {speed.CHECKPOINT_HOST_FACTOR} adds checkpoint's Python hooks)")  # fmt: skip
+          f"(x{per_block[(True, False)] / dense:.2f}; moe_layer_launches, fitted on host time, "
+          f"{speed.CONSTANTS.moe_layer_launches}), checkpointed {per_block[(False, True)]:.0f} "
+          f"(x{per_block[(False, True)] / dense:.2f}; checkpoint_host_factor {speed.CONSTANTS.checkpoint_host_factor} "
+          f"adds checkpoint's Python hooks)")  # fmt: skip
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fit", nargs="*", default=[], help="calibrate.py JSON the constants are fitted on")
-    p.add_argument("--check", nargs="*", default=[], help="calibrate.py JSON held out")
-    p.add_argument("--bench", nargs="*", default=[], help="bench_throughput.py JSON held out (speed only)")
+    p.add_argument("--fit", nargs="*", default=[], help="calibrate JSON the constants are fitted on")
+    p.add_argument("--check", nargs="*", default=[], help="calibrate JSON held out")
+    p.add_argument("--bench", nargs="*", default=[], help="bench_throughput JSON held out (speed only)")
     p.add_argument("--predates", nargs="*", default=[], help="files measured before 58cac20 and 03a5d1b")
-    p.add_argument("--refit", action="store_true", help="fit speed.py's constants on --fit, then report")
+    p.add_argument("--refit", action="store_true", help="fit the speed model's constants on --fit, then report")
     p.add_argument("--count-ops", action="store_true", help="count the ops of an MoE and a checkpointed block")
     args = p.parse_args(argv)
     if args.count_ops:
@@ -331,15 +311,10 @@ def main(argv=None) -> int:
         rows += load_bench(f, str(Path(f).resolve()) in old)
     if not rows:
         return 0 if args.count_ops else p.error("give --fit, --check or --bench files (or --count-ops)")
-    committed = refit(rows) if args.refit else {}
-    try:
-        print_table(rows)
-        summarize(rows)
-        eager_gpu_factor(rows)
-        compiled_activation_factor([r for r in rows if r.source != "bench"])
-    finally:
-        for (name, key), value in committed.items():
-            _set(name, key, value)
+    k = refit(rows) if args.refit else speed.CONSTANTS
+    print_table(rows, k)
+    summarize(rows, k)
+    eager_gpu_factor(rows, k)
     return 0
 
 

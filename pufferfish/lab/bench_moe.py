@@ -1,6 +1,6 @@
 """MoE against the dense model with the same active parameters, trained for the same wall-clock time.
 
-    python scripts/bench_moe.py --seconds 60 --out moe.json     # on a GPU; any extra args are overrides
+    python -m pufferfish.lab.bench_moe --seconds 60 --out moe.json     # on a GPU; any extra args are overrides
 
 Both runs go through the real training function on the default corpus with the same shape, data,
 schedule logic and budget; only the `moe` group differs (8 experts, top-2, each expert half the dense
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pufferfish.api import compose_config  # noqa: E402
-from pufferfish.train import train  # noqa: E402
+from pufferfish.api import compose_config
+from pufferfish.train import train
 
 DATASHEET = {"h200": 989e12, "h100": 989e12, "a100_80gb": 312e12, "a100_40gb": 312e12}
 

@@ -1,6 +1,6 @@
 """Data parallelism on N GPUs against one, and what the link between the GPUs can carry.
 
-    python scripts/bench_ddp.py --gpus 2 --out ddp.json     # on a machine with at least 2 GPUs
+    python -m pufferfish.lab.bench_ddp --gpus 2 --out ddp.json     # on a machine with at least 2 GPUs
 
 Four runs of the same 124M-class model (12 x 768, seq 512, micro-batch 16 or --micro, `optimizations=all`):
   one      1 GPU,  accumulation A: the per-GPU batch            (tokens/s baseline)
@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pufferfish.runlog import read_metrics  # noqa: E402
+from pufferfish.runlog import read_metrics
 
 MICRO, SEQ = 16, 512
 SHAPE = ["gpu=auto", "mode=quick_dev", "model.num_layers=12", "model.num_dims=768", f"model.seq_len={SEQ}", "train.log_interval=10", "train.eval_interval=1000",
@@ -49,14 +47,14 @@ def train_rows(run: Path) -> list[dict]:
 
 
 def launch(run: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int) -> list[dict]:
-    subprocess.run(command(run, gpus, batch_tokens, extra, micro), check=True, cwd=ROOT)
+    subprocess.run(command(run, gpus, batch_tokens, extra, micro), check=True)
     return train_rows(run)
 
 
 def launch_apart(root: Path, gpus: int, batch_tokens: int, extra: list[str], micro: int) -> list[list[dict]]:
     """One single-GPU run on each GPU, all at once: every run's train rows."""
     runs = [root / f"gpu{i}" for i in range(gpus)]
-    procs = [subprocess.Popen(command(run, 1, batch_tokens, extra, micro), cwd=ROOT,
+    procs = [subprocess.Popen(command(run, 1, batch_tokens, extra, micro),
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}) for i, run in enumerate(runs)]  # fmt: skip
     if any(proc.wait() for proc in procs):
         sys.exit(f"a run of --apart failed: {[proc.returncode for proc in procs]}")
@@ -67,8 +65,8 @@ def probe_all_reduce(gpus: int) -> dict:
     """Bus bandwidth of an fp32 all-reduce of 124M values (NCCL's convention: 2 (n-1)/n x bytes / time)."""
     out = Path(tempfile.mkdtemp(prefix="allreduce_")) / "probe.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           __file__, "--probe-worker", str(out)]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=ROOT)
+           "-m", "pufferfish.lab.bench_ddp", "--probe-worker", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
 

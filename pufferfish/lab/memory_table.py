@@ -1,8 +1,8 @@
 """The original README's memory tables from a sweep's measuring jobs, with its claimed figure beside ours.
 
-    python -m pufferfish.train -m experiment=memory_table hydra.sweep.dir=DIR   # or: make sweep-memory
-    python scripts/memory_table.py DIR --search-max-layers   # GPU: bisect max layers with real runs
-    python scripts/memory_table.py --predicted --gpu gtx1060  # no GPU: the memory model's version
+    python -m pufferfish.lab.measure -m experiment=memory_table hydra.sweep.dir=DIR   # or: make sweep-memory
+    python -m pufferfish.lab.memory_table DIR --search-max-layers   # GPU: bisect max layers with real runs
+    python -m pufferfish.lab.memory_table --predicted --gpu gtx1060  # no GPU: the memory model's version
 
 Reads only the jobs' own measure.json files; writes DIR/memory_table.md and DIR/memory_table.png and
 prints the Markdown. Without a GPU every figure is the memory model's and is labelled "predicted".
@@ -14,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pufferfish.sweep_tools import (  # noqa: E402
+from .sweep_tools import (
     GIB,
     gib,
     markdown,
@@ -44,17 +42,18 @@ def predicted_records(gpu: str, extra: list[str]) -> list[dict]:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from pufferfish import config as _schemas  # noqa: F401
-    from pufferfish.measure import allocator_cap, job_prediction, predicted_max_layers, target_hardware
     from pufferfish.paths import CONF_DIR
     from pufferfish.resolver import detect_hardware, predict_peak_bytes
     from pufferfish.runlog import git_revision
 
+    from . import config as _schemas  # noqa: F401  (the measuring job's schema)
+    from .sweep_tools import allocator_cap, job_prediction, predicted_max_layers, target_hardware
+
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        sweep = compose("train", ["experiment=memory_table"], return_hydra_config=True).hydra.sweeper.params
+        sweep = compose("measure", ["experiment=memory_table"], return_hydra_config=True).hydra.sweeper.params
         records = []
         for technique in str(sweep["experiment/memory@memory"]).split(","):
-            cfg = compose("train", ["experiment=memory_table", f"gpu={gpu}", f"experiment/memory@memory={technique}", *extra])
+            cfg = compose("measure", ["experiment=memory_table", f"gpu={gpu}", f"experiment/memory@memory={technique}", *extra])
             hw = detect_hardware(cfg.gpu, cfg.optimizations, "cpu")
             d, micro, vocab = cfg.model.num_dims, cfg.train.micro_batch, cfg.model.vocab_size or cfg.data.vocab_size or 8192
             best = predicted_max_layers(cfg, hw, d, micro, vocab)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pufferfish.resolver.hardware import GIB
-from pufferfish.sweep_tools import allocator_cap
 
+from ..sweep_tools import allocator_cap
 from .grouping import Pair, hardware_of
 from .rows import path_text
 

@@ -1,8 +1,8 @@
 """Training throughput of Pufferfish against transformers' LlamaForCausalLM, same device, same shape.
 
-    python scripts/bench_throughput.py                      # 124M-class shape, every speed technique
-    python scripts/bench_throughput.py --shape 350m --only all
-    python scripts/bench_throughput.py --device cpu --tiny  # a seconds-long smoke run (CI)
+    python -m pufferfish.lab.bench_throughput                      # 124M-class shape, every speed technique
+    python -m pufferfish.lab.bench_throughput --shape 350m --only all
+    python -m pufferfish.lab.bench_throughput --device cpu --tiny  # a seconds-long smoke run (CI)
 
 Tokens/s is the median over timed steps after warm-up (device synchronised around each step); MFU is
 (6N + 12 L d T) x tokens/s over a peak, N the parameters (tied embedding once, no position table),
@@ -15,17 +15,16 @@ import argparse
 import json
 import math
 import re
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pufferfish.bench import Technique, make_train_step, sync, time_steps  # noqa: E402
-from pufferfish.model import ModelConfig  # noqa: E402
-from pufferfish.step import use_tf32  # noqa: E402
+from pufferfish.model import ModelConfig
+from pufferfish.step import use_tf32
+
+from .bench import Technique, make_train_step, sync, time_steps
 
 SHAPES = {  # the peers' shapes in ../shared/BASELINES.md
     "124m": dict(num_layers=12, num_dims=768, num_heads=12, num_kv_heads=4, ffn_dims=2048, vocab_size=32000),

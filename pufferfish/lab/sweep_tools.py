@@ -1,4 +1,4 @@
-"""Helpers of the measuring job and the sweep tables (scripts/memory_table.py, speed_table.py): a job's
+"""Helpers of the measuring job and the sweep tables (memory_table.py, speed_table.py): a job's
 identity, what the memory model says about it, reading the jobs' own measure.json files, and the
 max-layers search (bisection over the memory model, or over real measuring runs on a GPU).
 """
@@ -14,14 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from pufferfish.resolver import grad_ckpt_for, memory_shape, model_dict, predict_peak_bytes
+from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, choose_precision
 
-from .resolver import predict_peak_bytes
-from .resolver.hardware import CUDA_CONTEXT_BYTES, GIB, choose_precision
-from .resolver.plan import USABLE_MEMORY, _shape, model_dict
-
-SCHEMA = "pufferfish.measure/1"  # in every measure.json (pufferfish/measure.py); the tables read no other
-ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = "pufferfish.measure/1"  # in every measure.json (measure.py); the tables read no other
 
 
 def job_identity() -> dict:
@@ -56,30 +52,16 @@ def target_hardware(cfg, hw):
     return replace(hw, precision=precision, device="cuda")  # a GPU that is not here: nothing runs on it
 
 
-def _capability(cfg, hw) -> float:
-    if hw.device.startswith("cuda"):
-        return float("{}.{}".format(*torch.cuda.get_device_capability(hw.device)))
-    return float(cfg.gpu.compute_capability)
-
-
 def job_prediction(cfg, hw, num_layers: int, num_dims: int, micro_batch: int, vocab: int) -> tuple:
-    """(model dict, grad_ckpt, memory-model Shape) of one job, deciding checkpointing as the resolver does."""
+    """(model dict, grad_ckpt, memory-model Shape) of one job on the card it is for: the Shape the planner
+    builds (memory_shape: the card's precision, attention kernel and compilation) and checkpointing as the
+    planner decides it (grad_ckpt_for, under optimizations.grad_ckpt=auto: only when the step does not fit)."""
     seq_len = cfg.model.seq_len or cfg.mode.seq_len
     mc = model_dict(cfg, num_layers, num_dims, vocab, seq_len)
     target = target_hardware(cfg, hw)
-    # grouped K/V (enable_gqa) run only on the flash kernel (16-bit, sm80+) or on math, which keeps (T x T) scores
-    grouped = mc["num_kv_heads"] < mc["num_heads"]
-    flash = target.precision != "fp32" and _capability(cfg, hw) >= 8.0
-    gpu_target = hw.profile != "cpu"
-    math_kernel = cfg.attention.sdpa_backend == "math" or (grouped and gpu_target and not flash)
-
-    def shape(ckpt: bool):  # a measuring job's step is one micro-batch: its gradients are made in the backward
-        return replace(_shape(mc, cfg, target, micro_batch, ckpt), attention_math=math_kernel, grads_in_forward=False)
-
-    policy = cfg.optimizations.grad_ckpt
-    budget = allocator_cap(hw) * USABLE_MEMORY  # the plan's headroom, so `auto` decides as in training
-    ckpt = policy == "always" or (policy == "auto" and predict_peak_bytes(shape(False)).total > budget)
-    return mc, ckpt, shape(ckpt)
+    ckpt = grad_ckpt_for(mc, cfg, target, micro_batch)
+    # a measuring job's step is one micro-batch: its gradients are made in the backward
+    return mc, ckpt, replace(memory_shape(mc, cfg, target, micro_batch, ckpt), grads_in_forward=False)
 
 
 def predicted_max_layers(cfg, hw, num_dims: int, micro_batch: int, vocab: int, limit: int = 1024) -> int:
@@ -127,7 +109,7 @@ def max_layers_of(records: list[dict]) -> tuple[int | None, str]:
     if fit is None:
         return None, f"none of {sorted(runs)} fits" if runs else "not measured"
     if fail is None or fail > fit + 1:
-        return fit, "at least (not bisected: scripts/memory_table.py --search-max-layers)"
+        return fit, "at least (not bisected: python -m pufferfish.lab.memory_table --search-max-layers)"
     return fit, "bisected" if fail == fit + 1 else f"non-monotone: {fail} layers failed"
 
 
@@ -160,9 +142,9 @@ def probe(overrides: list[str], num_layers: int, job_dir: Path, timeout: int = 1
     out = job_dir / "measure.json"
     if not out.exists():
         keep = [o for o in overrides if not o.startswith(("model.num_layers=", "run_dir=", "hydra."))]
-        cmd = [sys.executable, "-m", "pufferfish.train", *keep, f"model.num_layers={num_layers}",
+        cmd = [sys.executable, "-m", "pufferfish.lab.measure", *keep, f"model.num_layers={num_layers}",
                f"hydra.run.dir={job_dir}"]  # fmt: skip
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode or not out.exists():
             raise RuntimeError(f"probe {' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(out.read_text())

@@ -11,8 +11,9 @@ from pufferfish.api import compose_config
 from pufferfish.data import prepare_data
 from pufferfish.resolver import Hardware, detect_hardware, make_plan
 from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, hardware_on
-from pufferfish.sweep_tools import allocator_cap
 from pufferfish.validate import validate
+
+from ..sweep_tools import allocator_cap
 
 PROFILES = "gtx1650 gtx1060 rtx2060 rtx3060 rtx4060 rtx3090 rtx4090 a100_40gb a100_80gb h100 h200".split()
 MODES = "ultra_fast quick_dev standard extended".split()

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import ModelConfig, build_model, count_parameters
-from .optim import build_optimizer
-from .resolver.plan import OPTIMIZER_DEFAULTS
-from .step import StepSpec, TrainStep
-from .transforms import apply_speed_transforms
+from pufferfish.model import ModelConfig, build_model, count_parameters
+from pufferfish.optim import build_optimizer
+from pufferfish.resolver.plan import OPTIMIZER_DEFAULTS
+from pufferfish.step import StepSpec, TrainStep
+from pufferfish.transforms import apply_speed_transforms
 
 
 @dataclass

@@ -15,7 +15,6 @@ from pufferfish.api import compose_config
 
 from .grouping import MODES, Pair, config_overrides, job_overrides
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: the jobs run there
 CONTEXT_GIB = 1.0  # per process, outside the allocator's cap: CUDA context, cuBLAS workspaces, kernels
 WHOLE_CARD = 0.9  # a profile with this share of the card's memory or more (h200 on an H200) runs alone
 
@@ -85,7 +84,7 @@ def start(job: Job, card: str, cards: Cards, args, extra: list[str], logs: Path)
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(share))  # the jobs' compiles share the cores
     env.setdefault("OMP_NUM_THREADS", str(share))
     with open(logs / f"{job.name}.out", "w") as out, open(logs / f"{job.name}.err", "w") as err:
-        job.proc = subprocess.Popen(job_command(job, args, extra), cwd=ROOT, env=env, stdout=out, stderr=err,
+        job.proc = subprocess.Popen(job_command(job, args, extra), env=env, stdout=out, stderr=err,
                                     start_new_session=True)  # fmt: skip  # its own group, ended as one
     job.gpu, job.started = card, time.perf_counter()
     for other in cards.running[card]:

@@ -1,8 +1,8 @@
 """Quality per budget: the validation loss each system hands over in the same wall-clock time, on the same tokens.
 
-    python scripts/quality_per_budget.py --out DIR [--corpora default,shakespeare] [--budgets 30,108]
+    python -m pufferfish.lab.quality_per_budget --out DIR [--corpora default,shakespeare] [--budgets 30,108]
         [--systems plan,oracle,nanogpt] [--gpu h200]
-    python scripts/quality_per_budget.py --out DIR --report       # the table and the PNG from DIR's results
+    python -m pufferfish.lab.quality_per_budget --out DIR --report       # the table and the PNG from DIR's results
 
 For every corpus and budget (seconds of training):
 - plan: `python -m pufferfish.train gpu=G mode=quick_dev mode.target_hours=B/3600`, the plan as a user gets it;
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("PUFFERFISH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PEER = Path(os.environ.get("PUFFERFISH_NANOGPT", ROOT.parent / "shared" / "peers" / "nanogpt"))
 HELD_OUT = ("hamlet_gut.txt", "tempest_gut.txt", "sonnets_gut.txt")
@@ -164,7 +164,6 @@ def run_nanogpt(corpus: str, wall_s: float, out: Path, data_dir: Path) -> dict:
 
 def prepared_dir(corpus: str, budget: float, gpu: str) -> Path:
     """Prepare the corpus (outside any timing) and return its cache folder."""
-    sys.path.insert(0, str(ROOT))
     from pufferfish.api import compose_config
     from pufferfish.data import prepare_data
     from pufferfish.rundir import data_config

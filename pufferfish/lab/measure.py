@@ -1,6 +1,8 @@
-"""job=measure: a few training steps at one fixed shape; records peak memory, tokens/s and whether it fits.
+"""python -m pufferfish.lab.measure [group=option ...]: a few training steps at one fixed shape; records peak
+memory, tokens/s and whether the step fits.
 
-What every sweep job runs (conf/experiment/memory_table.yaml, speed_table.yaml). It writes measure.json into
+What every sweep job runs (python -m pufferfish.lab.measure -m experiment=memory_table or speed_table); its
+settings are conf/measure.yaml's, the training config's plus `measure` (lab/config.py). It writes measure.json into
 its own run directory. An out-of-memory is a result ("fits": false), not a crash: Hydra's basic launcher
 would record the exception, run the other jobs and then fail the whole multirun (a SystemExit stops it at
 once), so no expected outcome may raise here. On CPU nothing is measured: the peak is the memory model's.
@@ -11,19 +13,24 @@ from __future__ import annotations
 import gc
 import json
 import statistics
+import sys
 import time
 from dataclasses import replace
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
-from .checkpoint import atomic_write_text
-from .data import prepare_data
-from .data.loader import TrainBatches
-from .errors import ConfigError, PufferfishError
-from .model import ModelConfig, build_model
-from .optim import build_optimizer
-from .reliability import is_out_of_memory
-from .resolver import (
+from pufferfish.paths import CONF_DIR
+from pufferfish.checkpoint import atomic_write_text
+from pufferfish.console import log_console
+from pufferfish.data import prepare_data
+from pufferfish.data.loader import TrainBatches
+from pufferfish.errors import ConfigError, PufferfishError, exit_on_user_error
+from pufferfish.model import ModelConfig, build_model
+from pufferfish.optim import build_optimizer
+from pufferfish.reliability import is_out_of_memory
+from pufferfish.resolver import (
     apply_memory_cap,
     count_params,
     detect_hardware,
@@ -31,12 +38,15 @@ from .resolver import (
     predict_peak_bytes,
     prefer_expandable_segments,
 )
-from .resolver.capabilities import card_path
-from .resolver.hardware import GIB
-from .resolver.speed import flops_per_token, predict_tokens_per_s
-from .rundir import run_directory, save_config
-from .runlog import git_revision
-from .step import StepSpec, TrainStep, use_tf32
+from pufferfish.resolver.capabilities import card_path
+from pufferfish.resolver.hardware import GIB
+from pufferfish.resolver.speed import flops_per_token, predict_tokens_per_s
+from pufferfish.rundir import run_directory, save_config
+from pufferfish.runlog import git_revision
+from pufferfish.step import StepSpec, TrainStep, use_tf32
+from pufferfish.transforms import apply_speed_transforms
+
+from . import config as _schemas  # noqa: F401  (registers the measuring job's schema with Hydra)
 from .sweep_tools import (
     SCHEMA,
     allocator_cap,
@@ -45,14 +55,13 @@ from .sweep_tools import (
     predicted_max_layers,
     target_hardware,
 )
-from .transforms import apply_speed_transforms
 
 WARMUP_STEPS = 8  # the peer's: steps left out of the timing (compilation, autotuning, allocator growth)
 NOMINAL_CORPUS_TOKENS = 10**9  # random tokens have no corpus; the resolver sizes unset fields as if it were large
 
 
 def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: str, data, path) -> dict:
-    """measure_steps training steps (step.py's, as train() runs them) on the card's path; step times are
+    """measure.steps training steps (step.py's, as train() runs them) on the card's path; step times are
     synchronised on CUDA."""
     torch.manual_seed(cfg.train.seed)
     opt, seq_len, cuda = cfg.optimizations, mc["seq_len"], device.startswith("cuda")
@@ -74,7 +83,7 @@ def _train_steps(cfg, mc: dict, ckpt: bool, micro: int, device: str, precision: 
         torch.cuda.reset_peak_memory_stats(device)  # the weights stay counted: they are still allocated
     times = []
     try:
-        for _ in range(cfg.train.measure_steps):
+        for _ in range(cfg.measure.steps):
             start = time.perf_counter()
             loss, _, _ = train_step(next_batch)
             if cuda:
@@ -126,13 +135,13 @@ def measure(cfg) -> dict:
 
 
 def _measure(cfg) -> dict:
-    tc = cfg.train
-    if tc.measure_steps < 1 or tc.measure_batches not in ("random", "data"):
-        raise ConfigError(f"train.measure_steps={tc.measure_steps} (>= 1) and train.measure_batches="
-                          f"{tc.measure_batches!r} (random | data) describe the measuring job")  # fmt: skip
+    tc, how = cfg.train, cfg.measure
+    if how.steps < 1 or how.batches not in ("random", "data"):
+        raise ConfigError(f"measure.steps={how.steps} (>= 1) and measure.batches={how.batches!r} (random | data) "
+                          f"describe the measuring job")  # fmt: skip
     hw = detect_hardware(cfg.gpu, cfg.optimizations, tc.device)
     device, cuda = hw.device, hw.device.startswith("cuda")
-    data = prepare_data(cfg.data, progress=False) if tc.measure_batches == "data" else None
+    data = prepare_data(cfg.data, progress=False) if how.batches == "data" else None
     vocab = cfg.model.vocab_size or (data.vocab_size if data else cfg.data.vocab_size or 8192)
     L, d, micro = cfg.model.num_layers, cfg.model.num_dims, tc.micro_batch
     if not (L and d and micro):  # the resolver's choice for whatever the config leaves open
@@ -171,7 +180,7 @@ def _measure(cfg) -> dict:
         "attention_math": shape.attention_math, "sdpa_backend": cfg.attention.sdpa_backend,
         "compile": path.compile, "fused_adamw": path.fused_adamw, "attention_kernel": path.attention_kernel,
         "chunked_loss": bool(cfg.optimizations.chunked_loss), "prefetch_batches": int(cfg.optimizations.prefetch_batches),
-        "batches": tc.measure_batches, "steps": tc.measure_steps, "fits": fits, "measured": cuda, "oom": oom,
+        "batches": how.batches, "steps": how.steps, "fits": fits, "measured": cuda, "oom": oom,
         # measured on CUDA (after an out-of-memory under the cap: what it needed uncapped); the memory model's on CPU
         "peak_bytes": (result or {}).get("peak_bytes") if cuda else predicted.total, "peak_uncapped": peak_uncapped,
         "peak_reserved_bytes": (result or {}).get("peak_reserved_bytes"), "predicted_peak_bytes": predicted.total,
@@ -181,3 +190,20 @@ def _measure(cfg) -> dict:
                                                        bandwidth=target.bandwidth),
         **{k: (result or {}).get(k) for k in ("step_times_s", "warmup_steps", "transforms", "loss")},
     }  # fmt: skip
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="measure")  # absolute: see __main__ below
+@log_console
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    measure(cfg)
+
+
+if __name__ == "__main__":
+    from pufferfish.overrides import check_command_line
+
+    exit_on_user_error(check_command_line)(sys.argv[1:], "measure", "pufferfish.lab.measure")  # one line, exit 2
+    # the importable module's main, not __main__'s: launchers (submitit) pickle the task function by name
+    from pufferfish.lab.measure import main as importable_main
+
+    importable_main()

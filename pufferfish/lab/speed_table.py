@@ -1,7 +1,7 @@
 """The original README's "Training Speed Improvements" table from a speed sweep's measuring jobs.
 
-    python -m pufferfish.train -m experiment=speed_table hydra.sweep.dir=DIR   # or: make sweep-speed
-    python scripts/speed_table.py DIR
+    python -m pufferfish.lab.measure -m experiment=speed_table hydra.sweep.dir=DIR   # or: make sweep-speed
+    python -m pufferfish.lab.speed_table DIR
 
 Reads only the jobs' own measure.json files; writes DIR/speed_table.md and DIR/speed_table.png and prints
 the Markdown. Each improvement is the ratio of two jobs' tokens/s (median step after warm-up), named below.
@@ -14,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pufferfish.sweep_tools import gib, markdown, read_jobs, technique_of  # noqa: E402
+from .sweep_tools import gib, markdown, read_jobs, technique_of
 
 # (the README's row, the job with the technique, the job without it: conf/experiment/speed/<option>.yaml)
 ROWS = [
