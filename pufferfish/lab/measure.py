@@ -21,7 +21,6 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from pufferfish.paths import CONF_DIR
 from pufferfish.checkpoint import atomic_write_text
 from pufferfish.console import log_console
 from pufferfish.data import prepare_data
@@ -29,6 +28,7 @@ from pufferfish.data.loader import TrainBatches
 from pufferfish.errors import ConfigError, PufferfishError, exit_on_user_error
 from pufferfish.model import ModelConfig, build_model
 from pufferfish.optim import build_optimizer
+from pufferfish.paths import CONF_DIR
 from pufferfish.reliability import is_out_of_memory
 from pufferfish.resolver import (
     apply_memory_cap,
