@@ -55,6 +55,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (OLMo 2, Qwen3, modded-nanogpt)
 
 
 @dataclass

@@ -60,6 +60,7 @@ class Shape:
     moe_active_experts: int = 0
     moe_expert_ffn_dims: int = 0
     moe_shared_expert: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys (model.qk_norm)
     shards: int = 1  # FSDP2 (train.parallel=fsdp2): ranks the weights, gradients and AdamW state are split over
     # gradients exist during the forward: with accumulation (a previous micro-batch's), the safe default. A
     # step of one micro-batch frees them (zero_grad(set_to_none=True)) and makes them during its backward
@@ -73,6 +74,7 @@ class Shape:
 def _layer_params(s: Shape, moe: bool, active: bool) -> int:
     C = s.num_dims
     attn = 2 * C * C + 2 * C * s.kv_dims + 2 * C  # wq, wo, wk, wv, two norms
+    attn += 2 * (C // s.num_heads) if s.qk_norm else 0  # q_norm, k_norm: one weight of head_dim each
     if not moe:
         return attn + 3 * C * s.ffn_dims
     experts = s.moe_active_experts if active else s.moe_num_experts
@@ -107,6 +109,8 @@ def activation_bytes_per_token(s: Shape, moe: bool = False) -> float:
     else:
         # fp32 residual into the norms, 16-bit copies of everything a matmul saves
         total = 4 * 2 * C + 2 * (2 * C + C + 2 * kv + 2 * C + 4 * F + extra)
+    if s.qk_norm:  # the norms keep their inputs, the raw q and k (counted, not yet measured)
+        total += BYTES[s.precision] * (C + s.kv_dims)
     return total
 
 
@@ -121,7 +125,8 @@ def compiled_bytes_per_token(s: Shape, moe: bool = False) -> float:
     if moe:  # k experts' SwiGLU outputs per token, plus the gathered inputs and router scores
         F = s.moe_active_experts * s.moe_expert_ffn_dims + (s.moe_expert_ffn_dims if s.moe_shared_expert else 0)
         extra = s.moe_active_experts * C + 2 * s.moe_num_experts
-    return 4 * 2 * C + BYTES[s.precision] * (2 * C + 2 * kv + 2 * F + extra)
+    qk = C + s.kv_dims if s.qk_norm else 0  # the normed q and k beside the raw ones (counted, not yet measured)
+    return 4 * 2 * C + BYTES[s.precision] * (2 * C + 2 * kv + 2 * F + extra + qk)
 
 
 @dataclass
