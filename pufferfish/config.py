@@ -133,7 +133,11 @@ class LoggerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float | None = None  # null = the resolver's choice for the model size
+    # adamw | muon: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW for
+    # the embedding and norms (pufferfish/optim.py); it keeps one buffer per matrix parameter where AdamW keeps two
+    name: str = "adamw"
+    lr: float | None = None  # null = the resolver's choice for the model size (muon: the AdamW part's)
+    muon_lr: float | None = None  # muon: the hidden matrices' rate; null = the resolver's (0.02, Muon's own scale)
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     warmup_frac: float = 0.05

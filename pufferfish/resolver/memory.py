@@ -61,7 +61,8 @@ class Shape:
     moe_expert_ffn_dims: int = 0
     moe_shared_expert: bool = False
     qk_norm: bool = False  # RMSNorm over each head's queries and keys (model.qk_norm)
-    shards: int = 1  # FSDP2 (train.parallel=fsdp2): ranks the weights, gradients and AdamW state are split over
+    optimizer: str = "adamw"  # adamw (two fp32 moments per parameter) | muon (one for the blocks' matrices)
+    shards: int = 1  # FSDP2 (train.parallel=fsdp2): ranks the weights, gradients and optimizer state are split over
     # gradients exist during the forward: with accumulation (a previous micro-batch's), the safe default. A
     # step of one micro-batch frees them (zero_grad(set_to_none=True)) and makes them during its backward
     grads_in_forward: bool = True
@@ -91,6 +92,22 @@ def count_params(s: Shape, active: bool = False) -> int:
         + dense_layers * _layer_params(s, False, active)
         + s.moe_layers * _layer_params(s, True, active)
     )
+
+
+def muon_params(s: Shape) -> int:
+    """Parameters Muon updates (optim.is_hidden_matrix): the blocks' attention and MLP matrices, a shared
+    expert's too; 0 under AdamW."""
+    if s.optimizer != "muon":
+        return 0
+    C = s.num_dims
+    attn = 2 * C * C + 2 * C * s.kv_dims
+    shared = 3 * C * s.moe_expert_ffn_dims if s.moe_shared_expert else 0
+    return (s.num_layers - s.moe_layers) * (attn + 3 * C * s.ffn_dims) + s.moe_layers * (attn + shared)
+
+
+def optimizer_bytes(s: Shape) -> int:
+    """fp32 optimizer state: AdamW's two moments per parameter, Muon's one momentum buffer per matrix it updates."""
+    return 8 * count_params(s) - 4 * muon_params(s)
 
 
 def activation_bytes_per_token(s: Shape, moe: bool = False) -> float:
@@ -194,9 +211,9 @@ def dynamic_parts(s: Shape) -> tuple[float, float, float]:
 
 
 def predict_peak_bytes(s: Shape) -> MemoryBreakdown:
-    """Peak bytes inside PyTorch's allocator for one AdamW training step (no CUDA context)."""
+    """Peak bytes inside PyTorch's allocator for one training step (no CUDA context)."""
     P = count_params(s)
-    weights, grads, optim = 4 * P, 4 * P, 8 * P  # fp32 master weights, fp32 grads, AdamW m and v
+    weights, grads, optim = 4 * P, 4 * P, optimizer_bytes(s)  # fp32 master weights, fp32 grads, optimizer state
     autocast = 2 * P if s.precision != "fp32" else 0  # 16-bit weight copies cached by autocast
     if s.shards > 1:  # FSDP2: each rank keeps 1/N of those, and gathers full weights (and gets full gradients
         # before the reduce-scatter) of the root, the tied embedding, kept all step, and of two blocks at a

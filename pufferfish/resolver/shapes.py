@@ -28,8 +28,13 @@ def _shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool, shard
         moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
         moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
-        qk_norm=bool(mc.get("qk_norm", False)),
+        qk_norm=bool(mc.get("qk_norm", False)), optimizer=optimizer_name(cfg),
     )  # fmt: skip
+
+
+def optimizer_name(cfg) -> str:
+    """optim.name; a bare namespace (the calibration's) has no optim group: AdamW, which it measures."""
+    return str(getattr(getattr(cfg, "optim", None), "name", "adamw"))
 
 
 def kv_heads_for(num_heads: int, attention) -> int:
