@@ -162,7 +162,7 @@ def report(out: Path, target: str) -> str:
         hit = first_at_or_below(r["curve"], goal[r["size"]])
         verdict = {"default": "reference", PEER: "peer"}.get(r["system"], decided.get(r["system"], ""))
         lines.append(f"| {r['system']} | {r['size']} | {goal[r['size']]:.3f} | "
-                     f"{f'{hit[0]:.1f}' if hit else 'not reached'} | {hit[1] if hit else ''} | {r['val_loss']:.3f} | "
+                     f"{f'{hit[0]:.2f}' if hit else 'not reached'} | {hit[1] if hit else ''} | {r['val_loss']:.3f} | "
                      f"{r['steps']} | {verdict} |")  # fmt: skip
     text = "\n".join(lines)
     (out / "time_to_loss.md").write_text(text + "\n")
