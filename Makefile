@@ -6,7 +6,7 @@ TORCH_CPU ?= torch==2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans quality lint clean
+.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans quality time-to-loss lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ check-plans: ## every gpu profile x mode plan, 20 steps under its memory cap: OO
 
 quality: ## handed-over loss per wall-clock budget: the plan, a multirun oracle, nanoGPT's recipe (GPU; ARGS="--out DIR ...")
 	$(PYTHON) -m pufferfish.lab.quality_per_budget $(ARGS)
+
+time-to-loss: ## seconds to a target validation loss: the default recipe, each candidate and nanoGPT at two sizes (GPU; ARGS="--out DIR --target 3.5 ...")
+	$(PYTHON) -m pufferfish.lab.time_to_loss $(ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check pufferfish tests scripts

@@ -59,6 +59,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (OLMo 2, Qwen3, modded-nanogpt)
 
 
 @dataclass
@@ -136,7 +137,11 @@ class LoggerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float | None = None  # null = the resolver's choice for the model size
+    # adamw | muon: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW for
+    # the embedding and norms (pufferfish/optim.py); it keeps one buffer per matrix parameter where AdamW keeps two
+    name: str = "adamw"
+    lr: float | None = None  # null = the resolver's choice for the model size (muon: the AdamW part's)
+    muon_lr: float | None = None  # muon: the hidden matrices' rate; null = the resolver's (0.02, Muon's own scale)
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     warmup_frac: float = 0.05

@@ -1,6 +1,7 @@
 """python -m pufferfish.export checkpoint=RUN_DIR_OR_FILE out=DIR: a checkpoint in Hugging Face's Llama layout.
 
-DIR then holds model.safetensors, config.json and generation_config.json (LlamaForCausalLM), and the
+DIR then holds model.safetensors, config.json and generation_config.json (LlamaForCausalLM; Qwen3ForCausalLM,
+Llama's layout plus a norm over each head's queries and keys, for a model trained with model.qk_norm), and the
 tokenizer: our sentencepiece model as tokenizer.model with a tokenizer_config.json for LlamaTokenizer, plus
 tokenizer.json when transformers is installed and its conversion encodes exactly as sentencepiece does.
 Pufferfish's rotary embeddings already use HF's rotate-half layout, so the weights need renaming only.
@@ -33,6 +34,8 @@ LAYER_NAMES = {
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",  # model.qk_norm: Qwen3's names
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
 }
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
 # texts the exported tokenizer.json must encode exactly as sentencepiece does: code, digits, non-ASCII
@@ -55,9 +58,12 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def hf_config(mc, tokenizer) -> dict:
+    # Qwen3 is Llama with RMSNorm over each head's queries and keys before RoPE: a model.qk_norm model's layout
+    family = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+              "sliding_window": None, "max_window_layers": mc.num_layers} if mc.qk_norm else \
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}  # fmt: skip
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **family,
         "hidden_size": mc.num_dims,
         "intermediate_size": mc.ffn_dims,
         "num_hidden_layers": mc.num_layers,
@@ -71,7 +77,6 @@ def hf_config(mc, tokenizer) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta},  # ... and 5.x this
         "hidden_act": "silu",
         "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": True,
         "initializer_range": mc.init_std,
         "bos_token_id": tokenizer.bos_id,
@@ -148,8 +153,8 @@ def export(checkpoint: str | Path, out: str | Path, tokenizer_path: str | None =
         raise ConfigError(f"out={out} cannot be written ({e.strerror or e}: {e.filename or out}); choose a "
                           f"writable folder") from None  # fmt: skip
     note = write_tokenizer_json(out, tokenizer)
-    print(f"exported {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) to {out}; {note}",
-          file=sys.stderr)  # fmt: skip
+    print(f"exported {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) to {out} as "
+          f"{hf_config(mc, tokenizer)['architectures'][0]}; {note}", file=sys.stderr)  # fmt: skip
     return out
 
 

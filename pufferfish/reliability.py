@@ -47,7 +47,8 @@ def finite_on_device(loss: torch.Tensor, grad_norm: torch.Tensor, scaler_enabled
 def skip_on_device(optimizer) -> bool:
     """Can this optimizer skip a step from a device-side flag? Fused AdamW reads `found_inf` (the hook
     GradScaler uses) and then neither updates the weights nor counts the step. Otherwise the loop reads
-    finite_on_device's answer on the host before stepping: one sync a step."""
+    finite_on_device's answer on the host before stepping: one sync a step (Muon with AdamW, optim.name=muon,
+    is never fused: the host decides)."""
     return bool(optimizer.defaults.get("fused"))
 
 

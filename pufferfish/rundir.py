@@ -12,12 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import atomic_write_text, checkpoint_files
 from .errors import CheckpointError, ConfigError
+from .model import ModelConfig
 from .resolver import Plan, detect_hardware, make_plan
 from .resolver.plan import corpus_mb_wanted
 from .resolver.replan import plan_regroup
 
 MIN_FREE_DISK = 256 * 1024**2
-CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights and AdamW's two fp32 moments; the rest is small
+# fp32 weights and AdamW's two fp32 moments; the rest is small. Muon keeps one moment for the blocks' matrices:
+# its checkpoints are smaller, and this bound holds for them too
+CHECKPOINT_BYTES_PER_PARAM = 12
 # groups and keys that change the result: a run directory cannot be resumed with different ones
 RESULT_KEYS = ("mode", "model", "attention", "moe", "data", "optim", "train.seed", "train.batch_tokens",
                "train.micro_batch", "train.max_steps")  # fmt: skip
@@ -53,16 +56,22 @@ def _select(cfg, key: str):
 
 
 def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
-    """A run directory resumes only with the settings that made it."""
+    """A run directory resumes only with the settings that made it. A setting added to Pufferfish since the
+    run was made counts as its default (what the run had, e.g. optim.name=adamw, model.qk_norm=false)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = OmegaConf.load(saved_path)
+    from .config import PufferfishConfig
+
+    saved, schema = OmegaConf.load(saved_path), OmegaConf.structured(PufferfishConfig)
     changed = []
     for key in RESULT_KEYS:
         old, new = _select(saved, key), _select(cfg, key)
         if OmegaConf.is_config(old):
+            default = _select(schema, key)  # None for a group whose schema has no defaults (mode, data, ...)
+            defaults = OmegaConf.to_container(default) if OmegaConf.is_dict(default) and OmegaConf.is_dict(old) else {}
             old, new = OmegaConf.to_container(old), OmegaConf.to_container(new)
+            old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
         if old != new:
             changed.append(key)
     if changed:
@@ -101,6 +110,8 @@ def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool, checkpoint_mo
         return plan, True
     hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
     plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens, world_size, val_tokens=data.val_tokens)
+    if checkpoint_model:  # one written before a model setting was added: it had that setting's default
+        checkpoint_model = ModelConfig.from_dict(checkpoint_model).to_dict()
     if checkpoint_model and checkpoint_model != plan.model:
         changed = {k: (v, plan.model.get(k)) for k, v in checkpoint_model.items() if plan.model.get(k) != v}
         raise CheckpointError(

@@ -83,8 +83,9 @@ class TrainStep:
         self.micro_loss, self.graphs = self.eager_loss, False
 
     def set_lr(self, lr: float) -> None:
+        """The schedule's learning rate; a group on a scale of its own (Muon's) keeps its ratio to it."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def _micro_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and loss of one micro-batch: one graph when compiled (1.4x faster than block by block)."""

@@ -16,6 +16,7 @@ import typing
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
 
 
@@ -89,7 +90,9 @@ RULES = {
     "gpu.mfu": fraction(open_low=True),
     "data.vocab_size": whole(300, 2**24),
     "data.max_hub_documents": whole(0),
+    "optim.name": one_of(*OPTIMIZERS),
     "optim.lr": above(0),
+    "optim.muon_lr": above(0),
     "optim.min_lr_ratio": fraction(),
     "optim.schedule": one_of(*SCHEDULES),
     "optim.warmup_frac": fraction(),

@@ -155,6 +155,61 @@ def test_tied_embeddings_and_parameter_count():
     assert count_parameters(model) == 97 * C + C + 2 * per_layer
 
 
+def test_qk_norm_matches_a_reference_that_normalises_each_head_before_rope():
+    """Reference written out: q and k of each head divided by their RMS over head_dim (plus eps) and times the
+    norm's weight, then RoPE, then explicit softmax attention."""
+    torch.manual_seed(0)
+    model = build_model(tiny(qk_norm=True, num_kv_heads=2)).eval()
+    attn = model.layers[0].attention
+    with torch.no_grad():  # weights other than ones, so the weight's place in the formula is tested too
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+        attn.wq.weight.mul_(20)  # large logits: where qk-norm changes the result
+    x = torch.randint(0, 97, (2, 12))
+    B, T, hd = 2, 12, attn.head_dim
+    with torch.no_grad():
+        h = model.layers[0].attention_norm(model.tok_embeddings(x))
+        q = attn.wq(h).view(B, T, attn.num_heads, hd).transpose(1, 2)
+        k = attn.wk(h).view(B, T, attn.num_kv_heads, hd).transpose(1, 2)
+        v = attn.wv(h).view(B, T, attn.num_kv_heads, hd).transpose(1, 2)
+        eps = model.config.norm_eps
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + eps) * attn.q_norm.weight
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + eps) * attn.k_norm.weight
+        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        ref = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+        out = attn(h, cos, sin)
+        attn.q_norm = attn.k_norm = None  # the same weights without the norms
+        plain = attn(h, cos, sin)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not torch.allclose(out, plain, atol=1e-2)
+
+
+def test_qk_norm_adds_one_weight_of_head_dim_per_query_and_key_per_layer():
+    plain, normed = tiny(), tiny(qk_norm=True)
+    extra = count_parameters(build_model(normed)) - count_parameters(build_model(plain))
+    assert extra == 2 * 2 * normed.head_dim  # 2 layers x (q_norm + k_norm)
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in build_model(normed).named_parameters()
+               if n.endswith(("q_norm.weight", "k_norm.weight")))  # fmt: skip  (an identity at the start)
+
+
+def test_qk_norm_off_leaves_the_model_and_its_state_dict_as_they_were():
+    """The default builds the same modules, draws the same initial weights and saves the same keys as a
+    model whose config has no qk_norm at all."""
+    before = {k: v for k, v in tiny().to_dict().items() if k != "qk_norm"}
+    torch.manual_seed(0)
+    old = build_model(ModelConfig.from_dict(before)).state_dict()
+    torch.manual_seed(0)
+    new = build_model(tiny(qk_norm=False)).state_dict()
+    assert list(old) == list(new) and not any("q_norm" in k or "k_norm" in k for k in new)
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    torch.manual_seed(0)
+    normed = build_model(tiny(qk_norm=True)).state_dict()
+    assert all(torch.equal(normed[k], new[k]) for k in new)  # qk-norm's weights draw no random numbers
+
+
 def test_depth_scaled_init():
     torch.manual_seed(0)
     model = build_model(tiny(num_layers=8, num_dims=256, num_heads=4, num_kv_heads=4))

@@ -199,6 +199,29 @@ def test_every_piece_of_state_is_restored(tmp_path, cache_dir):
     assert all(np.array_equal(x, y) for x, y in zip(a["rng"]["numpy"], b["rng"]["numpy"]))
 
 
+def test_a_run_made_before_optim_name_and_qk_norm_existed_resumes_exactly(tmp_path, cache_dir, straight):
+    """Its config.yaml, plan.json and checkpoint lack optim.name, optim.muon_lr and model.qk_norm: they count as
+    the defaults it ran with (AdamW, no qk-norm), so the same command resumes it."""
+    import yaml
+
+    run = tmp_path / "run"
+    train(compose(*tiny_overrides(run, cache_dir, *SHORT, "train.stop_at_step=5")))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["optim"]["name"], config["optim"]["muon_lr"], config["model"]["qk_norm"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    plan = json.loads((run / "plan.json").read_text())
+    del plan["optimizer"]["name"], plan["model"]["qk_norm"]
+    (run / "plan.json").write_text(json.dumps(plan))
+    state, path = ckpt.load_latest(run / "checkpoints")
+    del state["model_config"]["qk_norm"]
+    ckpt.save_checkpoint(run / "checkpoints", state, state["step"])
+    result = train(compose(*tiny_overrides(run, cache_dir, *SHORT)))
+    assert result["finished"] and losses(run) == losses(straight)
+    assert "qk_norm" not in ckpt.load_latest(run / "checkpoints")[0]["model_config"]  # the resumed plan's model
+    (run / "plan.json").unlink()  # no plan: the checkpoint's own model config is checked against a new plan
+    assert train(compose(*tiny_overrides(run, cache_dir, *SHORT)))["step"] == 12  # accepted: nothing left to train
+
+
 def test_elapsed_time_carries_over_and_the_budget_counts_across_resumes(tmp_path, cache_dir):
     run = tmp_path / "run"
     # a 7.2 s budget: the run plans its steps from it, and the time guard ends the resumed part

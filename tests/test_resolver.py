@@ -52,14 +52,15 @@ def small_shape(**kw) -> Shape:
 
 
 def test_param_count_formula_matches_the_model_on_meta():
-    for kw in [dict(), dict(num_kv_heads=1), dict(use_moe=True, moe_num_experts=4, moe_active_experts=2,
-                                                   moe_shared_expert=True)]:  # fmt: skip
+    for kw in [dict(), dict(num_kv_heads=1), dict(qk_norm=True), dict(use_moe=True, moe_num_experts=4,
+                                                                    moe_active_experts=2, moe_shared_expert=True)]:  # fmt: skip
         mc = ModelConfig(num_layers=3, num_dims=128, num_heads=4, vocab_size=300, seq_len=16, **kw)
         model = build_model(mc, "meta")
         layers = sum(mc.is_moe_layer(i) for i in range(3))
         s = Shape(3, 128, 4, mc.num_kv_heads, mc.ffn_dims, 300, 16, moe_layers=layers,
                   moe_num_experts=mc.moe_num_experts if layers else 0, moe_active_experts=mc.moe_active_experts,
-                  moe_expert_ffn_dims=mc.moe_expert_ffn_dims, moe_shared_expert=mc.moe_shared_expert)  # fmt: skip
+                  moe_expert_ffn_dims=mc.moe_expert_ffn_dims, moe_shared_expert=mc.moe_shared_expert,
+                  qk_norm=mc.qk_norm)  # fmt: skip
         assert count_params(s) == count_parameters(model)
 
 

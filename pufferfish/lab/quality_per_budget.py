@@ -131,7 +131,11 @@ def nanogpt_folder(corpus: str, out: Path, data_dir: Path) -> Path:
     return work
 
 
-def run_nanogpt(corpus: str, wall_s: float, out: Path, data_dir: Path) -> dict:
+def run_nanogpt(corpus: str, wall_s: float, out: Path, data_dir: Path, extra: tuple[str, ...] = (),
+                evals: int = 10) -> dict:  # fmt: skip
+    """nanoGPT's recipe for about wall_s seconds; `extra` replaces arguments of NANO_ARGS (e.g. --n_layer=4),
+    `evals` evaluations spread over the run. Its curve's seconds count from the start of its process, and
+    start_s is when its first line came (after its imports, before it reads the data and builds the model)."""
     work = nanogpt_folder(corpus, out, data_dir)
     times: list[tuple[float, int]] = []
 
@@ -141,25 +145,29 @@ def run_nanogpt(corpus: str, wall_s: float, out: Path, data_dir: Path) -> dict:
 
     # a short run first: its start-up (compilation) and seconds per iteration set the real run's length
     timed([sys.executable, "train.py", "--dataset=pf", "--out_dir=probe", "--max_iters=60", "--lr_decay_iters=60",
-           "--warmup_iters=5", "--eval_interval=100000", *NANO_ARGS], work, out / f"nanogpt_probe_{corpus}.log",
-          iter_time)  # fmt: skip
+           "--warmup_iters=5", "--eval_interval=100000", *NANO_ARGS, *extra], work,
+          out / f"nanogpt_probe_{corpus}.log", iter_time)  # fmt: skip
     (t_a, i_a), (t_b, i_b) = times[len(times) // 2], times[-1]
     per_iter = (t_b - t_a) / max(1, i_b - i_a)
     iters = max(20, int((wall_s - t_a + i_a * per_iter) / per_iter))
     curve: list[tuple[float, float]] = []
+    first: list[float] = []
 
     def val_line(t: float, line: str) -> None:
+        if not first:
+            first.append(t)
         if m := re.match(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", line):
             curve.append((t, float(m.group(2))))
 
     wall = timed([sys.executable, "train.py", "--dataset=pf", "--out_dir=out", f"--max_iters={iters}",
                   f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 20)}",
-                  f"--eval_interval={max(1, iters // 10)}", *NANO_ARGS], work, out / f"nanogpt_{corpus}.log",
-                 val_line)  # fmt: skip
+                  f"--eval_interval={max(1, iters // evals)}", *NANO_ARGS, *extra], work,
+                 out / f"nanogpt_{corpus}.log", val_line)  # fmt: skip
     best = min(v for _, v in curve)
     return {"system": "nanogpt", "val_loss": best, "best_val_loss": best, "last_val_loss": curve[-1][1],
             "handed_over": "best", "wall_s": wall, "shape": "12 x 768 (GPT-2 124M)", "iters": iters,
-            "seconds_per_iter": per_iter, "batch_tokens": 16 * 1024 * 4, "curve": curve}  # fmt: skip
+            "seconds_per_iter": per_iter, "batch_tokens": 16 * 1024 * 4, "curve": curve,
+            "start_s": first[0]}  # fmt: skip
 
 
 def prepared_dir(corpus: str, budget: float, gpu: str) -> Path:

@@ -25,6 +25,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE: bounded attention logits
     # mixture of experts (the original README's names)
     use_moe: bool = False
     moe_num_experts: int = 8

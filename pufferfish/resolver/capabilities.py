@@ -143,6 +143,9 @@ def card_path(cfg, hw) -> CardPath:
     fused = bool(getattr(opt, "fused_adamw", False))  # the calibration's bare namespaces leave it out
     fused_why = (f"off: optimizations={getattr(opt, 'name', '')} leaves it off" if not fused else
                  "fused AdamW: one kernel for every parameter (CUDA: every card; CPU: torch 2.4+)")  # fmt: skip
+    if fused and getattr(getattr(cfg, "optim", None), "name", "adamw") == "muon":
+        fused, fused_why = False, ("off: optim.name=muon runs Muon and AdamW as one optimizer, not fused; the host "
+                                   "decides whether a non-finite step updates")  # fmt: skip
     tf32 = arch is not None and arch.tf32
     reasons = {"precision": getattr(hw, "precision_reason", "") or hw.precision, "compile": compile_why,
                "attention": kernel_why, "fused_adamw": fused_why}  # fmt: skip

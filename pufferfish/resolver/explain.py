@@ -28,7 +28,8 @@ def format_plan(plan: Plan) -> str:
                   + (f" for {hw['profile']}; this run has {hw['device_name']}'s speed" if hw["emulated"] else "")),
         ("budget", f"{plan.time_budget_s / 3600:.3f} h -> {plan.steps:,} steps, {plan.train_tokens / 1e6:.2f}M tokens"),
         ("data", f"{plan.data_fraction:.1%} of {plan.corpus_tokens / 1e6:.2f}M tokens, {plan.epochs:.2f} epochs"),
-        ("lr", f"{plan.lr:.2e}"),
+        ("lr", f"{plan.lr:.2e}" + (f" (AdamW), Muon {plan.optimizer['muon_lr']:.2e}"
+                                   if plan.optimizer.get("name") == "muon" else "")),
         ("binding", plan.binding_constraint),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)

@@ -74,7 +74,9 @@ class Shape:
     moe_active_experts: int = 0
     moe_expert_ffn_dims: int = 0
     moe_shared_expert: bool = False
-    shards: int = 1  # FSDP2 (train.parallel=fsdp2): ranks the weights, gradients and AdamW state are split over
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys (model.qk_norm)
+    optimizer: str = "adamw"  # adamw (two fp32 moments per parameter) | muon (one for the blocks' matrices)
+    shards: int = 1  # FSDP2 (train.parallel=fsdp2): ranks the weights, gradients and optimizer state are split over
     # gradients exist during the forward: with accumulation (a previous micro-batch's), the safe default. A
     # step of one micro-batch frees them (zero_grad(set_to_none=True)) and makes them during its backward
     grads_in_forward: bool = True
@@ -87,6 +89,7 @@ class Shape:
 def _layer_params(s: Shape, moe: bool, active: bool) -> int:
     C = s.num_dims
     attn = 2 * C * C + 2 * C * s.kv_dims + 2 * C  # wq, wo, wk, wv, two norms
+    attn += 2 * (C // s.num_heads) if s.qk_norm else 0  # q_norm, k_norm: one weight of head_dim each
     if not moe:
         return attn + 3 * C * s.ffn_dims
     experts = s.moe_active_experts if active else s.moe_num_experts
@@ -105,6 +108,22 @@ def count_params(s: Shape, active: bool = False) -> int:
     )
 
 
+def muon_params(s: Shape) -> int:
+    """Parameters Muon updates (optim.is_hidden_matrix): the blocks' attention and MLP matrices, a shared
+    expert's too; 0 under AdamW."""
+    if s.optimizer != "muon":
+        return 0
+    C = s.num_dims
+    attn = 2 * C * C + 2 * C * s.kv_dims
+    shared = 3 * C * s.moe_expert_ffn_dims if s.moe_shared_expert else 0
+    return (s.num_layers - s.moe_layers) * (attn + 3 * C * s.ffn_dims) + s.moe_layers * (attn + shared)
+
+
+def optimizer_bytes(s: Shape) -> int:
+    """fp32 optimizer state: AdamW's two moments per parameter, Muon's one momentum buffer per matrix it updates."""
+    return 8 * count_params(s) - 4 * muon_params(s)
+
+
 def activation_bytes_per_token(s: Shape, moe: bool = False) -> float:
     """Bytes one block keeps for backward per token, without checkpointing."""
     C, F = s.num_dims, s.ffn_dims
@@ -121,6 +140,8 @@ def activation_bytes_per_token(s: Shape, moe: bool = False) -> float:
     else:
         # fp32 residual into the norms, 16-bit copies of everything a matmul saves
         total = 4 * 2 * C + 2 * (2 * C + C + 2 * kv + 2 * C + 4 * F + extra)
+    if s.qk_norm:  # the norms keep their inputs, the raw q and k (counted, not yet measured)
+        total += BYTES[s.precision] * (C + s.kv_dims)
     return total
 
 
@@ -135,7 +156,8 @@ def compiled_bytes_per_token(s: Shape, moe: bool = False) -> float:
     if moe:  # k experts' SwiGLU outputs per token, plus the gathered inputs and router scores
         F = s.moe_active_experts * s.moe_expert_ffn_dims + (s.moe_expert_ffn_dims if s.moe_shared_expert else 0)
         extra = s.moe_active_experts * C + 2 * s.moe_num_experts
-    return 4 * 2 * C + BYTES[s.precision] * (2 * C + 2 * kv + 2 * F + extra)
+    qk = C + s.kv_dims if s.qk_norm else 0  # the normed q and k beside the raw ones (counted, not yet measured)
+    return 4 * 2 * C + BYTES[s.precision] * (2 * C + 2 * kv + 2 * F + extra + qk)
 
 
 @dataclass
@@ -204,10 +226,10 @@ def dynamic_parts(s: Shape, constants: MemoryConstants = CONSTANTS) -> tuple[flo
 
 
 def predict_peak_bytes(s: Shape, constants: MemoryConstants = CONSTANTS) -> MemoryBreakdown:
-    """Peak bytes inside PyTorch's allocator for one AdamW training step (no CUDA context), by the committed
+    """Peak bytes inside PyTorch's allocator for one training step (no CUDA context), by the committed
     constants or by `constants`."""
     P = count_params(s)
-    weights, grads, optim = 4 * P, 4 * P, 8 * P  # fp32 master weights, fp32 grads, AdamW m and v
+    weights, grads, optim = 4 * P, 4 * P, optimizer_bytes(s)  # fp32 master weights, fp32 grads, optimizer state
     autocast = 2 * P if s.precision != "fp32" else 0  # 16-bit weight copies cached by autocast
     if s.shards > 1:  # FSDP2: each rank keeps 1/N of those, and gathers full weights (and gets full gradients
         # before the reduce-scatter) of the root, the tied embedding, kept all step, and of two blocks at a

@@ -12,14 +12,15 @@ from dataclasses import asdict, dataclass, field, replace
 from ..config import OptimConfig
 from ..errors import ConfigError
 from ..model import ModelConfig
+from ..optim import MUON_LR, MUON_MOMENTUM
 from .capabilities import card_path
 from .hardware import Hardware
-from .memory import count_params, predict_peak_bytes
+from .memory import count_params, muon_params, predict_peak_bytes
 from .scaling import TOKENS_PER_PARAM, effective_tokens
 from .search import MAX_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search
 from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
 
-OPTIMIZER_KEYS = ("weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
+OPTIMIZER_KEYS = ("name", "weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
 SCHEDULE_KEYS = ("schedule", "warmup_frac", "min_lr_ratio", "decay_frac")  # and what schedule.lr_at reads
 OPTIMIZER_DEFAULTS = {k: getattr(OptimConfig, k) for k in OPTIMIZER_KEYS}  # a plan.json from before they were kept
 SCHEDULE_DEFAULTS = {k: getattr(OptimConfig, k) for k in SCHEDULE_KEYS}
@@ -72,7 +73,7 @@ class Plan:
     fused_adamw: bool = False
     tf32: bool = False
     # the rest of what the loop runs, from the optim and optimizations groups: the loop reads the plan alone
-    optimizer: dict = field(default_factory=lambda: dict(OPTIMIZER_DEFAULTS))  # weight_decay, beta1, beta2
+    optimizer: dict = field(default_factory=lambda: dict(OPTIMIZER_DEFAULTS))  # name, weight_decay, betas (muon_lr)
     schedule: dict = field(default_factory=lambda: dict(SCHEDULE_DEFAULTS))  # lr schedule: schedule.lr_at's
     grad_clip: float = 1.0
     chunked_loss: bool = False
@@ -135,6 +136,18 @@ class Plan:
         return plan
 
 
+def muon_lr_for(cfg, lr: float, shape) -> tuple[float, str]:
+    """Muon's learning rate for the hidden matrices, and the reason; AdamW keeps `lr` for the rest."""
+    muon_lr = float(cfg.optim.muon_lr or MUON_LR)
+    why = "set by you (optim.muon_lr)" if cfg.optim.muon_lr else \
+        "Muon's own scale, the default of Keller Jordan's Muon and of modded-nanogpt"  # fmt: skip
+    return muon_lr, (f"Muon for {muon_params(shape) / 1e6:.2f}M parameters (the blocks' attention and MLP matrices) "
+                     f"at {muon_lr:.2e}, {why}, times sqrt(rows/cols) for a tall matrix (torch.optim.Muon's "
+                     f"'original' adjustment); momentum {MUON_MOMENTUM}, Nesterov; AdamW at {lr:.2e} for the "
+                     f"embedding and norms; Muon's weight decay scaled so that a step shrinks the matrices by "
+                     f"lr x {cfg.optim.weight_decay}, as AdamW's does")  # fmt: skip
+
+
 def eval_tokens_for(wanted: int, budget_s: float, tokens_per_s: float, seq_len: int, share: float) -> int:
     """Validation tokens (at most `wanted`) whose forward, ~1/3 of a training step's time per token, takes
     `share` of the budget."""
@@ -172,7 +185,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if ckpt_policy not in ("never", "auto", "always"):
         raise ConfigError(f"optimizations.grad_ckpt={ckpt_policy!r}; allowed: never, auto, always")
     compute_s = budget_s * (1 - OVERHEAD_SHARE)
-    # FSDP2 splits weights, gradients and AdamW state across the ranks: each GPU holds 1/shards of them
+    # FSDP2 splits weights, gradients and optimizer state across the ranks: each GPU holds 1/shards of them
     shards = world_size if train.get("parallel", "ddp") == "fsdp2" else 1
     unique = max(1, corpus_tokens)
 
@@ -284,10 +297,13 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     peak = predict_peak_bytes(replace(shape, micro_batch=micro, grads_in_forward=accum > 1))
     lr = float(cfg.optim.lr) if cfg.optim.lr else min(3e-3, 6e-4 * 768 / d)
     reasons["lr"] = f"{lr:.2e}: " + ("set by you" if cfg.optim.lr else "6e-4 at 768 dims, scaled by 1/width, capped at 3e-3")
+    optimizer = {k: cfg.optim[k] for k in OPTIMIZER_KEYS}
+    if optimizer["name"] == "muon":
+        optimizer["muon_lr"], reasons["optimizer"] = muon_lr_for(cfg, lr, shape)
     reasons["memory"] = (f"predicted peak {peak.total / 2**30:.2f} GiB of {hw.vram_bytes / 2**30:.2f} GiB "
                          f"({'emulated ' if hw.emulated else ''}{hw.profile})")  # fmt: skip
     if shards > 1:
-        reasons["memory"] += f" per GPU: weights, gradients and AdamW state sharded over {shards} (FSDP2)"
+        reasons["memory"] += f" per GPU: weights, gradients and optimizer state sharded over {shards} (FSDP2)"
 
     wanted_eval = min(int(train.eval_tokens), val_tokens or int(train.eval_tokens))
     if train.max_steps:  # the budget only reports: evaluations read what train.eval_tokens asks
@@ -313,7 +329,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         predicted_loss=best.loss, limits=limits,
         compile=path.compile, compile_backend=path.compile_backend, attention_kernel=path.attention_kernel,
         fused_adamw=path.fused_adamw, tf32=path.tf32,
-        optimizer={k: cfg.optim[k] for k in OPTIMIZER_KEYS}, schedule={k: cfg.optim[k] for k in SCHEDULE_KEYS},
+        optimizer=optimizer, schedule={k: cfg.optim[k] for k in SCHEDULE_KEYS},
         grad_clip=float(cfg.optim.grad_clip), chunked_loss=bool(cfg.optimizations.chunked_loss),
         loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
         prefetch_batches=int(cfg.optimizations.prefetch_batches), ddp_graphs=str(cfg.optimizations.ddp_graphs),

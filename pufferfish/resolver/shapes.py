@@ -33,7 +33,13 @@ def memory_shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool,
         moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
         moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
+        qk_norm=bool(mc.get("qk_norm", False)), optimizer=optimizer_name(cfg),
     )  # fmt: skip
+
+
+def optimizer_name(cfg) -> str:
+    """optim.name; a bare namespace (the calibration's) has no optim group: AdamW, which it measures."""
+    return str(getattr(getattr(cfg, "optim", None), "name", "adamw"))
 
 
 def kv_heads_for(num_heads: int, attention) -> int:
@@ -81,7 +87,7 @@ def model_dict(cfg, num_layers: int, num_dims: int, vocab_size: int, seq_len: in
         num_layers=num_layers, num_dims=num_dims, num_heads=num_heads,
         num_kv_heads=spec.num_kv_heads or kv_heads_for(num_heads, cfg.attention),
         vocab_size=vocab_size, seq_len=seq_len, ffn_dims=spec.ffn_dims, rope_theta=spec.rope_theta,
-        norm_eps=spec.norm_eps, init_std=spec.init_std, use_moe=bool(moe.enabled),
+        norm_eps=spec.norm_eps, init_std=spec.init_std, qk_norm=bool(spec.qk_norm), use_moe=bool(moe.enabled),
         moe_num_experts=moe.num_experts, moe_active_experts=moe.active_experts,
         use_lossfreebalance=bool(moe.lossfree_balance), moe_bias_update_rate=moe.bias_update_rate,
         moe_aux_loss_alpha=moe.aux_loss_alpha, moe_shared_expert=bool(moe.shared_expert),

@@ -1,0 +1,233 @@
+"""Time to loss: the seconds each recipe takes to first reach a target validation loss, on the same tokens.
+
+    python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 [--corpus default|shakespeare|FILE] [--budget 600]
+        [--sizes 8x512,12x768] [--systems default,muon,qk_norm,wsd,combined,nanogpt] [--gpu auto]
+        [--set KEY=VALUE ...] [--nanogpt-set=--ARG=VALUE ...]
+    python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 --report   # the table and the PNG from DIR's results
+
+Every system trains each size (model.num_layers x model.num_dims, fixed) for the same time budget:
+- default: Pufferfish's recipe as a user gets it at that size;
+- muon, qk_norm, wsd: one candidate each (optim.name=muon, model.qk_norm=true, optim.schedule=wsd);
+  combined: all three;
+- nanogpt: nanoGPT's recipe (scripts/quality_per_budget.py's runner, $PUFFERFISH_NANOGPT) at the same size,
+  on Pufferfish's token files, for as long as the default run took.
+Seconds to target: the first evaluation at or below the target (evaluations are not interpolated). A
+Pufferfish run's seconds are its eval records' elapsed_s (metrics.jsonl: the run's clock, counting from its
+data being ready, so planning, building, compiling and the evaluations before it are in them); nanoGPT's count
+from its first log line (after its imports, before it reads data and builds its model) to its eval line.
+`--target default`: at each size, the lowest loss the default recipe's evaluations reached. The handed-over loss
+is what each run hands over at the end of the budget (Pufferfish: summary.json's val_loss; nanoGPT: its best
+evaluation). A candidate is kept only if at both sizes it reaches the target sooner than the default and hands
+over a loss no higher; otherwise rejected. Each run appends a JSON line to DIR/results.jsonl; the table goes to
+DIR/time_to_loss.md and the curves (validation loss against seconds, one line per system) to DIR/time_to_loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from . import quality_per_budget as qpb  # the nanoGPT runner, the corpora, the timed subprocess
+
+ROOT = qpb.ROOT
+SYSTEMS = {  # name: the overrides it adds to Pufferfish's default recipe
+    "default": [],
+    "muon": ["optim.name=muon"],
+    "qk_norm": ["model.qk_norm=true"],
+    "wsd": ["optim.schedule=wsd"],
+    "combined": ["optim.name=muon", "model.qk_norm=true", "optim.schedule=wsd"],
+}
+PEER = "nanogpt"
+
+
+def corpus_overrides(corpus: str) -> list[str]:
+    """default and shakespeare as quality_per_budget.py has them; a file or folder of text otherwise."""
+    if corpus in ("default", "shakespeare"):
+        return qpb.corpus_overrides(corpus)
+    return ["data=text_files", f"data.paths=['{Path(corpus).resolve()}']"]
+
+
+def base_args(args, size: str) -> list[str]:
+    layers, dims = size.split("x")
+    return [f"gpu={args.gpu}", f"mode={args.mode}", f"mode.target_hours={args.budget / 3600:.6f}",
+            f"model.num_layers={layers}", f"model.num_dims={dims}", "train.progress=false",
+            *corpus_overrides(args.corpus), *args.set]  # fmt: skip
+
+
+def prepare(args) -> tuple[Path, list[str]]:
+    """The corpus, prepared outside any timing, and the overrides that make every run read exactly it."""
+    from pufferfish.api import compose_config
+    from pufferfish.data import prepare_data
+    from pufferfish.rundir import data_config
+
+    largest = max(args.sizes.split(","), key=lambda s: math.prod(map(int, s.split("x"))))
+    cfg = compose_config(base_args(args, largest))
+    data = data_config(cfg)  # the default corpus is capped by the budget: pinned, so every size reads the same
+    pinned = [f"data.max_mb={data.max_mb}"] if data.source == "python" else []
+    return prepare_data(data, progress=True).dir, pinned
+
+
+def run_pufferfish(args, system: str, size: str, pinned: list[str]) -> dict:
+    run = args.out / "runs" / f"{system}_{size}"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pufferfish.train", *base_args(args, size), *pinned, *SYSTEMS[system],
+           f"run_dir={run}"]  # fmt: skip
+    wall = qpb.timed(cmd, ROOT, args.out / f"{system}_{size}.log")
+    return {"system": system, "size": size, **pufferfish_result(run), "wall_s": wall}
+
+
+def pufferfish_result(run: Path) -> dict:
+    """A run's evaluations (seconds from its metrics.jsonl), its handed-over loss and what it trained."""
+    from pufferfish.runlog import read_metrics
+
+    summary = json.loads((run / "summary.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval" and not r.get("final")]
+    return {"curve": [(r["elapsed_s"], r["val_loss"], r["step"]) for r in evals], "val_loss": summary["val_loss"],
+            "run_dir": str(run), "steps": summary["step"], "stopped_by": summary["stopped_by"],
+            "params": plan["params"], "lr": plan["lr"], "optimizer": plan["optimizer"],
+            "schedule": plan["schedule"]["schedule"], "qk_norm": plan["model"].get("qk_norm", False)}  # fmt: skip
+
+
+def run_peer(args, size: str, data_dir: Path, wall_s: float) -> dict:
+    layers, dims = map(int, size.split("x"))
+    extra = (f"--n_layer={layers}", f"--n_embd={dims}", f"--n_head={max(1, dims // 64)}", *args.nanogpt_set)
+    out = args.out / "nanogpt" / size
+    out.mkdir(parents=True, exist_ok=True)
+    row = qpb.run_nanogpt(args.corpus if args.corpus in ("default", "shakespeare") else "file", wall_s, out,
+                          data_dir, extra, evals=20)  # fmt: skip  (about as many evaluations as a plan's)
+    interval = max(1, row["iters"] // 20)  # it evaluates at step 0 and every `interval` steps
+    curve = [(t - row["start_s"], v, i * interval) for i, (t, v) in enumerate(row["curve"])]
+    return {"system": PEER, "size": size, "curve": curve, "val_loss": row["val_loss"], "wall_s": row["wall_s"],
+            "steps": row["iters"], "stopped_by": "its max_iters", "params": None}  # fmt: skip
+
+
+def first_at_or_below(curve: list, target: float) -> tuple[float, int] | None:
+    """(seconds, step) of the first evaluation at or below the target; None if none reached it."""
+    return next(((t, step) for t, v, step in curve if v <= target), None)
+
+
+def targets(rows: list[dict], target: str) -> dict[str, float]:
+    """The target loss per size: one number for all, or `default`: the default recipe's lowest evaluation."""
+    sizes = {r["size"] for r in rows}
+    if target != "default":
+        return dict.fromkeys(sizes, float(target))
+    found = {r["size"]: min(v for _, v, _ in r["curve"]) for r in rows if r["system"] == "default" and r["curve"]}
+    missing = sorted(sizes - found.keys())
+    if missing:
+        sys.exit(f"time_to_loss: --target default needs the default recipe's run at size(s) {', '.join(missing)}")
+    return found
+
+
+def verdicts(rows: list[dict], goal: dict[str, float]) -> dict[str, str]:
+    """kept: at every size, the target sooner than the default and a handed-over loss no higher; else rejected."""
+    by = {(r["system"], r["size"]): r for r in rows}
+    sizes = sorted({r["size"] for r in rows})
+    out = {}
+    for system in {r["system"] for r in rows} - {"default", PEER}:
+        why = []
+        for size in sizes:
+            mine, base = by.get((system, size)), by.get(("default", size))
+            if mine is None or base is None:
+                why.append(f"{size}: no {'run' if mine is None else 'default run'} to compare")
+                continue
+            t, t0 = (first_at_or_below(r["curve"], goal[size]) for r in (mine, base))
+            if t is None or (t0 is not None and t[0] >= t0[0]):
+                why.append(f"{size}: not sooner")
+            if mine["val_loss"] > base["val_loss"]:
+                why.append(f"{size}: handed-over loss {mine['val_loss']:.3f} > {base['val_loss']:.3f}")
+        out[system] = "rejected (" + "; ".join(why) + ")" if why else "kept"
+    return out
+
+
+def report(out: Path, target: str) -> str:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    latest = {(r["system"], r["size"]): r for r in rows}  # a run repeated later replaces the earlier
+    rows = sorted(latest.values(), key=lambda r: (list(map(int, r["size"].split("x"))), _order(r["system"])))
+    goal = targets(rows, target)
+    decided = verdicts(rows, goal)
+    lines = [f"Target: {'the lowest evaluation of the default recipe at each size' if target == 'default' else target} "
+             f"(validation loss). Seconds to target: the first evaluation at or below it, not interpolated; "
+             f"Pufferfish's seconds are its eval records' elapsed_s (from its data being ready: planning, building, "
+             f"compiling and earlier evaluations included), nanoGPT's from its first log line to the eval line.",
+             "", "| system | size | target | seconds to target | at step | handed-over loss | steps | verdict |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        hit = first_at_or_below(r["curve"], goal[r["size"]])
+        verdict = {"default": "reference", PEER: "peer"}.get(r["system"], decided.get(r["system"], ""))
+        lines.append(f"| {r['system']} | {r['size']} | {goal[r['size']]:.3f} | "
+                     f"{f'{hit[0]:.2f}' if hit else 'not reached'} | {hit[1] if hit else ''} | {r['val_loss']:.3f} | "
+                     f"{r['steps']} | {verdict} |")  # fmt: skip
+    text = "\n".join(lines)
+    (out / "time_to_loss.md").write_text(text + "\n")
+    _plot(rows, goal, out / "time_to_loss.png")
+    return text
+
+
+def _order(system: str) -> int:
+    return [*SYSTEMS, PEER].index(system) if system in [*SYSTEMS, PEER] else len(SYSTEMS) + 1
+
+
+def _plot(rows: list[dict], goal: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(goal, key=lambda s: list(map(int, s.split("x"))))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for r in (r for r in rows if r["size"] == size and r["curve"]):
+            t, v, _ = zip(*r["curve"])
+            ax.plot(t, v, marker=".", label=r["system"])
+        ax.axhline(goal[size], ls="--", c="grey", label=f"target {goal[size]:.3f}")
+        ax.set(title=f"{size} (layers x dims)", xlabel="seconds", ylabel="validation loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--target", required=True, help="a validation loss, or `default` (see above)")
+    ap.add_argument("--corpus", default="default", help="default | shakespeare | a text file or folder")
+    ap.add_argument("--budget", type=float, default=600, help="seconds of training per run")
+    ap.add_argument("--sizes", default="8x512,12x768", help="LAYERSxDIMS, comma-separated (two for a verdict)")
+    ap.add_argument("--systems", default=",".join([*SYSTEMS, PEER]))
+    ap.add_argument("--gpu", default="auto")
+    ap.add_argument("--mode", default="quick_dev", help="the mode group (sets seq_len; the shape is fixed)")
+    ap.add_argument("--set", nargs="*", default=[], help="more overrides for every Pufferfish run")
+    ap.add_argument("--nanogpt-set", action="append", default=[],
+                    help="a nanoGPT argument replacing its recipe's, e.g. --nanogpt-set=--compile=False (repeatable)")
+    ap.add_argument("--report", action="store_true", help="only write the table and the PNG from DIR's results")
+    args = ap.parse_args()
+    if args.target != "default":
+        float(args.target)  # a number, or stop here
+    args.out.mkdir(parents=True, exist_ok=True)
+    systems = args.systems.split(",")
+    unknown = sorted(set(systems) - {*SYSTEMS, PEER})
+    if unknown:
+        sys.exit(f"time_to_loss: unknown system(s) {', '.join(unknown)}; known: {', '.join([*SYSTEMS, PEER])}")
+    if PEER in systems and "default" not in systems:
+        sys.exit("time_to_loss: nanogpt runs as long as the default recipe took; add default to --systems")
+    if not args.report:
+        data_dir, pinned = prepare(args)
+        for size in args.sizes.split(","):
+            for system in (s for s in SYSTEMS if s in systems):
+                row = run_pufferfish(args, system, size, pinned)
+                with open(args.out / "results.jsonl", "a") as f:
+                    f.write(json.dumps({"corpus": args.corpus, "budget_s": args.budget, **row}) + "\n")
+                if system == "default" and PEER in systems:
+                    peer = run_peer(args, size, data_dir, row["wall_s"])
+                    with open(args.out / "results.jsonl", "a") as f:
+                        f.write(json.dumps({"corpus": args.corpus, "budget_s": args.budget, **peer}) + "\n")
+    print(report(args.out, args.target))
+
+
+if __name__ == "__main__":
+    main()

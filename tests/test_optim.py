@@ -1,0 +1,161 @@
+"""optim.name=muon: Muon's update is torch.optim.Muon's, one optimizer carries both parts through the step,
+checkpoints and resume, and the memory model counts its one buffer per matrix parameter."""
+
+import json
+
+import pytest
+import torch
+
+from pufferfish.model import ModelConfig, build_model
+from pufferfish.optim import MUON_LR, MuonWithAdamW, build_optimizer, is_hidden_matrix, newton_schulz
+from pufferfish.reliability import skip_on_device
+from pufferfish.resolver import detect_hardware, make_plan
+from pufferfish.resolver.memory import count_params, optimizer_bytes
+from pufferfish.resolver.shapes import _shape
+from pufferfish.runlog import read_metrics
+from pufferfish.step import StepSpec, TrainStep
+from pufferfish.train import train
+from tests.conftest import compose, tiny_overrides
+
+SETTINGS = {"name": "muon", "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "muon_lr": 0.02}
+LR = 1e-3
+MC = ModelConfig(num_layers=2, num_dims=64, num_heads=4, num_kv_heads=2, vocab_size=100, seq_len=16)
+
+
+def backward(model, seed: int) -> None:
+    x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model.zero_grad(set_to_none=True)
+    model(x).logsumexp(-1).mean().backward()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_muon_and_adamw_parts_step_as_torch_muon_and_adamw_do(qk_norm):
+    """Five steps of the one optimizer against torch.optim.Muon on the hidden matrices and torch.optim.AdamW on
+    the rest, from the same weights and the same batches: the weights agree to 1e-6. A torch without Muon
+    (before 2.9) checks the AdamW part, and that Muon's moved its matrices."""
+    mc = ModelConfig(**{**MC.to_dict(), "qk_norm": qk_norm})
+    torch.manual_seed(0)
+    ours, ref = build_model(mc), build_model(mc)
+    ref.load_state_dict(ours.state_dict())
+    optimizer = build_optimizer(ours, SETTINGS, LR, fused=False)
+    hidden = [p for n, p in ref.named_parameters() if n.startswith("layers.") and p.dim() == 2]
+    rest = [p for n, p in ref.named_parameters() if not (n.startswith("layers.") and p.dim() == 2)]
+    # Muon's decay is scaled so that a step shrinks the matrices by LR x weight_decay, as AdamW's does
+    muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=SETTINGS["weight_decay"] * LR / 0.02, momentum=0.95,
+                            nesterov=True) if hasattr(torch.optim, "Muon") else None  # fmt: skip
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=LR, betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
+    for step in range(5):
+        for model in (ours, ref):
+            backward(model, step)
+        optimizer.step()
+        adamw.step()
+        if muon is not None:
+            muon.step()
+    torch.manual_seed(0)
+    start = dict(build_model(mc).named_parameters())
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert (p - start[name]).abs().max() > 1e-4, name  # every weight moved
+        if muon is not None or not is_hidden_matrix(name, p):
+            assert torch.allclose(p, q, rtol=0, atol=1e-6), name
+
+
+def test_newton_schulz_orthogonalises():
+    """The quintic iteration's singular values land in about (0.5, 1.5) (Keller Jordan's note), tall or wide."""
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(1))
+    for m in (g, g.T):
+        s = torch.linalg.svdvals(newton_schulz(m).float())
+        assert newton_schulz(m).shape == m.shape
+        assert 0.5 < s.min() and s.max() < 1.5, s
+
+
+def test_the_hidden_matrices_go_to_muon_and_the_rest_to_adamw():
+    moe = ModelConfig(num_layers=2, num_dims=64, num_heads=4, vocab_size=100, seq_len=16, use_moe=True,
+                      moe_num_experts=4, moe_shared_expert=True, qk_norm=True)  # fmt: skip
+    for mc in (MC, moe):
+        model = build_model(mc)
+        optimizer = build_optimizer(model, SETTINGS, LR, fused=True)  # fused asked for: the host decides anyway
+        names = {id(p): n for n, p in model.named_parameters()}
+        muon = [names[id(p)] for g in optimizer.param_groups if g["muon"] for p in g["params"]]
+        adamw = [names[id(p)] for g in optimizer.param_groups if not g["muon"] for p in g["params"]]
+        assert sorted(muon + adamw) == sorted(names.values())  # every parameter once
+        assert all(n.split(".")[-2] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for n in muon), muon
+        assert "tok_embeddings.weight" in adamw and "norm.weight" in adamw
+        assert not any(n.endswith(("gate.weight", "norm.weight")) for n in muon)
+        assert isinstance(optimizer, MuonWithAdamW) and not skip_on_device(optimizer)
+    assert any(n.endswith("feed_forward.w1") for n in adamw)  # the experts' 3-D stacks stay with AdamW
+    assert any("shared_expert" in n for n in muon)
+
+
+def test_the_schedule_keeps_muons_ratio_to_adamws_learning_rate():
+    model = build_model(MC)
+    step = TrainStep(model, build_optimizer(model, SETTINGS, LR, False), StepSpec(), "cpu")
+    step.set_lr(LR / 4)  # a point of the schedule a quarter of the way down
+    lrs = {g["muon"]: g["lr"] for g in step.optimizer.param_groups}
+    assert lrs == {False: LR / 4, True: pytest.approx(0.02 / 4)}
+
+
+def test_memory_model_counts_one_buffer_per_muon_parameter():
+    """The predicted optimizer state drops by 4 bytes for each parameter Muon updates, and those are exactly the
+    parameters the optimizer puts in its Muon group; the real state after a step agrees."""
+    hw = detect_hardware(compose("gpu=cpu").gpu, compose("gpu=cpu").optimizations, "cpu")
+    adamw_cfg, muon_cfg = compose("gpu=cpu", "optim.name=adamw"), compose("gpu=cpu", "optim.name=muon")
+    mc = MC.to_dict()
+    adamw, muon = _shape(mc, adamw_cfg, hw, 2, False), _shape(mc, muon_cfg, hw, 2, False)
+    model = build_model(MC)
+    optimizer = build_optimizer(model, SETTINGS, LR, False)
+    in_muon = sum(p.numel() for g in optimizer.param_groups if g["muon"] for p in g["params"])
+    assert in_muon == sum(p.numel() for n, p in model.named_parameters() if is_hidden_matrix(n, p)) > 0
+    assert optimizer_bytes(adamw) == 8 * count_params(adamw) == 8 * sum(p.numel() for p in model.parameters())
+    assert optimizer_bytes(adamw) - optimizer_bytes(muon) == 4 * in_muon
+    backward(model, 0)
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    assert state == optimizer_bytes(muon)  # AdamW's scalar step counters aside
+    plans = [make_plan(cfg, hw, 512, 10**6) for cfg in (compose("gpu=cpu", "model.num_layers=2", "model.num_dims=128",
+                                                                "train.batch_tokens=1024", f"optim.name={name}")
+                                                        for name in ("adamw", "muon"))]  # fmt: skip
+    assert plans[0].model == plans[1].model and plans[0].micro_batch == plans[1].micro_batch
+    drop = plans[0].memory_breakdown["optimizer"] - plans[1].memory_breakdown["optimizer"]
+    m = plans[1].model
+    kv_dims = m["num_kv_heads"] * 128 // m["num_heads"]
+    assert drop == 4 * 2 * (2 * 128 * 128 + 2 * 128 * kv_dims + 3 * 128 * m["ffn_dims"])  # 2 layers' matrices
+    assert plans[0].predicted_peak_bytes > plans[1].predicted_peak_bytes
+    assert plans[1].optimizer["muon_lr"] == MUON_LR and plans[1].reasons["optimizer"].startswith("Muon for ")
+
+
+def test_a_muon_run_learns_english(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    train(compose(*tiny_overrides(run, cache_dir, "train.max_steps=40", "model.num_layers=2", "model.num_dims=64",
+                                  "train.batch_tokens=2048", "train.eval_interval=2", "optim.name=muon",
+                                  "train.sample_tokens=0")))  # fmt: skip
+    evals = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals[0] > 5.5 and evals[-1] < evals[0] - 1.0, evals  # 512 pieces: ln(512) = 6.24 untrained
+    assert all(b < a for a, b in zip(evals[:-2], evals[1:-1])), evals  # falling at every evaluation
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["optimizer"]["name"] == "muon" and plan["optimizer"]["muon_lr"] == MUON_LR
+    assert not plan["fused_adamw"] and "optim.name=muon" in plan["reasons"]["fused_adamw"]
+
+
+def test_an_interrupted_muon_run_resumes_with_the_same_losses(tmp_path, cache_dir):
+    common = ("train.max_steps=12", "train.log_interval=1", "train.eval_interval=4", "train.batch_tokens=512",
+              "train.micro_batch=2", "train.sample_tokens=0", "optim.name=muon")  # two micro-steps a step  # fmt: skip
+
+    def losses(run):
+        return [(r["kind"], r["step"], r.get("train_loss"), r.get("val_loss"))
+                for r in read_metrics(run / "metrics.jsonl") if r["kind"] in ("train", "eval")]  # fmt: skip
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(compose(*tiny_overrides(straight, cache_dir, *common)))
+    assert not train(compose(*tiny_overrides(broken, cache_dir, *common, "train.stop_at_step=5")))["finished"]
+    assert train(compose(*tiny_overrides(broken, cache_dir, *common)))["finished"]
+    assert losses(straight) == losses(broken)  # Muon's momentum and the groups' learning rates came back
+
+
+def test_an_unknown_optimizer_names_the_allowed_ones():
+    from pufferfish.errors import ConfigError
+    from pufferfish.validate import validate
+
+    with pytest.raises(ConfigError, match="optim.name='sgd' is out of range; allowed: one of adamw, muon"):
+        validate(compose("optim.name=sgd"))
