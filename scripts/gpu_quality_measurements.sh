@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-GPU (H200) measurements of quality and time to loss for docs/benchmarks.md, each part under 10 minutes,
+# in the order that matters most when GPU time is short. Run from the repository root on the GPU machine, after
+# the wheel preamble of ../shared/device/stage.sh, with the Shakespeare corpus and nanoGPT staged:
+#   bash ../shared/device/stage.sh ../shared/data/shakespeare_complete ../shared/peers/nanogpt
+#   bash scripts/gpu_quality_measurements.sh PART OUT_DIR
+# Parts:
+#   step       throughput of the 124M shape through the training step (step.py), against transformers
+#   plans      every gpu profile x mode plan, 20 steps under its card's memory cap on its card's path
+#   plan-default, plan-shakespeare        the plan's handed-over loss at 108 s and 180 s on that corpus
+#   nanogpt-default, nanogpt-shakespeare  nanoGPT's recipe on the same tokens and wall-clock time
+#   oracle-default, oracle-shakespeare    the one-multirun oracle at 108 s (20 jobs: the longest part)
+#   ttl-default, ttl-shakespeare          seconds to the default recipe's best loss: candidates and nanoGPT
+# Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
+# OUT_DIR --report` then prints the table from every part run so far.
+set -uo pipefail
+part=$1 out=$2
+mkdir -p "$out"
+export PUFFERFISH_SHARED_DATA=$PWD/.devcarry PUFFERFISH_NANOGPT=$PWD/.devcarry/nanogpt PYTHONUNBUFFERED=1
+quiet() { grep -v -i -E "warn|^\s*$" ; }
+corpus=${part#*-}
+case "$part" in
+  step)
+    python -m pufferfish.lab.bench_throughput --shape 124m 2>&1 | quiet | tail -20 ;;
+  plans)
+    python -m pufferfish.lab.check_plans --out "$out/check_plans" --max-minutes 8 2>&1 | quiet | tail -60 ;;
+  plan-*|nanogpt-*)
+    python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets 108,180 \
+      --systems "${part%%-*}" --gpu h200 2>&1 | quiet | tail -20 ;;
+  oracle-*)
+    python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets 108 --systems oracle \
+      --gpu h200 2>&1 | quiet | tail -20 ;;
+  ttl-*)
+    python -m pufferfish.lab.time_to_loss --out "$out/ttl_$corpus" --target default --corpus "$corpus" \
+      --budget 60 --sizes 6x384,8x512 --gpu h200 2>&1 | quiet | tail -20 ;;
+  *) echo "unknown part $part; see the header of $0" >&2; exit 2 ;;
+esac
