@@ -58,7 +58,7 @@ def render(records: list[dict], failed: list[str]) -> tuple[str, list]:
            for t, r in by.items()]  # fmt: skip
     md = ["## Training Speed Improvements" + ("" if measured else " (not on a GPU)"), "", head, "",
           markdown(["improvement", "what is compared", "jobs", "tokens/s without → with", "speed-up",
-                    "the user's claim"], rows), "", "### The jobs", "",
+                    "the original README's claim"], rows), "", "### The jobs", "",
           markdown(["technique", "precision", "sdpa kernel", "compile", "prefetch", "tokens/s",
                     "model TFLOP/s (6N + 12LdT)", "peak GiB" + ("" if measured else " (predicted)")], raw)]  # fmt: skip
     errors = [f"{r['job_dir']}: {r['error']}" for r in records if r.get("fits") is None]
@@ -81,7 +81,7 @@ def draw(bars: list, path: Path, measured_on: str) -> None:
         ax.annotate(CLAIM.get(n, "claimed: faster\n(no figure)"), (i, 0.05), ha="center", va="bottom", fontsize=7,
                     color="tab:orange")  # fmt: skip
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set(ylabel="speed-up (tokens/s ratio)", title="Training speed improvements: ours beside the user's claims")
+    ax.set(ylabel="speed-up (tokens/s ratio)", title="Training speed improvements: ours beside the original README's claims")
     ax.legend()
     fig.autofmt_xdate(rotation=20)
     fig.tight_layout()
