@@ -11,7 +11,7 @@ from pufferfish.optim import MUON_LR, MuonWithAdamW, build_optimizer, is_hidden_
 from pufferfish.reliability import skip_on_device
 from pufferfish.resolver import detect_hardware, make_plan
 from pufferfish.resolver.memory import count_params, optimizer_bytes
-from pufferfish.resolver.shapes import _shape
+from pufferfish.resolver.shapes import memory_shape
 from pufferfish.runlog import read_metrics
 from pufferfish.step import StepSpec, TrainStep
 from pufferfish.train import train
@@ -102,7 +102,7 @@ def test_memory_model_counts_one_buffer_per_muon_parameter():
     hw = detect_hardware(compose("gpu=cpu").gpu, compose("gpu=cpu").optimizations, "cpu")
     adamw_cfg, muon_cfg = compose("gpu=cpu", "optim.name=adamw"), compose("gpu=cpu", "optim.name=muon")
     mc = MC.to_dict()
-    adamw, muon = _shape(mc, adamw_cfg, hw, 2, False), _shape(mc, muon_cfg, hw, 2, False)
+    adamw, muon = memory_shape(mc, adamw_cfg, hw, 2, False), memory_shape(mc, muon_cfg, hw, 2, False)
     model = build_model(MC)
     optimizer = build_optimizer(model, SETTINGS, LR, False)
     in_muon = sum(p.numel() for g in optimizer.param_groups if g["muon"] for p in g["params"])
