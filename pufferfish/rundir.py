@@ -101,12 +101,14 @@ def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool, checkpoint_mo
     path = run_dir / "plan.json"
     if resuming and path.exists():
         try:
-            plan = Plan.from_dict(json.loads(path.read_text()))
+            saved = json.loads(path.read_text())
+            plan = Plan.from_dict(saved, cfg)
         except (ValueError, TypeError) as e:  # edited or damaged by hand: it is written atomically
             raise ConfigError(f"{path} cannot be read ({e}); restore it, or start a new run directory") from None
         if plan.world_size != world_size:
             plan_regroup(plan, world_size, step)
-            write_plan(run_dir, plan)  # the other ranks read it from here
+        if plan.to_dict() != saved:
+            write_plan(run_dir, plan)  # regrouped, or completed from the config: the other ranks read it here
         return plan, True
     hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
     plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens, world_size, val_tokens=data.val_tokens)

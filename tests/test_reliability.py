@@ -222,6 +222,23 @@ def test_a_run_made_before_optim_name_and_qk_norm_existed_resumes_exactly(tmp_pa
     assert train(compose(*tiny_overrides(run, cache_dir, *SHORT)))["step"] == 12  # accepted: nothing left to train
 
 
+def test_a_plan_without_the_loop_settings_resumes_with_the_configs_not_the_defaults(tmp_path, cache_dir):
+    """A plan.json from before the plan kept the optimizer, schedule and clipping: the resumed part runs the
+    config's (a constant schedule here, not the default cosine), and plan.json gets them back for the ranks."""
+    run = tmp_path / "run"
+    settings = ("optim.schedule=constant", "optim.warmup_frac=0.0", "optim.lr=2e-3", "optim.grad_clip=0.5")
+    train(compose(*tiny_overrides(run, cache_dir, *SHORT, *settings, "train.stop_at_step=5")))
+    plan = json.loads((run / "plan.json").read_text())
+    for key in ("optimizer", "schedule", "grad_clip", "chunked_loss", "loss_chunk_tokens", "prefetch_batches",
+                "ddp_graphs"):
+        del plan[key]
+    (run / "plan.json").write_text(json.dumps(plan))
+    train(compose(*tiny_overrides(run, cache_dir, *SHORT, *settings)))
+    assert {r["lr"] for r in kinds(run, "train") if r["step"] > 5} == {2e-3}  # cosine would have decayed it
+    resumed = json.loads((run / "plan.json").read_text())
+    assert resumed["schedule"]["schedule"] == "constant" and resumed["grad_clip"] == 0.5
+
+
 def test_elapsed_time_carries_over_and_the_budget_counts_across_resumes(tmp_path, cache_dir):
     run = tmp_path / "run"
     # a 7.2 s budget: the run plans its steps from it, and the time guard ends the resumed part

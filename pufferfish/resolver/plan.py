@@ -129,11 +129,22 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        plan = cls(**d)
+    def from_dict(cls, d: dict, cfg=None) -> Plan:
+        """A plan.json read back; with `cfg`, what a plan.json from before the plan kept the loop's settings
+        lacks is taken from the config it resumes with, not from the schema's defaults."""
+        plan = cls(**({**loop_settings(cfg), **d} if cfg is not None else d))
         if not plan.eval_interval:  # a plan.json written before evaluations were planned
             plan.eval_interval = max(1, plan.steps // EVALS_PER_RUN)
         return plan
+
+
+def loop_settings(cfg) -> dict:
+    """What the loop runs beyond the shape, from the optim and optimizations groups (Muon's lr is planned)."""
+    return {"optimizer": {k: cfg.optim[k] for k in OPTIMIZER_KEYS}, "schedule": {k: cfg.optim[k] for k in SCHEDULE_KEYS},
+            "grad_clip": float(cfg.optim.grad_clip), "chunked_loss": bool(cfg.optimizations.chunked_loss),
+            "loss_chunk_tokens": int(cfg.optimizations.loss_chunk_tokens),
+            "prefetch_batches": int(cfg.optimizations.prefetch_batches),
+            "ddp_graphs": str(cfg.optimizations.ddp_graphs)}  # fmt: skip
 
 
 def muon_lr_for(cfg, lr: float, shape) -> tuple[float, str]:
@@ -329,8 +340,5 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         predicted_loss=best.loss, limits=limits,
         compile=path.compile, compile_backend=path.compile_backend, attention_kernel=path.attention_kernel,
         fused_adamw=path.fused_adamw, tf32=path.tf32,
-        optimizer=optimizer, schedule={k: cfg.optim[k] for k in SCHEDULE_KEYS},
-        grad_clip=float(cfg.optim.grad_clip), chunked_loss=bool(cfg.optimizations.chunked_loss),
-        loss_chunk_tokens=int(cfg.optimizations.loss_chunk_tokens),
-        prefetch_batches=int(cfg.optimizations.prefetch_batches), ddp_graphs=str(cfg.optimizations.ddp_graphs),
+        **{**loop_settings(cfg), "optimizer": optimizer},
     )  # fmt: skip
