@@ -11,7 +11,8 @@
 #   plan-default, plan-shakespeare        the plan's handed-over loss at 108 s and 180 s on that corpus
 #                                         (BUDGETS=108 or BUDGETS=180 for one of them)
 #   nanogpt-default, nanogpt-shakespeare  nanoGPT's recipe on the same tokens and wall-clock time
-#   oracle-default, oracle-shakespeare    the one-multirun oracle at 108 s (20 jobs: the longest part)
+#   oracle-default, oracle-shakespeare    the one-multirun oracle at 108 s: 20 jobs, over 40 minutes, so run it
+#                                         in parts of one width each: WIDTHS=0.5, then 0.75, 1, 1.5 and 2
 #   ttl-default, ttl-shakespeare          seconds to the default recipe's best loss: candidates and nanoGPT
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
 # OUT_DIR --report` then prints the table from every part run so far.
@@ -31,6 +32,7 @@ case "$part" in
       --systems "${part%%-*}" --gpu h200 2>&1 | quiet | tail -20 ;;
   oracle-*)
     python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets 108 --systems oracle \
+      --oracle-widths "${WIDTHS:-0.5,0.75,1,1.5,2}" \
       --gpu h200 2>&1 | quiet | tail -20 ;;
   ttl-*)
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_$corpus" --target default --corpus "$corpus" \

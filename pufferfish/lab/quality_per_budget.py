@@ -94,18 +94,21 @@ def run_plan(corpus: str, budget: float, gpu: str, out: Path) -> dict:
     return {"system": "plan", **run_summary(run, wall)}
 
 
-def run_oracle(corpus: str, budget: float, gpu: str, out: Path, plan: dict) -> list[dict]:
-    """One multirun: widths around the plan's (depth chosen by the resolver), 2 learning rates, 2 batches."""
+def run_oracle(corpus: str, budget: float, gpu: str, out: Path, plan: dict,
+               factors: tuple[float, ...] = WIDTH_FACTORS) -> list[dict]:  # fmt: skip
+    """One multirun: widths around the plan's (depth chosen by the resolver), 2 learning rates, 2 batches.
+    `factors` picks some of the widths, so that the grid can run in parts (each appends its rows)."""
     d = int(plan["shape"].split(" x ")[1])
-    widths = sorted({max(64, int(round(d * f / 64)) * 64) for f in WIDTH_FACTORS})
+    widths = sorted({max(64, int(round(d * f / 64)) * 64) for f in factors})
     lrs = [plan["lr"], plan["lr"] * 2]
     batches = [plan["batch_tokens"], max(1024, plan["batch_tokens"] // 4)]
-    sweep = out / "runs" / f"oracle_{corpus}_{budget:g}"
+    tag = "" if tuple(factors) == WIDTH_FACTORS else "_w" + "_".join(f"{f:g}" for f in factors)
+    sweep = out / "runs" / f"oracle_{corpus}_{budget:g}{tag}"
     shutil.rmtree(sweep, ignore_errors=True)
     args = [*pufferfish_args(corpus, budget, gpu), "model.num_dims=" + ",".join(map(str, widths)),
             "optim.lr=" + ",".join(f"{x:.3e}" for x in lrs), "train.batch_tokens=" + ",".join(map(str, batches)),
             "train.sample_tokens=0", f"hydra.sweep.dir={sweep}"]  # fmt: skip
-    timed([sys.executable, "-m", "pufferfish.train", "-m", *args], ROOT, out / f"oracle_{corpus}_{budget:g}.log")
+    timed([sys.executable, "-m", "pufferfish.train", "-m", *args], ROOT, out / f"oracle_{corpus}_{budget:g}{tag}.log")
     rows = []
     for job in sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()):
         summary = json.loads((job / "summary.json").read_text())
@@ -233,6 +236,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="108", help="seconds of training, comma-separated")
     ap.add_argument("--systems", default="plan,nanogpt,oracle")
     ap.add_argument("--gpu", default="auto")
+    ap.add_argument("--oracle-widths", default=",".join(f"{f:g}" for f in WIDTH_FACTORS),
+                    help="the oracle's widths as multiples of the plan's (a subset runs part of its grid)")
     ap.add_argument("--report", action="store_true", help="only print the table and draw the PNG")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +255,8 @@ def main() -> None:
                 if "nanogpt" in systems:
                     found.append(run_nanogpt(corpus, plan["wall_s"], args.out, data_dir))
                 if "oracle" in systems:
-                    found += run_oracle(corpus, budget, args.gpu, args.out, plan)
+                    factors = tuple(float(f) for f in args.oracle_widths.split(","))
+                    found += run_oracle(corpus, budget, args.gpu, args.out, plan, factors)
                 with open(args.out / "results.jsonl", "a") as f:
                     for row in found:
                         f.write(json.dumps({"corpus": corpus, "budget_s": budget, **row}) + "\n")
