@@ -171,3 +171,17 @@ def test_the_readmes_card_table_comes_from_the_plans():
     assert "| Pascal 6.1 | fp32 | eager | efficient |" in rows["gtx1060"]
     assert "| Ampere 8.6 | bf16 | compiled | flash |" in rows["rtx3060"]
 
+
+
+def test_a_published_nanogpt_mfu_converts_to_tokens_per_second_and_sets_the_consumer_share():
+    from pufferfish.lab import published_throughput as pub
+    from pufferfish.resolver import flops_per_token
+
+    # nanoGPT's GPT-2 124M: 6 x 123,689,472 (no position embeddings, tied head once) + 12 x 12 x 768 x 1024
+    assert flops_per_token(pub.gpt2_small(12)) == pytest.approx(6 * 123_689_472 + 12 * 12 * 768 * 1024, rel=2e-3)
+    assert pub.from_nanogpt_mfu(0.29, 12) == pytest.approx(0.29 * 312e12 / 855.4e6, rel=2e-3)  # ~105.8k tokens/s
+    rows = {r["profile"]: r for r in pub.rows()}
+    assert rows["h200"]["anchor"] and rows["h200"]["implied_mfu"] == rows["h200"]["mfu"]
+    # the RTX 4090 profile's share is the one at which its prediction stands to the report as the H200's does
+    assert rows["rtx4090"]["implied_mfu"] == pytest.approx(rows["rtx4090"]["mfu"], rel=0.02)
+    assert rows["rtx4090"]["ratio"] == pytest.approx(rows["h200"]["ratio"], rel=0.02)
