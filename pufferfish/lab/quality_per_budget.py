@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from .figures import panels, save
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("PUFFERFISH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PEER = Path(os.environ.get("PUFFERFISH_NANOGPT", ROOT.parent / "shared" / "peers" / "nanogpt"))
@@ -94,25 +96,31 @@ def run_plan(corpus: str, budget: float, gpu: str, out: Path) -> dict:
     return {"system": "plan", **run_summary(run, wall)}
 
 
-def run_oracle(corpus: str, budget: float, gpu: str, out: Path, plan: dict,
-               factors: tuple[float, ...] = WIDTH_FACTORS) -> list[dict]:  # fmt: skip
-    """One multirun: widths around the plan's (depth chosen by the resolver), 2 learning rates, 2 batches.
-    `factors` picks some of the widths, so that the grid can run in parts (each appends its rows)."""
+def oracle_grid(plan: dict, factors: tuple[float, ...] = WIDTH_FACTORS) -> list[str]:
+    """The multirun's sweep overrides: widths around the plan's (`factors` of it, to 64), the plan's learning rate
+    and twice it, the plan's batch and a quarter of it."""
     d = int(plan["shape"].split(" x ")[1])
     widths = sorted({max(64, int(round(d * f / 64)) * 64) for f in factors})
     lrs = [plan["lr"], plan["lr"] * 2]
     batches = [plan["batch_tokens"], max(1024, plan["batch_tokens"] // 4)]
+    return ["model.num_dims=" + ",".join(map(str, widths)), "optim.lr=" + ",".join(f"{x:.3e}" for x in lrs),
+            "train.batch_tokens=" + ",".join(map(str, batches))]  # fmt: skip
+
+
+def run_oracle(corpus: str, budget: float, gpu: str, out: Path, plan: dict,
+               factors: tuple[float, ...] = WIDTH_FACTORS) -> list[dict]:  # fmt: skip
+    """One multirun over oracle_grid (the resolver picks each width's depth). `factors` picks some of the widths,
+    so that the grid can run in parts, each in a folder of its own, each appending its rows."""
     tag = "" if tuple(factors) == WIDTH_FACTORS else "_w" + "_".join(f"{f:g}" for f in factors)
     sweep = out / "runs" / f"oracle_{corpus}_{budget:g}{tag}"
     shutil.rmtree(sweep, ignore_errors=True)
-    args = [*pufferfish_args(corpus, budget, gpu), "model.num_dims=" + ",".join(map(str, widths)),
-            "optim.lr=" + ",".join(f"{x:.3e}" for x in lrs), "train.batch_tokens=" + ",".join(map(str, batches)),
-            "train.sample_tokens=0", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    args = [*pufferfish_args(corpus, budget, gpu), *oracle_grid(plan, factors), "train.sample_tokens=0",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
     timed([sys.executable, "-m", "pufferfish.train", "-m", *args], ROOT, out / f"oracle_{corpus}_{budget:g}{tag}.log")
     rows = []
     for job in sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()):
         summary = json.loads((job / "summary.json").read_text())
-        rows.append({"system": "oracle", "job": job.name, **run_summary(job, summary["wall_s"])})
+        rows.append({"system": "oracle", "job": f"{sweep.name}/{job.name}", **run_summary(job, summary["wall_s"])})
     return rows
 
 
@@ -208,13 +216,8 @@ def report(out: Path) -> str:
 
 
 def _plot(groups: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, ((corpus, budget), group) in zip(axes[0], sorted(groups.items())):
+    fig, axes = panels(len(groups))
+    for ax, ((corpus, budget), group) in zip(axes, sorted(groups.items())):
         for r in group:
             if r["system"] == "oracle" or not r.get("curve"):
                 continue
@@ -224,9 +227,7 @@ def _plot(groups: dict, path: Path) -> None:
         if oracle:
             ax.axhline(min(r["val_loss"] for r in oracle), ls="--", c="grey", label=f"oracle best of {len(oracle)}")
         ax.set(title=f"{corpus}, {budget:g} s", xlabel="wall-clock seconds", ylabel="validation loss")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from . import quality_per_budget as qpb  # the nanoGPT runner, the corpora, the timed subprocess
+from .figures import panels, save
 
 ROOT = qpb.ROOT
 SYSTEMS = {  # name: the overrides it adds to Pufferfish's default recipe
@@ -173,22 +174,15 @@ def _order(system: str) -> int:
 
 
 def _plot(rows: list[dict], goal: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = sorted(goal, key=lambda s: list(map(int, s.split("x"))))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
+    fig, axes = panels(len(sizes))
+    for ax, size in zip(axes, sizes):
         for r in (r for r in rows if r["size"] == size and r["curve"]):
             t, v, _ = zip(*r["curve"])
             ax.plot(t, v, marker=".", label=r["system"])
         ax.axhline(goal[size], ls="--", c="grey", label=f"target {goal[size]:.3f}")
         ax.set(title=f"{size} (layers x dims)", xlabel="seconds", ylabel="validation loss")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:
