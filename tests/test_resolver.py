@@ -388,3 +388,17 @@ def test_micro_batches_round_down_by_at_most_a_ninth():
     for mb in range(1, 600):
         rounded = mb - mb % micro_batch_step(mb)
         assert rounded == mb if mb < 8 else rounded % 2 == 0 and (mb - rounded) / mb <= 1 / 9 + 1e-9, mb
+
+
+def test_a_run_of_fixed_steps_spends_about_five_percent_of_its_work_on_evaluations_on_any_machine():
+    # 30 steps of 8,192 tokens: 20+ evaluations of the default 65,536 tokens would read 7x the training's tokens
+    cfg = compose("gpu=rtx3060", "mode=quick_dev", "train.max_steps=30", "train.batch_tokens=8192", "model.seq_len=256")
+    plans = [make_plan(cfg, fake_gpu(p), 8192, 10**9) for p in ("rtx3060", "h200")]
+    assert {(p.eval_tokens, p.final_eval_tokens) for p in plans} == {(2048, 14745)}  # the same on any card
+    plan = plans[0]
+    evals = plan.steps // plan.eval_interval
+    assert plan.eval_tokens == 8 * 256  # the floor: 3 x 5 % x 245,760 / 30 evaluations is 1,228
+    assert evals * plan.eval_tokens / 3 < 0.1 * plan.train_tokens  # a forward is a third of a step's work
+    long = make_plan(compose("gpu=rtx3060", "mode=quick_dev", "train.max_steps=2000", "train.batch_tokens=65536"),
+                     fake_gpu("rtx3060"), 8192, 10**9)  # fmt: skip
+    assert (long.eval_tokens, long.final_eval_tokens) == (65536, 65536)  # a long run reads what it asks

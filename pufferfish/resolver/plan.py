@@ -28,6 +28,7 @@ OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and star
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
 FINAL_EVAL_SHARE = 0.02  # and the final one, of the handed-over weights on the whole validation set
+MIN_EVAL_SEQS = 8  # a run of fixed steps evaluates on no fewer sequences than this, however short it is
 EARLY_STOP_EVALS = 3  # evaluations in a row that end above the best by EARLY_STOP_RISE before a run stops
 EARLY_STOP_RISE = 0.01  # relative: 1 % above the best loss seen
 
@@ -151,7 +152,7 @@ def muon_lr_for(cfg, lr: float, shape) -> tuple[float, str]:
     """Muon's learning rate for the hidden matrices, and the reason; AdamW keeps `lr` for the rest."""
     muon_lr = float(cfg.optim.muon_lr or MUON_LR)
     why = "set by you (optim.muon_lr)" if cfg.optim.muon_lr else \
-        "Muon's own scale, the default of Keller Jordan's Muon and of modded-nanogpt"  # fmt: skip
+        "Muon's own scale (modded-nanogpt's), best of 0.01/0.02/0.04 at both widths of `make sweep-lr`"  # fmt: skip
     return muon_lr, (f"Muon for {muon_params(shape) / 1e6:.2f}M parameters (the blocks' attention and MLP matrices) "
                      f"at {muon_lr:.2e}, {why}, times sqrt(rows/cols) for a tall matrix (torch.optim.Muon's "
                      f"'original' adjustment); momentum {MUON_MOMENTUM}, Nesterov; AdamW at {lr:.2e} for the "
@@ -317,12 +318,15 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         reasons["memory"] += f" per GPU: weights, gradients and optimizer state sharded over {shards} (FSDP2)"
 
     wanted_eval = min(int(train.eval_tokens), val_tokens or int(train.eval_tokens))
-    if train.max_steps:  # the budget only reports: evaluations read what train.eval_tokens asks
-        eval_tokens = final_eval_tokens = wanted_eval
+    eval_interval = int(train.eval_interval) if train.eval_interval else max(1, steps // EVALS_PER_RUN)
+    if train.max_steps:  # the budget only reports: the same shares, of the training's own tokens (no clock, so
+        # the evaluations are the same on every machine); a forward costs a third of a training step per token
+        floor, evals = MIN_EVAL_SEQS * seq_len, max(1, steps // eval_interval)
+        eval_tokens = min(wanted_eval, max(floor, int(3 * EVAL_SHARE * train_tokens / evals)))
+        final_eval_tokens = min(wanted_eval, max(floor, int(3 * FINAL_EVAL_SHARE * train_tokens)))
     else:
         eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len, EVAL_SHARE / EVALS_PER_RUN)
         final_eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len, FINAL_EVAL_SHARE)
-    eval_interval = int(train.eval_interval) if train.eval_interval else max(1, steps // EVALS_PER_RUN)
     stop_evals = 0 if train.max_steps or not train.early_stop else EARLY_STOP_EVALS
     reasons["eval"] = (f"every {eval_interval} steps on {eval_tokens:,} validation tokens; the best weights are kept"
                        + ("; set by you" if train.eval_interval else ""))  # fmt: skip
