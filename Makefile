@@ -52,6 +52,12 @@ quality: ## handed-over loss per wall-clock budget: the plan, a multirun oracle,
 time-to-loss: ## seconds to a target validation loss: the default recipe, each candidate and nanoGPT at two sizes (GPU; ARGS="--out DIR --target 3.5 ...")
 	$(PYTHON) -m pufferfish.lab.time_to_loss $(ARGS)
 
+sweep-lr: ## learning rates of AdamW and Muon at two widths on the CPU, then their table (SWEEP_DIR=)
+	d=$${SWEEP_DIR:-outputs/sweeps/optimizer_lr}; \
+	$(PYTHON) -m pufferfish.train -m experiment=optimizer_lr optim.name=muon optim.muon_lr=0.01,0.02,0.04 hydra.sweep.dir="$$d/muon" && \
+	$(PYTHON) -m pufferfish.train -m experiment=optimizer_lr optim.name=adamw optim.lr=1.5e-3,3e-3,6e-3 hydra.sweep.dir="$$d/adamw" && \
+	$(PYTHON) -m pufferfish.compare "$$d" --sort loss
+
 lint: ## ruff
 	$(PYTHON) -m ruff check pufferfish tests scripts
 
