@@ -7,7 +7,8 @@
 # Parts:
 #   step       throughput of the 124M shape through the training step (step.py), against transformers
 #              (the product's technique only; `python -m pufferfish.lab.bench_throughput` runs all of them)
-#   plans      every gpu profile x mode plan, 20 steps under its card's memory cap on its card's path
+#   plans      every gpu profile x mode plan, 20 steps under its card's memory cap on its card's path; on one
+#              GPU over 8 minutes, so PROFILES=h200 apart from PROFILES=gtx1060,...,h100 (comma-separated)
 #   plan-default, plan-shakespeare        the plan's handed-over loss at 108 s and 180 s on that corpus
 #                                         (BUDGETS=108 or BUDGETS=180 for one of them)
 #   nanogpt-default, nanogpt-shakespeare  nanoGPT's recipe on the same tokens and wall-clock time
@@ -26,7 +27,8 @@ case "$part" in
   step)
     python -m pufferfish.lab.bench_throughput --shape 124m --only "bf16+fused+compile(step)" --out "$out/step.json" 2>&1 | quiet | tail -20 ;;
   plans)
-    python -m pufferfish.lab.check_plans --out "$out/check_plans" --max-minutes 8 2>&1 | quiet | tail -60 ;;
+    python -m pufferfish.lab.check_plans --out "$out/check_plans" --max-minutes 8 --jobs-per-gpu 10 \
+      ${PROFILES:+--profiles "$PROFILES"} 2>&1 | quiet | tail -60 ;;
   plan-*|nanogpt-*)
     python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets "${BUDGETS:-108,180}" \
       --systems "${part%%-*}" --gpu h200 2>&1 | quiet | tail -20 ;;

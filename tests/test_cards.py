@@ -18,7 +18,7 @@ from pufferfish.resolver import (
     predict_peak_bytes,
 )
 from pufferfish.resolver.capabilities import ARCHITECTURES, architecture
-from pufferfish.resolver.hardware import GIB, hardware_on
+from pufferfish.resolver.hardware import GIB, hardware_on, own_card
 from pufferfish.resolver.replan import plan_eager_step
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
@@ -37,7 +37,9 @@ EXPECTED = {"gtx1060": PASCAL, "gtx1650": TURING, "rtx2060": TURING, "rtx3060": 
 
 def on_card(cfg, card: str = "own"):
     """The profile's Hardware on its own card, or emulated on an H200, described without a GPU here."""
-    name, total = (cfg.gpu.name, int(cfg.gpu.vram_gb * GIB)) if card == "own" else H200
+    if card == "own":
+        return own_card(cfg)
+    name, total = H200
     return hardware_on(cfg.gpu, cfg.optimizations, "cuda:0", name, total, total)
 
 

@@ -15,7 +15,7 @@ import sys
 from pufferfish.api import compose_config
 from pufferfish.resolver import make_plan
 from pufferfish.resolver.capabilities import architecture
-from pufferfish.resolver.hardware import GIB, hardware_on
+from pufferfish.resolver.hardware import own_card
 
 PROFILES = "gtx1060 gtx1650 rtx2060 rtx3060 rtx4060 rtx3090 rtx4090 a100_40gb a100_80gb h100 h200".split()
 VOCAB, CORPUS_TOKENS = 32000, 10**10  # a large corpus: the plans are time-bound, as on real data
@@ -31,9 +31,7 @@ def rows(profiles: list[str], modes: list[str]) -> list[str]:
         speeds = []
         for overrides in [[f"mode={mode}"] for mode in modes] + [["mode=standard", *REFERENCE]]:
             cfg = compose_config([f"gpu={profile}", *overrides])
-            total = int(float(cfg.gpu.vram_gb) * GIB)
-            hw = hardware_on(cfg.gpu, cfg.optimizations, "cuda:0", profile, total, total)
-            plan = make_plan(cfg, hw, VOCAB, CORPUS_TOKENS)
+            plan = make_plan(cfg, own_card(cfg), VOCAB, CORPUS_TOKENS)
             m, ckpt = plan.model, ", checkpointed" if plan.grad_ckpt else ""
             shape = "" if overrides[1:] else f"{m['num_layers']} x {m['num_dims']}{ckpt}: "
             speeds.append(f"{shape}{plan.predicted_tokens_per_s / 1e3:,.0f}k")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pufferfish.api import compose_config
 from pufferfish.resolver import flops_per_token, predict_tokens_per_s
-from pufferfish.resolver.hardware import GIB, hardware_on
+from pufferfish.resolver.hardware import own_card
 from pufferfish.resolver.memory import Shape
 
 A100_PEAK = 312e12  # nanoGPT's estimate_mfu divides by the A100's bf16 dense peak, whatever the card
@@ -61,9 +61,7 @@ REPORTS = [
 
 def predicted(profile: str, micro_batch: int) -> tuple[float, float]:
     """(tokens/s, the profile's mfu): the speed model for GPT-2 124M on that profile's own card."""
-    cfg = compose_config([f"gpu={profile}"])
-    total = int(float(cfg.gpu.vram_gb) * GIB)
-    hw = hardware_on(cfg.gpu, cfg.optimizations, "cuda:0", profile, total, total)
+    hw = own_card(compose_config([f"gpu={profile}"]))
     shape = gpt2_small(micro_batch, hw.precision)
     return predict_tokens_per_s(shape, hw.peak_flops, hw.mfu, True, hw.bandwidth), hw.mfu
 

@@ -115,6 +115,13 @@ def detect_hardware(gpu_cfg, optimizations_cfg, requested_device: str = "auto") 
     return hardware_on(gpu_cfg, optimizations_cfg, device, props.name, props.total_memory, free)
 
 
+def own_card(cfg) -> Hardware:
+    """The gpu profile's Hardware as if its own card were present (its whole memory free), described without a
+    device: what the tables of predicted plans and speeds plan for."""
+    total = int(float(cfg.gpu.vram_gb) * GIB)
+    return hardware_on(cfg.gpu, cfg.optimizations, "cuda:0", cfg.gpu.name, total, total)
+
+
 def hardware_on(gpu_cfg, optimizations_cfg, device: str, device_name: str, total: int, free: int) -> Hardware:
     """The Hardware of the gpu profile on a described device (its name, total and free bytes): the profile
     mapping, precision, peak and emulation rules, without touching the device (pufferfish/lab/check_plans.py plans

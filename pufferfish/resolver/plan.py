@@ -109,9 +109,9 @@ class Plan:
                                  + (f"; the data's {MAX_EPOCHS:.0f} epochs end it first" if data_steps < steps else ""))
         self.set_steps(min(steps, data_steps) if self.limits.get("max_tokens") else steps)
         speed, each = self.measured_tokens_per_s, EVAL_SHARE / EVALS_PER_RUN
-        self.eval_tokens = eval_tokens_for(self.eval_tokens, self.time_budget_s, speed, self.seq_len, each)
-        self.final_eval_tokens = eval_tokens_for(self.final_eval_tokens, self.time_budget_s, speed, self.seq_len,
-                                                 FINAL_EVAL_SHARE)  # fmt: skip
+        work = self.time_budget_s * speed  # the tokens the whole budget trains on at the measured speed
+        self.eval_tokens = eval_tokens_for(self.eval_tokens, work, self.seq_len, each)
+        self.final_eval_tokens = eval_tokens_for(self.final_eval_tokens, work, self.seq_len, FINAL_EVAL_SHARE)
 
     def set_steps(self, steps: int) -> None:
         """A re-planned number of steps (every rank calls it with the same number): the evaluation cadence
@@ -160,10 +160,10 @@ def muon_lr_for(cfg, lr: float, shape) -> tuple[float, str]:
                      f"lr x {cfg.optim.weight_decay}, as AdamW's does")  # fmt: skip
 
 
-def eval_tokens_for(wanted: int, budget_s: float, tokens_per_s: float, seq_len: int, share: float) -> int:
-    """Validation tokens (at most `wanted`) whose forward, ~1/3 of a training step's time per token, takes
-    `share` of the budget."""
-    return int(min(wanted, max(seq_len, share * budget_s * 3 * tokens_per_s)))
+def eval_tokens_for(wanted: int, train_tokens: float, floor: int, share: float) -> int:
+    """Validation tokens (at most `wanted`, at least `floor`) whose forward, ~1/3 of a training step's work per
+    token, is `share` of the work of training on `train_tokens` (the budget's, or a fixed-step run's own)."""
+    return int(min(wanted, max(floor, share * 3 * train_tokens)))
 
 
 SOURCE_BYTES_PER_TOKEN = 4.0  # Python source per token at 8192 pieces: 3.1-3.2 measured (stdlib, pysource), and a margin
@@ -319,14 +319,13 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
 
     wanted_eval = min(int(train.eval_tokens), val_tokens or int(train.eval_tokens))
     eval_interval = int(train.eval_interval) if train.eval_interval else max(1, steps // EVALS_PER_RUN)
-    if train.max_steps:  # the budget only reports: the same shares, of the training's own tokens (no clock, so
-        # the evaluations are the same on every machine); a forward costs a third of a training step per token
-        floor, evals = MIN_EVAL_SEQS * seq_len, max(1, steps // eval_interval)
-        eval_tokens = min(wanted_eval, max(floor, int(3 * EVAL_SHARE * train_tokens / evals)))
-        final_eval_tokens = min(wanted_eval, max(floor, int(3 * FINAL_EVAL_SHARE * train_tokens)))
+    if train.max_steps:  # the budget only reports: the same shares of the run's own training tokens (no clock,
+        # so its evaluations are the same on every machine), on at least MIN_EVAL_SEQS sequences
+        work, floor, evals = train_tokens, MIN_EVAL_SEQS * seq_len, max(1, steps // eval_interval)
     else:
-        eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len, EVAL_SHARE / EVALS_PER_RUN)
-        final_eval_tokens = eval_tokens_for(wanted_eval, budget_s, tps, seq_len, FINAL_EVAL_SHARE)
+        work, floor, evals = budget_s * tps, seq_len, EVALS_PER_RUN
+    eval_tokens = eval_tokens_for(wanted_eval, work, floor, EVAL_SHARE / evals)
+    final_eval_tokens = eval_tokens_for(wanted_eval, work, floor, FINAL_EVAL_SHARE)
     stop_evals = 0 if train.max_steps or not train.early_stop else EARLY_STOP_EVALS
     reasons["eval"] = (f"every {eval_interval} steps on {eval_tokens:,} validation tokens; the best weights are kept"
                        + ("; set by you" if train.eval_interval else ""))  # fmt: skip
