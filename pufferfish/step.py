@@ -82,6 +82,10 @@ class TrainStep:
         """Run the step eager from now on (compilation failed on the device)."""
         self.micro_loss, self.graphs = self.eager_loss, False
 
+    def follow(self, plan) -> None:
+        """Take a revised plan's micro-batch, accumulation and loss settings (the same model and optimizer)."""
+        self.spec = StepSpec.from_plan(plan)
+
     def set_lr(self, lr: float) -> None:
         """The schedule's learning rate; a group on a scale of its own (Muon's) keeps its ratio to it."""
         for group in self.optimizer.param_groups:

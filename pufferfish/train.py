@@ -220,7 +220,7 @@ def train(cfg: DictConfig) -> dict:
                 free_memory(model, optimizer, device)  # out here: the exception no longer holds the step's tensors
                 log.log(revision)
                 write_plan(run_dir, plan)  # a resumed run keeps the revision
-                train_step.spec = StepSpec.from_plan(plan)
+                train_step.follow(plan)
                 loader.close()
                 loader = train_batches(step_start)  # the same sequences, in the new micro-batches
             ledger.add(step, step_loss, grad_norm, ok)
@@ -265,7 +265,7 @@ def train(cfg: DictConfig) -> dict:
                 if revision["data_fraction"] != loader.fraction:  # more steps: drawn from more of the corpus
                     loader.close()
                     loader = train_batches(loader.sample - world.rank * plan.micro_batch)
-                train_step.spec = StepSpec.from_plan(plan)  # a slow step may accumulate fewer micro-batches
+                train_step.follow(plan)  # a slow step may accumulate fewer micro-batches
                 write_plan(run_dir, plan)
                 evaluator.tokens = min(evaluator.tokens, plan.eval_tokens)
                 bar.total = plan.steps

@@ -134,6 +134,15 @@ def test_python_api_like_the_users_readme(tmp_path, cache_dir):
     assert plan["model"]["num_heads"] == 2 and plan["model"]["vocab_size"] == 512
     assert result["elapsed_s"] < 0.002 * 3600 + 5  # the time budget ends the run
     assert isinstance(trainer.generate("To be", max_new_tokens=5), str)
+    from pufferfish.lab.budget_check import check
+
+    row = check(tmp_path / "api", tolerance=0.5)  # what `python -m pufferfish.lab.budget_check RUN` prints
+    assert row["budget_s"] == pytest.approx(7.2) and row["steps"] == result["step"], row
+    assert row["on_time"] and row["tokens"] == result["tokens"], row
+    # a 7 s run on a shared CPU may meet its clock a few steps before its re-planned schedule ends
+    assert row["schedule_complete"] or row["steps"] >= 0.9 * row["planned_steps"] or row["stopped_by"] == "early stop"
+    with pytest.raises(SystemExit, match=r"has no plan.json, summary.json, config.yaml, metrics.jsonl; give"):
+        check(tmp_path, tolerance=0.5)  # not a run's folder
 
 
 @pytest.mark.slow

@@ -21,15 +21,17 @@ from pufferfish.schedule import lr_at
 
 
 def check(run: Path, tolerance: float) -> dict:
+    missing = [f for f in ("plan.json", "summary.json", "config.yaml", "metrics.jsonl") if not (run / f).is_file()]
+    if missing:
+        raise SystemExit(f"budget_check: {run} has no {', '.join(missing)}; give the run_dir of a finished run "
+                         f"(python -m pufferfish.train ... run_dir=RUN writes all four)")  # fmt: skip
     plan = json.loads((run / "plan.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    cfg = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else None
-    records = read_metrics(run / "metrics.jsonl")
-    train = [r for r in records if r["kind"] == "train"]
-    o = cfg.optim if cfg is not None else None
+    o = OmegaConf.load(run / "config.yaml").optim
+    train = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
     last_lr = train[-1]["lr"] if train else float("nan")
     end_lr = lr_at(plan["steps"] - 1, plan["steps"], plan["lr"], o.schedule, o.warmup_frac, o.min_lr_ratio,
-                   o.decay_frac) if o is not None else float("nan")  # fmt: skip
+                   o.decay_frac)  # fmt: skip
     budget = plan["time_budget_s"]
     elapsed = summary.get("wall_s", summary["elapsed_s"])  # the loop, the final checkpoint, evaluation and sample
     row = {"budget_s": budget, "elapsed_s": elapsed, "ratio": elapsed / budget, "steps": summary["step"],
