@@ -18,13 +18,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import compose_config
+from .config import GROUPS, compose_config
 from .errors import ConfigError, OneLineArgumentParser, PufferfishError, exit_on_user_error
 from .overrides import check_command_line
 from .paths import CONF_DIR
 from .resolver import detect_hardware, format_plan, make_plan
 
-GROUPS = ("gpu", "mode", "model", "attention", "moe", "optimizations", "data", "logger")  # as in train.yaml
 HELP = """Commands:
   GROUP               list a group's options and pick one by number or name  (e.g. `gpu`)
   GROUP=OPTION        choose an option                                       (e.g. `gpu=gtx1060`)

@@ -15,6 +15,7 @@ import typing
 
 from omegaconf import DictConfig, OmegaConf
 
+from .config import GROUPS
 from .errors import ConfigError
 from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
@@ -127,7 +128,6 @@ MOE_RULES = {  # only when moe.enabled
     "moe.score_func": one_of("sigmoid", "softmax"),
     "moe.expert_ffn_dims": whole(1, 2**18),
 }
-GROUPS = ("gpu", "mode", "model", "attention", "moe", "optimizations", "data", "logger", "experiment")
 
 
 def _get(cfg, key: str):
@@ -189,7 +189,7 @@ def check_overrides(overrides: list[str]) -> None:
     """What Hydra itself fails on with a traceback rather than a message: `model=null` for a config group."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key.lstrip("+~").split("@")[0] in GROUPS and value.strip().lower() in ("null", "~", ""):
+        if sep and key.lstrip("+~").split("@")[0] in (*GROUPS, "experiment") and value.strip().lower() in ("null", "~", ""):
             group = key.lstrip("+~").split("@")[0]
             raise ConfigError(f"{item}: a config group needs an option name, e.g. {group}=NAME; "
                               f"`python -m pufferfish.train --help` lists the options of each group")  # fmt: skip
