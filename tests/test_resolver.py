@@ -402,3 +402,16 @@ def test_a_run_of_fixed_steps_spends_about_five_percent_of_its_work_on_evaluatio
     long = make_plan(compose("gpu=rtx3060", "mode=quick_dev", "train.max_steps=2000", "train.batch_tokens=65536"),
                      fake_gpu("rtx3060"), 8192, 10**9)  # fmt: skip
     assert (long.eval_tokens, long.final_eval_tokens) == (65536, 65536)  # a long run reads what it asks
+
+
+def test_a_replanned_run_says_its_new_data_share_and_evaluations():
+    # the card ran 1.4x faster than predicted: more steps, from more of the corpus, evaluated at a new cadence
+    plan = make_plan(compose("gpu=rtx3060", "mode=quick_dev", "mode.target_hours=0.02"), fake_gpu("rtx3060"), 8192, 10**6)
+    before = dict(plan.reasons)
+    seconds_per_step = plan.batch_tokens / (1.4 * plan.predicted_tokens_per_s)
+    plan.recalibrate(10, seconds_per_step, plan.time_budget_s * 0.9)
+    assert plan.reasons["steps"].startswith(f"{plan.steps} steps: re-planned at step 10")
+    assert plan.reasons["data"].startswith(f"{plan.data_fraction:.1%} of 1.00M corpus tokens, {plan.epochs:.2f} epoch")
+    assert plan.reasons["data"] != before["data"]
+    assert plan.reasons["eval"].startswith(f"every {plan.eval_interval} steps on {plan.eval_tokens:,} validation")
+    assert plan.reasons["eval"] != before["eval"]

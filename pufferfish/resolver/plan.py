@@ -112,6 +112,7 @@ class Plan:
         work = self.time_budget_s * speed  # the tokens the whole budget trains on at the measured speed
         self.eval_tokens = eval_tokens_for(self.eval_tokens, work, self.seq_len, each)
         self.final_eval_tokens = eval_tokens_for(self.final_eval_tokens, work, self.seq_len, FINAL_EVAL_SHARE)
+        self._restate()
 
     def set_steps(self, steps: int) -> None:
         """A re-planned number of steps (every rank calls it with the same number): the evaluation cadence
@@ -122,6 +123,16 @@ class Plan:
         self.epochs = self.train_tokens / max(1, self.data_fraction * self.corpus_tokens)
         if not self.reasons.get("eval", "").endswith("set by you"):
             self.eval_interval = max(1, steps // EVALS_PER_RUN)
+        self._restate()
+
+    def _restate(self) -> None:
+        """The data and evaluation reasons say the re-planned values (what follows them stays)."""
+        if "data" in self.reasons:
+            _, sep, rest = self.reasons["data"].partition(" (")
+            self.reasons["data"] = data_reason(self.data_fraction, self.corpus_tokens, self.epochs) + sep + rest
+        if "eval" in self.reasons:
+            by_you = self.reasons["eval"].endswith("set by you")
+            self.reasons["eval"] = eval_reason(self.eval_interval, self.eval_tokens, by_you)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
@@ -137,6 +148,15 @@ class Plan:
         if not plan.eval_interval:  # a plan.json written before evaluations were planned
             plan.eval_interval = max(1, plan.steps // EVALS_PER_RUN)
         return plan
+
+
+def data_reason(fraction: float, unique: int, epochs: float) -> str:
+    return f"{fraction:.1%} of {unique / 1e6:.2f}M corpus tokens, {epochs:.2f} epoch(s)"
+
+
+def eval_reason(interval: int, tokens: int, by_you: bool) -> str:
+    return (f"every {interval} steps on {tokens:,} validation tokens; the best weights are kept"
+            + ("; set by you" if by_you else ""))  # fmt: skip
 
 
 def loop_settings(cfg) -> dict:
@@ -279,7 +299,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     want_fraction = max(train_tokens, micro * (seq_len + 1) + 1) / unique
     fraction = min(1.0, max(mode.min_data_fraction, want_fraction))
     epochs = train_tokens / max(1, fraction * unique)
-    reasons["data"] = f"{fraction:.1%} of {unique / 1e6:.2f}M corpus tokens, {epochs:.2f} epoch(s)"
+    reasons["data"] = data_reason(fraction, unique, epochs)
     if want_fraction > mode.max_data_fraction and fraction > mode.max_data_fraction:
         reasons["data"] += f" (above mode={mode.name}'s {mode.max_data_fraction:.0%}: the budget can use more)"
     worth = effective_tokens(train_tokens, unique)
@@ -327,8 +347,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     eval_tokens = eval_tokens_for(wanted_eval, work, floor, EVAL_SHARE / evals)
     final_eval_tokens = eval_tokens_for(wanted_eval, work, floor, FINAL_EVAL_SHARE)
     stop_evals = 0 if train.max_steps or not train.early_stop else EARLY_STOP_EVALS
-    reasons["eval"] = (f"every {eval_interval} steps on {eval_tokens:,} validation tokens; the best weights are kept"
-                       + ("; set by you" if train.eval_interval else ""))  # fmt: skip
+    reasons["eval"] = eval_reason(eval_interval, eval_tokens, bool(train.eval_interval))
     reasons["early_stop"] = (f"after {stop_evals} evaluations in a row {EARLY_STOP_RISE:.0%} or more above the best"
                              if stop_evals else "off: " + ("train.max_steps fixes the steps" if train.max_steps
                                                            else "train.early_stop=false"))  # fmt: skip
