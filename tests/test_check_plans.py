@@ -6,10 +6,12 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
+
 from pufferfish.lab.plan_check.cards import gpu_ids
 from pufferfish.lab.plan_check.grouping import Pair, as_run, group_pairs, memory_key, pair_for, ran_as_planned
 from pufferfish.lab.plan_check.rows import read_rows, verdict
-from pufferfish.lab.plan_check.scheduler import Cards, Job
+from pufferfish.lab.plan_check.scheduler import Cards, Job, place
 from tests.conftest import ROOT, compose, tiny_overrides
 
 VERDICTS = ("ok", "OOM", "crash", "below 70 %", "not memory-bound")
@@ -52,6 +54,28 @@ def test_verdicts_and_packing_rules():
     assert not cards.fits("0", small) and cards.fits("1", small)  # a whole-card job runs alone
     cards.running["1"] += [small, small, small]
     assert not cards.fits("1", small)  # --jobs-per-gpu
+
+
+def test_small_jobs_pass_a_big_one_that_cannot_start_until_it_has_waited_its_turn():
+    # one H200: two 80 GiB plans cannot share it, but the small ones fit beside the first of them
+    cards = Cards(["0"], capacity_gib=139.8, per_card=10)
+    a80, h100 = Job("a100_80gb", "extended", ROOT, need_gib=81), Job("h100", "extended", ROOT, need_gib=81)
+    a40, g6, g4 = (Job(p, "standard", ROOT, need_gib=n) for p, n in (("a100_40gb", 41), ("gtx1060", 7), ("gtx1650", 5)))
+    pending, waiting = [a80, h100, a40, g6, g4], {}
+    started = place(pending, cards, now=0.0, waiting=waiting, hold_after_s=60)
+    assert [j.name for j, _ in started] == ["a100_80gb-extended", "a100_40gb-standard", "gtx1060-standard",
+                                            "gtx1650-standard"]  # fmt: skip
+    assert cards.free_gib("0") == pytest.approx(139.8 - 134) and waiting == {"h100-extended": 0.0}
+    for job, _ in started:
+        pending.remove(job)
+    cards.running["0"].remove(g4)  # the smallest ends; another small one waits behind the h100 job
+    late = Job("rtx2060", "quick_dev", ROOT, need_gib=5)
+    assert [j.name for j, _ in place([h100, late], cards, now=30.0, waiting=waiting)] == ["rtx2060-quick_dev"]
+    cards.running["0"].remove(late)
+    assert place([h100, late], cards, now=61.0, waiting=waiting) == []  # the card is held for the h100 job now
+    cards.running["0"][:] = []
+    assert [j.name for j, _ in place([h100, late], cards, now=200.0, waiting=waiting)] == ["h100-extended",
+                                                                                           "rtx2060-quick_dev"]
 
 
 def _pair(profile: str, mode: str, *overrides: str, time_limit_s: float = 600):

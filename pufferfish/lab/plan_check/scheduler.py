@@ -17,6 +17,7 @@ from .grouping import MODES, Pair, config_overrides, job_overrides
 
 CONTEXT_GIB = 1.0  # per process, outside the allocator's cap: CUDA context, cuBLAS workspaces, kernels
 WHOLE_CARD = 0.9  # a profile with this share of the card's memory or more (h200 on an H200) runs alone
+HOLD_AFTER_S = 60.0  # a job that cannot start lets smaller ones past it this long, then a card is held for it
 
 
 @dataclass
@@ -87,9 +88,9 @@ def start(job: Job, card: str, cards: Cards, args, extra: list[str], logs: Path)
         job.proc = subprocess.Popen(job_command(job, args, extra), env=env, stdout=out, stderr=err,
                                     start_new_session=True)  # fmt: skip  # its own group, ended as one
     job.gpu, job.started = card, time.perf_counter()
-    for other in cards.running[card]:
-        job.shared = other.shared = True
-    cards.running[card].append(job)
+    for other in cards.running[card]:  # `place` has put it there, beside any others
+        if other is not job:
+            job.shared = other.shared = True
     where = "cpu" if args.device == "cpu" else f"GPU {card}"
     print(f"[{time.strftime('%H:%M:%S')}] start {job.name} on {where} (~{job.need_gib:.1f} GiB)", file=sys.stderr)
 
@@ -102,12 +103,32 @@ def stop_group(job: Job) -> None:
     job.proc.wait()
 
 
+def place(pending: list[Job], cards: Cards, now: float, waiting: dict[str, float],
+          hold_after_s: float = HOLD_AFTER_S) -> list[tuple[Job, str]]:  # fmt: skip
+    """The jobs to start now and their cards, in `pending`'s order (biggest first), each on the fullest card that
+    takes it. A job no card can take lets smaller ones past it (on one card, two 80 GiB jobs must not idle the
+    rest) until it has waited `hold_after_s` (`waiting`: since when, by job name); then the emptiest card is
+    held for it and takes no other job. Marks the chosen jobs as running on their cards."""
+    held: set[str] = set()
+    chosen = []
+    for job in pending:
+        open_cards = [c for c in cards.ids if c not in held and cards.fits(c, job)]
+        if open_cards:
+            card = min(open_cards, key=cards.free_gib)
+            cards.running[card].append(job)
+            waiting.pop(job.name, None)
+            chosen.append((job, card))
+        elif not held and now - waiting.setdefault(job.name, now) >= hold_after_s:
+            held.add(max(cards.ids, key=cards.free_gib))
+    return chosen
+
+
 def run_jobs(jobs: list[Job], cards: Cards, args, extra: list[str], logs: Path, deadline: float, on_done=None):
-    """Biggest first (by memory, then the longest mode, then the predicted peak), on the fullest card that
-    takes it; the emptiest card is held for the biggest job that cannot start yet. Returns the jobs never
-    started (--max-minutes)."""
+    """Biggest first (by memory, then the longest mode, then the predicted peak), placed as `place` says.
+    Returns the jobs never started (--max-minutes)."""
     pending = sorted(jobs, key=lambda j: (-j.need_gib, -MODES.index(j.mode) if j.mode in MODES else 0,
                                           -j.peak_bytes))  # fmt: skip
+    waiting: dict[str, float] = {}
     try:
         while any(cards.running.values()) or (pending and time.perf_counter() < deadline):
             now = time.perf_counter()
@@ -125,17 +146,13 @@ def run_jobs(jobs: list[Job], cards: Cards, args, extra: list[str], logs: Path, 
                           file=sys.stderr)  # fmt: skip
                     if on_done:
                         on_done(job)
-            held: set[str] = set()
-            for job in list(pending) if now < deadline else []:
-                open_cards = [c for c in cards.ids if c not in held and cards.fits(c, job)]
-                if open_cards:
-                    start(job, min(open_cards, key=cards.free_gib), cards, args, extra, logs)
-                    pending.remove(job)
-                elif not held:
-                    held.add(max(cards.ids, key=cards.free_gib))
+            for job, card in place(pending, cards, now, waiting) if now < deadline else []:
+                start(job, card, cards, args, extra, logs)
+                pending.remove(job)
             time.sleep(0.5)
     finally:  # Ctrl-C or an error here: no job outlives the check
         for running in cards.running.values():
             for job in running:
-                stop_group(job)
+                if job.proc is not None:
+                    stop_group(job)
     return pending
