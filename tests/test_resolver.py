@@ -415,3 +415,19 @@ def test_a_replanned_run_says_its_new_data_share_and_evaluations():
     assert plan.reasons["data"] != before["data"]
     assert plan.reasons["eval"].startswith(f"every {plan.eval_interval} steps on {plan.eval_tokens:,} validation")
     assert plan.reasons["eval"] != before["eval"]
+
+
+def test_muons_orthogonalisation_costs_its_flops_once_a_step():
+    from pufferfish.resolver.speed import newton_schulz_flops
+
+    s = small_shape(num_layers=1, num_dims=4, num_heads=2, num_kv_heads=1, ffn_dims=8, optimizer="muon")
+    # per iteration 4 m^2 n + 2 m^3 (m the short side): wq, wo 4x4; wk, wv 2x4; gate, up, down 8x4; 5 iterations
+    by_hand = 5 * (2 * (4 * 16 * 4 + 2 * 64) + 2 * (4 * 4 * 4 + 2 * 8) + 3 * (4 * 16 * 8 + 2 * 64))
+    assert newton_schulz_flops(s) == by_hand == 14240
+    assert newton_schulz_flops(replace(s, optimizer="adamw")) == 0
+    # the 124M shape on an H200: a small batch pays for it, a large one hardly
+    fixed = ("gpu=h200", "mode=standard", "model.num_layers=12", "model.num_dims=768", "model.seq_len=1024")
+    for batch, slower in ((16384, (0.05, 0.3)), (524288, (0.0, 0.01))):
+        speeds = [make_plan(compose(*fixed, f"train.batch_tokens={batch}", f"optim.name={o}"), fake_gpu("h200"),
+                            32000, 10**10).predicted_tokens_per_s for o in ("adamw", "muon")]  # fmt: skip
+        assert slower[0] <= 1 - speeds[1] / speeds[0] <= slower[1], (batch, speeds)

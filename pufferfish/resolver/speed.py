@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..optim import MUON_NS_STEPS
 from .memory import BYTES, Shape, count_params
 
 
@@ -101,6 +102,24 @@ def host_seconds(s: Shape, constants: SpeedConstants = CONSTANTS) -> float:
     per_layer = k.host_layer_s[kind] * (k.checkpoint_host_factor if s.grad_ckpt else 1.0)
     layers = s.num_layers - s.moe_layers + s.moe_layers * k.moe_layer_launches
     return k.host_step_s + layers * per_layer
+
+
+def newton_schulz_flops(s: Shape, steps: int = MUON_NS_STEPS) -> float:
+    """FLOPs of Muon's orthogonalisation in one optimizer step (0 under AdamW). For a matrix with short side m and
+    long side n each iteration makes the Gram matrix x x^T (2 m^2 n), its square (2 m^3) and that times x (2 m^2 n):
+    the same for every optimizer step, however many tokens it takes, so it weighs on small batches."""
+    if s.optimizer != "muon":
+        return 0.0
+    C = s.num_dims
+
+    def matrices(m: int, n: int, count: int) -> float:
+        short, long = min(m, n), max(m, n)
+        return count * steps * (4 * short * short * long + 2 * short**3)
+
+    attn = matrices(C, C, 2) + matrices(s.kv_dims, C, 2)  # wq, wo; wk, wv
+    mlp = matrices(s.ffn_dims, C, 3)  # gate, up, down
+    shared = matrices(s.moe_expert_ffn_dims, C, 3) if s.moe_shared_expert else 0.0
+    return (s.num_layers - s.moe_layers) * (attn + mlp) + s.moe_layers * (attn + shared)
 
 
 def step_seconds(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0,
