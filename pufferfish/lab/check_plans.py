@@ -18,9 +18,10 @@ differ from the one planned here, the other pairs run on their own after all. `-
 and runs nothing; without a GPU it plans for an assumed card of --gpu-mem-gib (default an H200's).
 
 Jobs then run several at once: a GPU takes up to --jobs-per-gpu of them while their memory (the profile's,
-which the cap bounds, + the CUDA context) fits on the card; the biggest (and the longest modes) go first, a
-profile of (nearly) the card's size runs alone, and a job that failed beside others is run again alone
-before it counts as a failure.
+which the cap bounds, + the CUDA context) fits on the card; the biggest (and the longest modes) go first,
+smaller ones pass a job that does not fit yet for a minute before a card is held for it, a profile of
+(nearly) the card's size runs alone, and a job that failed beside others is run again alone before it counts
+as a failure.
 
 Per pair: use = peak allocated (CPU: peak RSS) / the allocator's cap (sweep_tools.allocator_cap: the limit
 apply_memory_cap sets, or the memory the plan was given when not emulated). Verdicts: ok (>= 70 %), OOM (an
