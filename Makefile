@@ -6,7 +6,7 @@ TORCH_CPU ?= torch==2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans quality time-to-loss lint clean
+.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans quality time-to-loss isoflop lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ quality: ## handed-over loss per wall-clock budget: the plan, a multirun oracle,
 
 time-to-loss: ## seconds to a target validation loss: the default recipe, each candidate and nanoGPT at two sizes (GPU; ARGS="--out DIR --target 3.5 ...")
 	$(PYTHON) -m pufferfish.lab.time_to_loss $(ARGS)
+
+isoflop: ## tokens per parameter by optimizer: widths on one training compute (ARGS="--out DIR --flops 6e12 ...")
+	$(PYTHON) -m pufferfish.lab.isoflop $(ARGS)
 
 sweep-lr: ## learning rates of AdamW and Muon at two widths on the CPU, then their table (SWEEP_DIR=)
 	d=$${SWEEP_DIR:-outputs/sweeps/optimizer_lr}; \

@@ -51,4 +51,4 @@ def test_every_width_spends_the_same_compute(tmp_path, cache_dir):
         assert abs(spent - flops) <= 0.5 * flops_per_token(plan) * plan["batch_tokens"], (r, spent)  # to a step
         assert math.isfinite(r["val_loss"]) and r["steps"] * 512 == r["tokens"]
     assert rows[0]["tokens"] > rows[1]["tokens"] > rows[2]["tokens"]  # the narrower, the more tokens
-    assert "| adamw | 32 |" in proc.stdout and "the planner's law" in (tmp_path / "isoflop.md").read_text()
+    assert "| adamw | 32 |" in proc.stdout and "Chinchilla's fit" in (tmp_path / "isoflop.md").read_text()

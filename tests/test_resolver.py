@@ -431,3 +431,12 @@ def test_muons_orthogonalisation_costs_its_flops_once_a_step():
         speeds = [make_plan(compose(*fixed, f"train.batch_tokens={batch}", f"optim.name={o}"), fake_gpu("h200"),
                             32000, 10**10).predicted_tokens_per_s for o in ("adamw", "muon")]  # fmt: skip
         assert slower[0] <= 1 - speeds[1] / speeds[0] <= slower[1], (batch, speeds)
+
+
+def test_a_muon_plan_trains_a_larger_model_on_fewer_tokens_per_parameter_and_says_why():
+    # the isoFLOP sweep: at the same compute Muon's best model is larger (resolver/scaling.py TOKEN_WORTH)
+    plans = {o: make_plan(compose("gpu=rtx3060", "mode=quick_dev", "mode.target_hours=0.25", f"optim.name={o}"),
+                          fake_gpu("rtx3060"), 8192, 10**10) for o in ("adamw", "muon")}  # fmt: skip
+    adamw, muon = plans["adamw"], plans["muon"]
+    assert muon.params > adamw.params and muon.train_tokens / muon.params < adamw.train_tokens / adamw.params
+    assert "counted as 3 of AdamW's" in muon.reasons["shape"] and "AdamW's" not in adamw.reasons["shape"]

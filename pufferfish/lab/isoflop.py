@@ -9,7 +9,7 @@ a model of `--layers` layers and one of `--dims` widths: the narrower the model,
 (train.max_steps = C / (FLOPs a token x tokens a step)). Each optimizer trains every width with the recipe the
 resolver plans for it (its learning rate, schedule and evaluations); the handed-over validation loss is compared.
 Per optimizer, a parabola in ln N through the losses places the compute-optimal size N* and its tokens per
-parameter D*/N*; beside it, the size the planner's scaling law (resolver/scaling.py, Chinchilla's fit) calls
+parameter D*/N*; beside it, the size Chinchilla's fit (resolver/scaling.py, all parameters counted) calls
 optimal for the same C. If an optimizer's N* differs from AdamW's, the planner's tokens per parameter should
 differ for it too. Each run appends a JSON line to DIR/results.jsonl; the table goes to DIR/isoflop.md.
 """
@@ -72,9 +72,12 @@ def run_one(args, optimizer: str, dims: int, steps: int) -> dict:
             "muon_lr": plan["optimizer"].get("muon_lr"), "wall_s": wall}  # fmt: skip
 
 
-def optimum(rows: list[dict]) -> dict | None:
-    """The parabola through (ln N, loss): its minimum's N*, loss and D*/N* (D* = C / FLOPs a token, taken as 6N*);
+def optimum(rows: list[dict], around: int = 2) -> dict | None:
+    """The parabola through (ln N, loss) of the lowest point and `around` neighbours on each side (a parabola
+    describes a curve near its minimum, not far from it): its minimum's N*, loss and D*/N* (D* = C / 6N*).
     None where the points do not bracket a minimum (the sweep should reach further that way)."""
+    lowest = min(range(len(rows)), key=lambda i: rows[i]["val_loss"])
+    rows = rows[max(0, lowest - around) : lowest + around + 1]
     if len(rows) < 3:
         return None
     x = np.log([r["params"] for r in rows])
@@ -112,7 +115,7 @@ def report(out: Path) -> str:
         best = optimum(sorted((r for r in rows if r["optimizer"] == name), key=lambda r: r["params"]))
         lines.append(f"| {name} | {best['params'] / 1e6:.3f}M | {best['tokens_per_param']:.1f} | {best['loss']:.3f} |"
                      if best else f"| {name} | not bracketed by the widths | | |")  # fmt: skip
-    lines.append(f"| the planner's law (Chinchilla's fit) | {law['params'] / 1e6:.3f}M | "
+    lines.append(f"| Chinchilla's fit (resolver/scaling.py), all parameters counted | {law['params'] / 1e6:.3f}M | "
                  f"{law['tokens_per_param']:.1f} | |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "isoflop.md").write_text(text)

@@ -16,7 +16,7 @@ from ..optim import MUON_LR, MUON_MOMENTUM
 from .capabilities import card_path
 from .hardware import Hardware
 from .memory import count_params, muon_params, predict_peak_bytes
-from .scaling import TOKENS_PER_PARAM, effective_tokens
+from .scaling import TOKEN_WORTH, TOKENS_PER_PARAM, effective_tokens
 from .search import MAX_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search
 from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
 
@@ -263,6 +263,9 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         why_shape = "the shape the scaling law (Hoffmann et al. 2022) predicts best for this budget"
     reasons["shape"] = (f"{L} layers x {d} dims ({n / 1e6:.2f}M parameters): {why_shape}; the budget gives "
                         f"{tokens / 1e6:.1f}M tokens ({tokens / n:.1f} per parameter)")  # fmt: skip
+    if TOKEN_WORTH.get(cfg.optim.name, 1.0) != 1.0:
+        reasons["shape"] += (f"; a token trained with {cfg.optim.name} counted as {TOKEN_WORTH[cfg.optim.name]:g} of "
+                             f"AdamW's, for which the law was fitted (python -m pufferfish.lab.isoflop)")  # fmt: skip
     reasons["heads"] = heads_reason(mc, cfg)
     if ckpt:
         reasons["grad_ckpt"] = "on: " + ("optimizations asks for it always" if ckpt_policy == "always"

@@ -20,6 +20,10 @@ E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28  # Chinchilla's fit (Hoffm
 R_D = 15.4  # e-folding of repeated data, in repetitions (Muennighoff et al. 2023, fitted R_D*)
 R_N = 5.3  # e-folding of excess parameters (their R_N*)
 TOKENS_PER_PARAM = 20  # compute-optimal tokens per parameter (Chinchilla): U_N = U / 20
+# What a token trained with each optimizer is worth in AdamW's tokens, which the law was fitted with. Muon's
+# from `python -m pufferfish.lab.isoflop` (docs/benchmarks.md, tokens per parameter by optimizer): at the same
+# compute its best model is 1.64x AdamW's, and with N* ~ k^(BETA / (ALPHA + BETA)) that is k = 1.64^2.21 ~ 3
+TOKEN_WORTH = {"adamw": 1.0, "muon": 3.0}
 
 
 def effective_tokens(tokens: float, unique: float) -> float:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .capabilities import card_path
 from .hardware import Hardware
 from .memory import Shape, count_params
-from .scaling import epochs_worth_training, predicted_loss
+from .scaling import TOKEN_WORTH, epochs_worth_training, predicted_loss
 from .shapes import (
     MAX_MICRO_BATCH,
     _candidates,
@@ -94,8 +94,10 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     n_law = count_params(shape, active=True) - mc["vocab_size"] * d
     mode, spec = cfg.mode, cfg.model
     inside = bool(spec.num_layers or mode.min_layers <= L) and bool(spec.num_dims or mode.min_dims <= d)
+    k = TOKEN_WORTH.get(shape.optimizer, 1.0)  # the optimizer's tokens, in the law's (AdamW's)
     return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, tokens, time_tokens,
-                     predicted_loss(n_law, tokens, unique), predicted_loss(n_law, time_tokens), inside)  # fmt: skip
+                     predicted_loss(n_law, k * tokens, k * unique), predicted_loss(n_law, k * time_tokens),
+                     inside)  # fmt: skip
 
 
 def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
