@@ -147,7 +147,7 @@ def test_python_api_like_the_users_readme(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_contract_default_corpus_ultra_fast(tmp_path):
-    """The issue's contract, as written: the embedded default corpus, nothing but gpu, mode and the dir."""
+    """The README's headline command as written: the embedded default corpus, nothing but gpu, mode and the dir."""
     import time
 
     run = tmp_path / "contract"
