@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pufferfish.lab.isoflop import flops_per_token, law_optimum, optimum
+from pufferfish.lab.isoflop import law_optimum, optimum
+from pufferfish.resolver import plan_flops_per_token
 from pufferfish.resolver.scaling import ALPHA, BETA, A, B
 from tests.conftest import ROOT, english_file
 
@@ -47,8 +48,8 @@ def test_every_width_spends_the_same_compute(tmp_path, cache_dir):
     assert [r["dims"] for r in rows] == [32, 48, 64]
     for r in rows:
         plan = json.loads((tmp_path / "runs" / f"adamw_d{r['dims']}" / "plan.json").read_text())
-        spent = r["tokens"] * flops_per_token(plan)
-        assert abs(spent - flops) <= 0.5 * flops_per_token(plan) * plan["batch_tokens"], (r, spent)  # to a step
+        spent = r["tokens"] * plan_flops_per_token(plan)
+        assert abs(spent - flops) <= 0.5 * plan_flops_per_token(plan) * plan["batch_tokens"], (r, spent)  # to a step
         assert math.isfinite(r["val_loss"]) and r["steps"] * 512 == r["tokens"]
     assert rows[0]["tokens"] > rows[1]["tokens"] > rows[2]["tokens"]  # the narrower, the more tokens
     assert "| adamw | 32 |" in proc.stdout and "Chinchilla's fit" in (tmp_path / "isoflop.md").read_text()

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pufferfish.api import compose_config
+from pufferfish.resolver import plan_flops_per_token
 from pufferfish.train import train
 
 DATASHEET = {"h200": 989e12, "h100": 989e12, "a100_80gb": 312e12, "a100_40gb": 312e12}
@@ -25,8 +26,7 @@ def run(name: str, overrides: list[str], seconds: float, root: Path) -> dict:
                           "train.sample_tokens=0", *overrides])  # fmt: skip
     result = train(cfg)
     plan = json.loads((root / name / "plan.json").read_text())
-    m = plan["model"]
-    flops_per_token = 6 * plan["active_params"] + 12 * m["num_layers"] * m["num_dims"] * plan["seq_len"]
+    flops_per_token = plan_flops_per_token(plan)
     peak = DATASHEET.get(plan["hardware"]["profile"], float("nan"))
     return {"name": name, "params": plan["params"], "active_params": plan["active_params"],
             "tokens_per_s": result["tokens_per_s"], "mfu_active": flops_per_token * result["tokens_per_s"] / peak,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pufferfish.resolver import plan_flops_per_token
 from pufferfish.resolver.scaling import predicted_loss
 
 from . import quality_per_budget as qpb
@@ -39,14 +40,8 @@ def base_args(args, dims: int) -> list[str]:
             "train.sample_tokens=0", *corpus_overrides(args.corpus), *args.set]  # fmt: skip
 
 
-def flops_per_token(plan: dict) -> float:
-    """Training FLOPs a token of a planned model: 6N for the matmuls + 12 L d T for attention."""
-    m = plan["model"]
-    return 6 * plan["params"] + 12 * m["num_layers"] * m["num_dims"] * plan["seq_len"]
-
-
 def steps_for(flops: float, plan: dict) -> int:
-    return max(1, round(flops / (flops_per_token(plan) * plan["batch_tokens"])))
+    return max(1, round(flops / (plan_flops_per_token(plan) * plan["batch_tokens"])))
 
 
 def dry_plan(args, dims: int) -> dict:

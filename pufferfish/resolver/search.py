@@ -19,7 +19,7 @@ from .shapes import (
     memory_shape,
     model_dict,
 )
-from .speed import newton_schulz_flops, predict_tokens_per_s
+from .speed import predict_tokens_per_s, with_optimizer_step
 
 MAX_EPOCHS = epochs_worth_training()  # ~22: another epoch would be worth under a quarter of fresh text
 ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
@@ -83,9 +83,7 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
         tps = speed(micro)
-    ns_s = newton_schulz_flops(shape) / (hw.peak_flops * hw.mfu)  # Muon's, once per optimizer step
-    if ns_s:
-        tps = target / (target / tps + ns_s)
+    tps = with_optimizer_step(tps, shape, target, hw.peak_flops, hw.mfu)
     # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
     time_tokens = tps * compute_s
     tokens = min(time_tokens, MAX_EPOCHS * unique)

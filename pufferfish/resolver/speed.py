@@ -72,11 +72,23 @@ class SpeedConstants:
 CONSTANTS = SpeedConstants()  # the committed values
 
 
+def model_flops_per_token(active_params: float, num_layers: int, num_dims: int, seq_len: int) -> float:
+    """Training FLOPs per token, the convention of published MFU figures: 6N for the matmuls (N active, tied
+    embedding once) + 12 L d T for attention."""
+    return 6 * active_params + 12 * num_layers * num_dims * seq_len
+
+
+def plan_flops_per_token(plan: dict) -> float:
+    """model_flops_per_token of a plan (a Plan's to_dict or plan.json)."""
+    m = plan["model"]
+    return model_flops_per_token(plan["active_params"], m["num_layers"], m["num_dims"], plan["seq_len"])
+
+
 def flops_per_token(s: Shape) -> float:
-    """Training FLOPs per token: 6N for the matmuls (N active, tied embedding once) + 12 L d T attention."""
+    """model_flops_per_token of a shape, with a checkpointed step's second forward of every block."""
     n = count_params(s, active=True)
-    attn = 12 * s.num_layers * s.num_dims * s.seq_len  # the convention used in published MFU figures
-    per_token = 6 * n + attn
+    attn = 12 * s.num_layers * s.num_dims * s.seq_len
+    per_token = model_flops_per_token(n, s.num_layers, s.num_dims, s.seq_len)
     if s.grad_ckpt:  # one more forward of every block
         per_token += 2 * (n - s.vocab_size * s.num_dims) + attn / 3
     return per_token
@@ -120,6 +132,13 @@ def newton_schulz_flops(s: Shape, steps: int = MUON_NS_STEPS) -> float:
     mlp = matrices(s.ffn_dims, C, 3)  # gate, up, down
     shared = matrices(s.moe_expert_ffn_dims, C, 3) if s.moe_shared_expert else 0.0
     return (s.num_layers - s.moe_layers) * (attn + mlp) + s.moe_layers * (attn + shared)
+
+
+def with_optimizer_step(tokens_per_s: float, s: Shape, batch_tokens: int, peak_flops: float, mfu: float) -> float:
+    """Tokens per second once the optimizer's own per-step work is counted: Muon's orthogonalisation, the same
+    for every optimizer step of `batch_tokens` tokens (AdamW's is in the fitted step time)."""
+    extra_s = newton_schulz_flops(s) / (peak_flops * mfu)
+    return batch_tokens / (batch_tokens / tokens_per_s + extra_s) if extra_s else tokens_per_s
 
 
 def step_seconds(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0,
