@@ -4,6 +4,7 @@ the largest micro-batch that fits the card's memory."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..errors import ConfigError
 from ..model import ModelConfig
@@ -140,8 +141,9 @@ def micro_batch_step(mb: int) -> int:
 def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1, path=None) -> int:
     """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of
     micro_batch_step; train.micro_batch is kept as given."""
-    path = path or card_path(cfg, hw)  # once: the bisection builds many shapes
-    fits = lambda mb: predict_peak_bytes(memory_shape(mc, cfg, hw, mb, grad_ckpt, shards, path)).total <= budget_bytes  # noqa: E731
+    # one Shape, its micro-batch replaced: the bisection reads no config (a DictConfig read costs microseconds)
+    shape = memory_shape(mc, cfg, hw, 1, grad_ckpt, shards, path)
+    fits = lambda mb: predict_peak_bytes(replace(shape, micro_batch=mb)).total <= budget_bytes  # noqa: E731
     if cfg.train.micro_batch:
         return cap if fits(cap) else 0
     if not fits(1):
