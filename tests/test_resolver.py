@@ -23,14 +23,15 @@ from pufferfish.resolver.hardware import (
     load_profile,
     nearest_profile,
 )
-from pufferfish.resolver.memory import CONSTANTS
+from pufferfish.resolver.memory import CONSTANTS, allocator_reserve_bytes
 from pufferfish.resolver.shapes import (
+    fits,
     heads_reason,
     kv_heads_for,
-    memory_budget,
     memory_shape,
     micro_batch_step,
     model_dict,
+    usable_bytes,
 )
 from pufferfish.resolver.speed import flops_per_token, step_seconds
 from tests.conftest import compose
@@ -267,7 +268,22 @@ def test_every_plan_fits_its_memory_and_respects_mode_bounds_or_says_why(gpu, mo
         step = micro_batch_step(plan.micro_batch)
         assert plan.micro_batch % step == 0 and (plan.micro_batch < 8 or plan.micro_batch % 2 == 0)
         bigger = memory_shape(plan.model, cfg, hw, plan.micro_batch + step, plan.grad_ckpt)
-        assert predict_peak_bytes(bigger).total > memory_budget(hw)
+        assert fits(memory_shape(plan.model, cfg, hw, plan.micro_batch, plan.grad_ckpt), hw) and not fits(bigger, hw)
+
+
+def test_a_compiled_plan_leaves_its_logits_free_for_the_allocator():
+    # rtx4060 quick_dev planned 112 x 512 compiled: 6.71 GiB allocated (6.78 predicted), and the allocator held
+    # 0.70 GiB more beyond it, past the 7.41 GiB cap (H100, 2026-12-05): one micro-batch's 16-bit logits are
+    # 0.88 GiB; an eager step leaves no such room
+    cfg = compose("gpu=rtx4060", "mode=quick_dev")
+    hw = fake_gpu("rtx4060", "bf16")
+    plan = make_plan(cfg, hw, 8192, 50_000_000)
+    assert plan.compile and plan.grad_accum > 1  # memory binds the micro-batch
+    logits = plan.micro_batch * plan.seq_len * 8192 * 2
+    assert plan.predicted_peak_bytes + logits <= usable_bytes(hw)
+    assert "allocator holds around the compiled step's logits" in plan.reasons["memory"]
+    eager = memory_shape(plan.model, cfg, hw, plan.micro_batch, plan.grad_ckpt)
+    assert allocator_reserve_bytes(replace(eager, compiled=False)) == 0
 
 
 def test_more_vram_never_gives_a_smaller_model():

@@ -225,6 +225,15 @@ def dynamic_parts(s: Shape, constants: MemoryConstants = CONSTANTS) -> tuple[flo
     return kept * act_k, 0.0, logit_bytes(s, k) * logit_k
 
 
+def allocator_reserve_bytes(s: Shape) -> int:
+    """What PyTorch's caching allocator may hold beyond the allocated peak, unusable by the step, that the
+    planner's headroom (resolver/shapes.py USABLE_MEMORY) does not cover: for a compiled step, one micro-batch's
+    16-bit logits. The plan check on each card's path (docs/benchmarks.md; H100, torch 2.11, 2026-12-05, with
+    expandable segments) measured compiled steps reserving 0.43-0.80 of them beyond their peaks (rtx4060
+    quick_dev: 0.70 GiB past a 7.41 GiB cap, out of memory), their eager steps at most 0.65 GiB, within it."""
+    return s.micro_batch * s.seq_len * s.vocab_size * 2 if s.compiled else 0
+
+
 def predict_peak_bytes(s: Shape, constants: MemoryConstants = CONSTANTS) -> MemoryBreakdown:
     """Peak bytes inside PyTorch's allocator for one training step (no CUDA context), by the committed
     constants or by `constants`."""

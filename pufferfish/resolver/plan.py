@@ -15,7 +15,7 @@ from ..model import ModelConfig
 from ..optim import MUON_LR, MUON_MOMENTUM
 from .capabilities import card_path
 from .hardware import Hardware
-from .memory import count_params, muon_params, predict_peak_bytes
+from .memory import allocator_reserve_bytes, count_params, muon_params, predict_peak_bytes
 from .scaling import TOKEN_WORTH, TOKENS_PER_PARAM, effective_tokens
 from .search import MAX_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search
 from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
@@ -337,6 +337,10 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         optimizer["muon_lr"], reasons["optimizer"] = muon_lr_for(cfg, lr, shape)
     reasons["memory"] = (f"predicted peak {peak.total / 2**30:.2f} GiB of {hw.vram_bytes / 2**30:.2f} GiB "
                          f"({'emulated ' if hw.emulated else ''}{hw.profile})")  # fmt: skip
+    reserve = allocator_reserve_bytes(replace(shape, micro_batch=micro))
+    if reserve:
+        reasons["memory"] += (f", and {reserve / 2**30:.2f} GiB left beside it for what the allocator holds "
+                              "around the compiled step's logits")  # fmt: skip
     if shards > 1:
         reasons["memory"] += f" per GPU: weights, gradients and optimizer state sharded over {shards} (FSDP2)"
 

@@ -15,7 +15,6 @@ from .shapes import (
     _candidates,
     _fit_micro_batch,
     grad_ckpt_for,
-    memory_budget,
     memory_shape,
     model_dict,
 )
@@ -102,12 +101,12 @@ def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, uniqu
             shards: int) -> list[Candidate]:  # fmt: skip
     """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits."""
     path = card_path(cfg, hw)  # the card's step: the same for every shape
-    mem_budget, cap = memory_budget(hw), cfg.train.micro_batch or MAX_MICRO_BATCH
+    cap = cfg.train.micro_batch or MAX_MICRO_BATCH
     out = []
     for L, d in _candidates(cfg, relaxed=True):
         mc = model_dict(cfg, L, d, vocab, seq_len)
         ckpt = grad_ckpt_for(mc, cfg, hw, cfg.train.micro_batch or 1, shards, path)  # only when needed to fit
-        mb = _fit_micro_batch(mc, cfg, hw, mem_budget, ckpt, cap, shards, path)
+        mb = _fit_micro_batch(mc, cfg, hw, ckpt, cap, shards, path)
         if mb:
             out.append(_weigh(cfg, hw, L, d, ckpt, mb, mc, compute_s, unique, world_size, shards, path))
     return out

@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..model import ModelConfig
 from .capabilities import card_path
 from .hardware import CUDA_CONTEXT_BYTES, Hardware
-from .memory import Shape, predict_peak_bytes
+from .memory import Shape, allocator_reserve_bytes, predict_peak_bytes
 
 MAX_MICRO_BATCH = 2**16  # sequences; memory or the target batch binds long before
 USABLE_MEMORY = 0.92  # plan to this share of the memory: headroom for fragmentation spikes
@@ -127,9 +127,21 @@ def _candidates(cfg, relaxed: bool = False) -> list[tuple[int, int]]:
     return [(L, d) for L in layers for d in dims]
 
 
+def usable_bytes(hw: Hardware) -> int:
+    """The device's memory less the CUDA context (on a GPU): what PyTorch's allocator can have."""
+    return hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)
+
+
 def memory_budget(hw: Hardware) -> int:
-    """The bytes a plan may fill: the device's memory less the CUDA context (on a GPU), at USABLE_MEMORY."""
-    return int((hw.vram_bytes - (CUDA_CONTEXT_BYTES if hw.profile != "cpu" else 0)) * USABLE_MEMORY)
+    """The bytes a plan may fill: usable_bytes at USABLE_MEMORY."""
+    return int(usable_bytes(hw) * USABLE_MEMORY)
+
+
+def fits(shape: Shape, hw: Hardware) -> bool:
+    """Whether a step of `shape` fits the card: its predicted peak within memory_budget, and with what the
+    allocator may reserve beyond it (allocator_reserve_bytes) within the card's usable memory."""
+    peak = predict_peak_bytes(shape).total
+    return peak <= memory_budget(hw) and peak + allocator_reserve_bytes(shape) <= usable_bytes(hw)
 
 
 def micro_batch_step(mb: int) -> int:
@@ -138,18 +150,18 @@ def micro_batch_step(mb: int) -> int:
     return 1 if mb < 8 else 2 if mb < 32 else 4 if mb < 64 else 8
 
 
-def _fit_micro_batch(mc, cfg, hw, budget_bytes: int, grad_ckpt: bool, cap: int, shards: int = 1, path=None) -> int:
-    """Largest micro-batch (at most `cap`) whose predicted peak fits, rounded down to a multiple of
-    micro_batch_step; train.micro_batch is kept as given."""
+def _fit_micro_batch(mc, cfg, hw, grad_ckpt: bool, cap: int, shards: int = 1, path=None) -> int:
+    """Largest micro-batch (at most `cap`) that fits (`fits`), rounded down to a multiple of micro_batch_step;
+    train.micro_batch is kept as given."""
     # one Shape, its micro-batch replaced: the bisection reads no config (a DictConfig read costs microseconds)
     shape = memory_shape(mc, cfg, hw, 1, grad_ckpt, shards, path)
-    fits = lambda mb: predict_peak_bytes(replace(shape, micro_batch=mb)).total <= budget_bytes  # noqa: E731
+    fit = lambda mb: fits(replace(shape, micro_batch=mb), hw)  # noqa: E731
     if cfg.train.micro_batch:
-        return cap if fits(cap) else 0
-    if not fits(1):
+        return cap if fit(cap) else 0
+    if not fit(1):
         return 0
-    lo, hi = 1, cap  # fits(lo); peak memory grows with the micro-batch
+    lo, hi = 1, cap  # fit(lo); peak memory grows with the micro-batch
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        lo, hi = (mid, hi) if fit(mid) else (lo, mid - 1)
     return lo - lo % micro_batch_step(lo)

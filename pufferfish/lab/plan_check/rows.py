@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pufferfish.api import compose_config
-from pufferfish.resolver import Hardware, make_plan, memory_budget, memory_shape, predict_peak_bytes
+from pufferfish.resolver import Hardware, fits, make_plan, memory_shape
 from pufferfish.runlog import read_metrics
 
 from ..sweep_tools import allocator_cap
@@ -103,9 +103,8 @@ def plan_without_max_steps(profile: str, mode: str, extra: list[str], plan: dict
     if not same or (not row["oom_backoffs"] and free.micro_batch != plan["micro_batch"]):
         row["notes"].append("train.max_steps changed the plan: the run's shape is shown")
         out.update(micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"])
-    budget = memory_budget(hw)
     doubled = memory_shape(plan["model"], cfg, hw, 2 * out["micro_batch"], plan["grad_ckpt"])
-    out["double_micro_batch_fits"] = predict_peak_bytes(doubled).total <= budget
+    out["double_micro_batch_fits"] = fits(doubled, hw)
     return out
 
 
