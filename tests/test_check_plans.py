@@ -11,7 +11,7 @@ import pytest
 from pufferfish.lab.plan_check.cards import gpu_ids
 from pufferfish.lab.plan_check.grouping import Pair, as_run, group_pairs, memory_key, pair_for, ran_as_planned
 from pufferfish.lab.plan_check.rows import read_rows, verdict
-from pufferfish.lab.plan_check.scheduler import Cards, Job, place
+from pufferfish.lab.plan_check.scheduler import CONTEXT_GIB, PEAK_MARGIN, Cards, Job, need_gib, place
 from tests.conftest import ROOT, compose, tiny_overrides
 
 VERDICTS = ("ok", "OOM", "crash", "below 70 %", "not memory-bound")
@@ -54,6 +54,15 @@ def test_verdicts_and_packing_rules():
     assert not cards.fits("0", small) and cards.fits("1", small)  # a whole-card job runs alone
     cards.running["1"] += [small, small, small]
     assert not cards.fits("1", small)  # --jobs-per-gpu
+
+
+def test_a_job_needs_its_cap_or_what_its_plan_predicts_if_less():
+    gib = 2**30
+    assert need_gib("rtx3060", [], 139.8) == 12 + CONTEXT_GIB  # the cap bounds what it can hold
+    assert need_gib("h200", [], 139.8) == 139.8  # the card's own size: the whole card
+    # an h200 ultra_fast plan predicts 5 GiB: it shares the card instead of holding all of it
+    assert need_gib("h200", [], 139.8, peak_bytes=5 * gib) == pytest.approx(5 * PEAK_MARGIN + CONTEXT_GIB)
+    assert need_gib("rtx3060", [], 139.8, peak_bytes=11 * gib) == 12 + CONTEXT_GIB  # memory-bound: its cap
 
 
 def test_small_jobs_pass_a_big_one_that_cannot_start_until_it_has_waited_its_turn():

@@ -17,11 +17,11 @@ own row with that run's measurements ("same plan as P/M") and its own verdict. S
 differ from the one planned here, the other pairs run on their own after all. `--list` prints this grouping
 and runs nothing; without a GPU it plans for an assumed card of --gpu-mem-gib (default an H200's).
 
-Jobs then run several at once: a GPU takes up to --jobs-per-gpu of them while their memory (the profile's,
-which the cap bounds, + the CUDA context) fits on the card; the biggest (and the longest modes) go first,
-smaller ones pass a job that does not fit yet for a minute before a card is held for it, a profile of
-(nearly) the card's size runs alone, and a job that failed beside others is run again alone before it counts
-as a failure.
+Jobs then run several at once: a GPU takes up to --jobs-per-gpu of them while their memory fits on the card
+(the profile's, which the cap bounds, or the plan's predicted peak with a quarter more where that is less,
++ the CUDA context); the biggest (and the longest modes) go first, smaller ones pass a job that does not fit
+yet for a minute before a card is held for it, a plan that may fill (nearly) the whole card runs alone, and a
+job that failed beside others is run again alone before it counts as a failure.
 
 Per pair: use = peak allocated (CPU: peak RSS) / the allocator's cap (sweep_tools.allocator_cap: the limit
 apply_memory_cap sets, or the memory the plan was given when not emulated). Verdicts: ok (>= 70 %), OOM (an
@@ -159,8 +159,8 @@ def main(argv: list[str]) -> int:
                 peak_bytes=g[0].plan["predicted_peak_bytes"] if g[0].plan else 0) for g in groups]  # fmt: skip
     if args.device != "cpu":
         needs = {profile: need_gib(profile, extra, cards.capacity) for profile in args.profiles}
-        for job in jobs:
-            job.need_gib = needs[job.profile]
+        for job in jobs:  # a plan that leaves its cap mostly unused shares the card by what it predicts
+            job.need_gib = need_gib(job.profile, extra, cards.capacity, job.peak_bytes)
     not_run = run_jobs(jobs, cards, args, extra, logs, deadline, record)
     again = [Job(j.profile, j.mode, j.run_dir, need_gib=cards.capacity, pairs=j.pairs, peak_bytes=j.peak_bytes)
              for j in jobs if j.pairs[0].name in rows and rows[j.pairs[0].name]["verdict"] in ("OOM", "crash")

@@ -17,6 +17,9 @@ from .grouping import MODES, Pair, config_overrides, job_overrides
 
 CONTEXT_GIB = 1.0  # per process, outside the allocator's cap: CUDA context, cuBLAS workspaces, kernels
 WHOLE_CARD = 0.9  # a profile with this share of the card's memory or more (h200 on an H200) runs alone
+# what a job may hold beyond its plan's predicted peak: the plan check measured peaks up to 6 % over it and the
+# allocator's reserve up to 0.8 of a micro-batch's 16-bit logits beyond them (docs/benchmarks.md, plan check)
+PEAK_MARGIN = 1.25
 HOLD_AFTER_S = 60.0  # a job that cannot start lets smaller ones past it this long, then a card is held for it
 
 
@@ -57,12 +60,16 @@ class Cards:
         return not jobs or (len(jobs) < self.per_card and job.need_gib <= self.free_gib(card))
 
 
-def need_gib(profile: str, extra: list[str], card_gib: float) -> float:
-    """Memory a job can hold on its card: its cap bounds the allocator, and the CUDA context comes on top."""
+def need_gib(profile: str, extra: list[str], card_gib: float, peak_bytes: int = 0) -> float:
+    """Memory a job can hold on its card: its cap bounds the allocator, and the CUDA context comes on top. Given
+    its plan's predicted peak, a plan that leaves its cap mostly unused (its batch fits in less) needs only
+    that peak with PEAK_MARGIN more, and shares the card where its cap alone would not."""
     gpu = compose_config([f"gpu={profile}", *config_overrides(extra)]).gpu
     if float(gpu.vram_gb) >= WHOLE_CARD * card_gib or not gpu.get("emulate", True):
-        return card_gib  # (nearly) the card's own memory: it may use all of it
-    return float(gpu.vram_gb) + CONTEXT_GIB
+        cap = card_gib  # (nearly) the card's own memory: it may use all of it
+    else:
+        cap = float(gpu.vram_gb) + CONTEXT_GIB
+    return min(cap, peak_bytes * PEAK_MARGIN / 2**30 + CONTEXT_GIB) if peak_bytes else cap
 
 
 def job_command(job: Job, args, extra: list[str]) -> list[str]:
