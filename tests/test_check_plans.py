@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from pufferfish.lab.check_plans import parse_args
 from pufferfish.lab.plan_check.cards import gpu_ids
 from pufferfish.lab.plan_check.grouping import Pair, as_run, group_pairs, memory_key, pair_for, ran_as_planned
 from pufferfish.lab.plan_check.rows import read_rows, verdict
@@ -54,6 +55,15 @@ def test_verdicts_and_packing_rules():
     assert not cards.fits("0", small) and cards.fits("1", small)  # a whole-card job runs alone
     cards.running["1"] += [small, small, small]
     assert not cards.fits("1", small)  # --jobs-per-gpu
+
+
+def test_single_pairs_join_the_profiles_by_modes():
+    args, _ = parse_args(["--profiles", "h200", "--modes", "standard,extended", "--also", "rtx4060:quick_dev",
+                          "h200:standard"])  # fmt: skip
+    assert args.pairs == [("h200", "standard"), ("h200", "extended"), ("rtx4060", "quick_dev")]
+    assert args.profiles == ["h200", "rtx4060"]
+    with pytest.raises(SystemExit):
+        parse_args(["--also", "rtx4060-quick_dev"])  # not PROFILE:MODE
 
 
 def test_a_job_needs_its_cap_or_what_its_plan_predicts_if_less():

@@ -3,6 +3,7 @@
     python -m pufferfish.lab.check_plans --out outputs/check_plans          # 11 profiles x 4 modes on every GPU here
     python -m pufferfish.lab.check_plans --list                             # which pairs share a job; runs nothing
     python -m pufferfish.lab.check_plans --profiles gtx1060,rtx3060 --modes standard --gpus 1 --jobs-per-gpu 4
+    python -m pufferfish.lab.check_plans --profiles h200 --also rtx4060:quick_dev  # h200's four, and one more
     python -m pufferfish.lab.check_plans --max-minutes 7 -- data=text_files data.paths=[corpus.txt]   # extra overrides
     python -m pufferfish.lab.check_plans --device cpu --profiles cpu --modes ultra_fast       # the machinery, on CPU
 
@@ -57,6 +58,8 @@ def parse_args(argv: list[str]):
                                 epilog="Hydra overrides after -- go to every job, e.g. -- data=text_files ...")  # fmt: skip
     p.add_argument("--profiles", nargs="+", default=PROFILES, help="gpu profiles (comma or space separated)")
     p.add_argument("--modes", nargs="+", default=MODES, help="modes (comma or space separated)")
+    p.add_argument("--also", nargs="+", default=[], metavar="PROFILE:MODE",
+                   help="single pairs to check besides --profiles x --modes, e.g. rtx4060:quick_dev")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gpu=cpu only, no emulation")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to spread the jobs over (default: all visible)")
     p.add_argument("--jobs-per-gpu", type=int, default=6, help="jobs at once on one GPU, memory permitting")
@@ -75,6 +78,13 @@ def parse_args(argv: list[str]):
     args = p.parse_args(argv)
     args.profiles = [v for value in args.profiles for v in value.split(",") if v]
     args.modes = [v for value in args.modes for v in value.split(",") if v]
+    args.pairs = [(pr, m) for pr in args.profiles for m in args.modes]
+    for pair in (v for value in args.also for v in value.split(",") if v):
+        profile, _, mode = pair.partition(":")
+        if not profile or mode not in MODES:
+            p.error(f"--also {pair!r}: give PROFILE:MODE with a mode of {', '.join(MODES)}")
+        args.pairs += [(profile, mode)] if (profile, mode) not in args.pairs else []
+    args.profiles = list(dict.fromkeys(pr for pr, _ in args.pairs))
     if args.device == "cpu" and args.profiles != ["cpu"]:
         p.error("--device cpu runs gpu=cpu only: pass --profiles cpu")
     return args, extra
@@ -108,7 +118,7 @@ def main(argv: list[str]) -> int:
     else:
         ids = visible_gpus(args.gpus)
         cards = Cards(ids, args.gpu_mem_gib or card_info(ids[0])[1], args.jobs_per_gpu)
-    pairs = [Pair(pr, m) for pr in args.profiles for m in args.modes]
+    pairs = [Pair(pr, m) for pr, m in args.pairs]
     rows: dict[str, dict] = {}
     groups_done: list[list[str]] = []
 

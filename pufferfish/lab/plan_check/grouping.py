@@ -126,25 +126,24 @@ def plan_pairs(args, extra: list[str], card: tuple[str, int] | None) -> list[Pai
     make_plan on the prepared data), for the card (name, bytes) its job will see; card None: the CPU."""
     prepared, pairs, limit = {}, [], job_time_limit(args)
     skip = ("hydra.", "hydra/", "run_dir=", "dry_run=")
-    for profile in args.profiles:
-        for mode in args.modes:
-            try:
-                cfg = compose_config([o for o in job_overrides(profile, mode, args, extra)
-                                      if not o.lstrip("+~").startswith(skip)])  # fmt: skip
-                validate(cfg)
-                data_key = OmegaConf.to_yaml(cfg.data)
-                if data_key not in prepared:
-                    prepared[data_key] = prepare_data(cfg.data, progress=False)
-                data = prepared[data_key]
-                if card:  # the card as its job will see it: all free but the CUDA context
-                    name, total = card
-                    hw = hardware_on(cfg.gpu, cfg.optimizations, cfg.train.device, name, total,
-                                     total - CUDA_CONTEXT_BYTES)  # fmt: skip
-                else:
-                    hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
-                plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens)
-            except Exception as e:  # noqa: BLE001 - its job runs alone and shows the error in full
-                pairs.append(Pair(profile, mode, error=(str(e).splitlines() or [type(e).__name__])[0]))
-                continue
-            pairs.append(pair_for(profile, mode, cfg, plan.to_dict(), limit))
+    for profile, mode in args.pairs:
+        try:
+            cfg = compose_config([o for o in job_overrides(profile, mode, args, extra)
+                                  if not o.lstrip("+~").startswith(skip)])  # fmt: skip
+            validate(cfg)
+            data_key = OmegaConf.to_yaml(cfg.data)
+            if data_key not in prepared:
+                prepared[data_key] = prepare_data(cfg.data, progress=False)
+            data = prepared[data_key]
+            if card:  # the card as its job will see it: all free but the CUDA context
+                name, total = card
+                hw = hardware_on(cfg.gpu, cfg.optimizations, cfg.train.device, name, total,
+                                 total - CUDA_CONTEXT_BYTES)  # fmt: skip
+            else:
+                hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
+            plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens)
+        except Exception as e:  # noqa: BLE001 - its job runs alone and shows the error in full
+            pairs.append(Pair(profile, mode, error=(str(e).splitlines() or [type(e).__name__])[0]))
+            continue
+        pairs.append(pair_for(profile, mode, cfg, plan.to_dict(), limit))
     return pairs
