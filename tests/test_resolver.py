@@ -282,6 +282,8 @@ def test_a_compiled_plan_leaves_its_logits_free_for_the_allocator():
     logits = plan.micro_batch * plan.seq_len * 8192 * 2
     assert plan.predicted_peak_bytes + logits <= usable_bytes(hw)
     assert "allocator holds around the compiled step's logits" in plan.reasons["memory"]
+    # 104 x 512 x 5 is not the 2^18 tokens the batch asked for: the reason says what runs
+    assert plan.batch_tokens != 2**18 and f"{plan.batch_tokens:,} run" in plan.reasons["batch"]
     eager = memory_shape(plan.model, cfg, hw, plan.micro_batch, plan.grad_ckpt)
     assert allocator_reserve_bytes(replace(eager, compiled=False)) == 0
 

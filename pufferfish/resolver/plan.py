@@ -282,6 +282,10 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     batch_tokens = micro * seq_len * accum * world_size  # over all data-parallel ranks
     how = " (set by you)" if train.micro_batch and micro == best.fit_micro_batch else \
         " (the largest that fits)" if micro == best.fit_micro_batch else ""  # fmt: skip
+    if batch_tokens != target:  # whole micro-batches: the step runs the nearest multiple of one
+        reasons["batch"] += (f"; {batch_tokens:,} run: {accum} micro-batch(es) of {micro} x {seq_len} tokens"
+                             + (f" on each of {world_size} processes" if world_size > 1 else "")
+                             + ", the nearest whole number")  # fmt: skip
     reasons["micro_batch"] = (f"{micro} x {seq_len} tokens per forward{how}, {accum} accumulation step(s)"
                               + (f" on each of {world_size} processes" if world_size > 1 else ""))  # fmt: skip
 
