@@ -17,8 +17,9 @@ from .grouping import MODES, Pair, config_overrides, job_overrides
 
 CONTEXT_GIB = 1.0  # per process, outside the allocator's cap: CUDA context, cuBLAS workspaces, kernels
 WHOLE_CARD = 0.9  # a profile with this share of the card's memory or more (h200 on an H200) runs alone
-# what a job may hold beyond its plan's predicted peak: the plan check measured peaks up to 6 % over it and the
-# allocator's reserve up to 0.8 of a micro-batch's 16-bit logits beyond them (docs/benchmarks.md, plan check)
+# what a job may hold beyond its plan's predicted peak: the plan check measured peaks up to 4 % over it (a
+# checkpointed fp16 plan) and the allocator's reserve up to 0.8 of a micro-batch's 16-bit logits beyond them,
+# more for a plan that leaves memory free (docs/benchmarks.md, plan check)
 PEAK_MARGIN = 1.25
 HOLD_AFTER_S = 60.0  # a job that cannot start lets smaller ones past it this long, then a card is held for it
 
