@@ -81,12 +81,13 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
-def data_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
-    """cfg.data, with the default corpus capped to what the budget can use (data.max_mb=null)."""
+def data_config(cfg: DictConfig, world_size: int = 1, hw=None) -> DictConfig:
+    """cfg.data, with the default corpus capped to what the budget can use (data.max_mb=null) on `hw` (default:
+    the hardware detected here)."""
     if cfg.data.source != "python" or cfg.data.max_mb:
         return cfg.data
     data = cfg.data.copy()
-    hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
+    hw = hw or detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
     data.max_mb = corpus_mb_wanted(cfg, hw, world_size)
     return data
 

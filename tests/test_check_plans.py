@@ -10,9 +10,25 @@ import pytest
 
 from pufferfish.lab.check_plans import parse_args
 from pufferfish.lab.plan_check.cards import gpu_ids
-from pufferfish.lab.plan_check.grouping import Pair, as_run, group_pairs, memory_key, pair_for, ran_as_planned
+from pufferfish.lab.plan_check.grouping import (
+    Pair,
+    as_run,
+    group_pairs,
+    memory_key,
+    pair_for,
+    plan_pairs,
+    ran_as_planned,
+)
 from pufferfish.lab.plan_check.rows import read_rows, verdict
-from pufferfish.lab.plan_check.scheduler import CONTEXT_GIB, PEAK_MARGIN, Cards, Job, need_gib, place
+from pufferfish.lab.plan_check.scheduler import (
+    CONTEXT_GIB,
+    PEAK_MARGIN,
+    Cards,
+    Job,
+    job_command,
+    need_gib,
+    place,
+)
 from tests.conftest import ROOT, compose, tiny_overrides
 
 VERDICTS = ("ok", "OOM", "crash", "below 70 %", "not memory-bound")
@@ -34,6 +50,23 @@ def test_check_plans_runs_a_job_and_reads_its_memory(tmp_path, cache_dir):
     assert row["verdict"].startswith(VERDICTS)
     assert "| cpu | ultra_fast | 1 x 64 |" in proc.stdout
     assert not (out / "cpu-ultra_fast" / "checkpoints").exists()  # deleted once read
+
+
+def test_the_check_plans_on_the_corpus_its_jobs_read(tmp_path):
+    # the default corpus (this machine's Python source) is capped by each job's budget: the check plans on, and
+    # prepares, that capped corpus, so its plans are the jobs' and no job builds a corpus of its own
+    cache = tmp_path / "cache"
+    args, extra = parse_args(["--device", "cpu", "--profiles", "cpu", "--modes", "ultra_fast", "--out",
+                              str(tmp_path / "out"), "--", f"data.cache_dir='{cache}'"])  # fmt: skip
+    (pair,) = plan_pairs(args, extra, None)
+    prepared = sorted(p.name for p in cache.iterdir())
+    job = Job("cpu", "ultra_fast", tmp_path / "run")
+    proc = subprocess.run(job_command(job, args, [*extra, "dry_run=true"]), capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert ran["corpus_tokens"] == pair.plan["corpus_tokens"] < 20_000_000  # capped, not the whole source tree
+    assert sorted(p.name for p in cache.iterdir()) == prepared  # the job found its corpus ready
 
 
 def test_verdicts_and_packing_rules():

@@ -9,8 +9,9 @@
 
 Each job is `python -m pufferfish.train gpu=P mode=M train.max_steps=20` (no evaluation until the end, no
 sample) in its own run directory OUT/P-M; a profile smaller than the card caps the process's allocator at
-the profile's memory (apply_memory_cap in pufferfish/resolver/hardware.py). A dry run first builds the
-tokenizer/token cache alone. Then every pair's plan is made here, in this process, by the code's own
+the profile's memory (apply_memory_cap in pufferfish/resolver/hardware.py). First every pair's plan is made
+here, in this process (which prepares the corpora the jobs will read, each capped as its job caps it, so no
+job spends its time on one), by the code's own
 hardware_on (detect_hardware's rules) and make_plan for the card the jobs will see (described by
 nvidia-smi: this process never starts CUDA, which would take memory from the jobs). Pairs whose plans agree on everything that sets the
 peak memory, the allocator's cap and how far 20 steps get (memory_key) run as one job; each pair keeps its
@@ -150,15 +151,10 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)
         write_tables()
 
-    if len(pairs) > 1:  # one process builds the tokenizer and token cache; the rest would queue on its lock
-        warm = Job(pairs[0].profile, pairs[0].mode, out / "_warmup", label="_warmup")
-        print("warm-up: a dry run prepares the data cache ...", file=sys.stderr)
-        run_jobs([warm], cards, args, [*extra, "dry_run=true"], logs, deadline)
-        if warm.rc != 0:
-            print((logs / f"{warm.name}.err").read_text(errors="replace")[-3000:], file=sys.stderr)
-            sys.exit(f"the warm-up dry run failed (exit {warm.rc}); see {logs / (warm.name + '.err')}")
+    if len(pairs) > 1:  # planned here first; that prepares every corpus the jobs read, so none builds one
+        print("planning every pair (and preparing the corpora its job will read) ...", file=sys.stderr)
         card, where = planning_card(args)
-        pairs = plan_pairs(args, extra, card)  # in this process, on the cache the warm-up built
+        pairs = plan_pairs(args, extra, card)
         groups = group_pairs(pairs)
         print(grouping_text(groups, where), file=sys.stderr)
     else:

@@ -11,6 +11,7 @@ from pufferfish.api import compose_config
 from pufferfish.data import prepare_data
 from pufferfish.resolver import Hardware, detect_hardware, make_plan
 from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, hardware_on
+from pufferfish.rundir import data_config
 from pufferfish.validate import validate
 
 from ..sweep_tools import allocator_cap
@@ -122,8 +123,9 @@ def as_run(planned: dict, ran: dict) -> dict:
 
 
 def plan_pairs(args, extra: list[str], card: tuple[str, int] | None) -> list[Pair]:
-    """Every pair's plan, as its job would make it (pufferfish/rundir.py's plan_for: detect_hardware, then
-    make_plan on the prepared data), for the card (name, bytes) its job will see; card None: the CPU."""
+    """Every pair's plan, as its job would make it (pufferfish/rundir.py: data_config caps the default corpus to
+    what the budget can use, plan_for plans on the prepared data), for the card (name, bytes) its job will see;
+    card None: the CPU. Prepares every corpus the jobs will read, so none of them builds one."""
     prepared, pairs, limit = {}, [], job_time_limit(args)
     skip = ("hydra.", "hydra/", "run_dir=", "dry_run=")
     for profile, mode in args.pairs:
@@ -131,16 +133,17 @@ def plan_pairs(args, extra: list[str], card: tuple[str, int] | None) -> list[Pai
             cfg = compose_config([o for o in job_overrides(profile, mode, args, extra)
                                   if not o.lstrip("+~").startswith(skip)])  # fmt: skip
             validate(cfg)
-            data_key = OmegaConf.to_yaml(cfg.data)
-            if data_key not in prepared:
-                prepared[data_key] = prepare_data(cfg.data, progress=False)
-            data = prepared[data_key]
             if card:  # the card as its job will see it: all free but the CUDA context
                 name, total = card
                 hw = hardware_on(cfg.gpu, cfg.optimizations, cfg.train.device, name, total,
                                  total - CUDA_CONTEXT_BYTES)  # fmt: skip
             else:
                 hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
+            data_cfg = data_config(cfg, hw=hw)  # the job's: the default corpus capped to what its budget can use
+            data_key = OmegaConf.to_yaml(data_cfg)
+            if data_key not in prepared:
+                prepared[data_key] = prepare_data(data_cfg, progress=False)
+            data = prepared[data_key]
             plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens)
         except Exception as e:  # noqa: BLE001 - its job runs alone and shows the error in full
             pairs.append(Pair(profile, mode, error=(str(e).splitlines() or [type(e).__name__])[0]))
