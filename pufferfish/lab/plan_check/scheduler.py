@@ -37,13 +37,12 @@ class Job:
     rc: int | None = None
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
-    label: str = ""  # the name of its logs, when not profile-mode
     pairs: list[Pair] = field(default_factory=list)  # the pairs its run stands for; the first is its own
     peak_bytes: int = 0  # the predicted peak of its plan: the order among jobs of the same memory
 
     @property
     def name(self) -> str:
-        return self.label or f"{self.profile}-{self.mode}"
+        return f"{self.profile}-{self.mode}"
 
 
 class Cards:
