@@ -28,6 +28,7 @@ from pufferfish.lab.plan_check.scheduler import (
     job_command,
     need_gib,
     place,
+    planned_need_gib,
 )
 from tests.conftest import ROOT, compose, tiny_overrides
 
@@ -104,8 +105,9 @@ def test_a_job_needs_its_cap_or_what_its_plan_predicts_if_less():
     assert need_gib("rtx3060", [], 139.8) == 12 + CONTEXT_GIB  # the cap bounds what it can hold
     assert need_gib("h200", [], 139.8) == 139.8  # the card's own size: the whole card
     # an h200 ultra_fast plan predicts 5 GiB: it shares the card instead of holding all of it
-    assert need_gib("h200", [], 139.8, peak_bytes=5 * gib) == pytest.approx(5 * PEAK_MARGIN + CONTEXT_GIB)
-    assert need_gib("rtx3060", [], 139.8, peak_bytes=11 * gib) == 12 + CONTEXT_GIB  # memory-bound: its cap
+    assert planned_need_gib(139.8, peak_bytes=5 * gib) == pytest.approx(5 * PEAK_MARGIN + CONTEXT_GIB)
+    assert planned_need_gib(12 + CONTEXT_GIB, peak_bytes=11 * gib) == 12 + CONTEXT_GIB  # memory-bound: its cap
+    assert planned_need_gib(139.8, peak_bytes=0) == 139.8  # no plan: its cap
 
 
 def test_small_jobs_pass_a_big_one_that_cannot_start_until_it_has_waited_its_turn():

@@ -47,7 +47,7 @@ from .plan_check.cards import ASSUMED_CARD_GIB, card_info, planning_card, visibl
 from .plan_check.grouping import MODES, PROFILES, Pair, group_pairs, job_time_limit, plan_pairs
 from .plan_check.report import grouping_text, markdown
 from .plan_check.rows import read_rows
-from .plan_check.scheduler import Cards, Job, need_gib, run_jobs
+from .plan_check.scheduler import Cards, Job, need_gib, planned_need_gib, run_jobs
 
 FAILED = ("OOM", "crash", "timeout", "not run")
 
@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
     if args.device != "cpu":
         needs = {profile: need_gib(profile, extra, cards.capacity) for profile in args.profiles}
         for job in jobs:  # a plan that leaves its cap mostly unused shares the card by what it predicts
-            job.need_gib = need_gib(job.profile, extra, cards.capacity, job.peak_bytes)
+            job.need_gib = planned_need_gib(needs[job.profile], job.peak_bytes)
     not_run = run_jobs(jobs, cards, args, extra, logs, deadline, record)
     again = [Job(j.profile, j.mode, j.run_dir, need_gib=cards.capacity, pairs=j.pairs, peak_bytes=j.peak_bytes)
              for j in jobs if j.pairs[0].name in rows and rows[j.pairs[0].name]["verdict"] in ("OOM", "crash")

@@ -103,16 +103,15 @@ GRAD_CKPT_OPTIONS = {"never": (False,), "always": (True,), "auto": (False, True)
 
 def grad_ckpt_for(mc: dict, cfg, hw: Hardware, micro_batch: int, shards: int = 1, path=None) -> bool:
     """Whether the planner checkpoints model dict `mc` at this micro-batch on `hw`: as optimizations.grad_ckpt
-    asks; under `auto` only when the step without it does not fit memory_budget(hw). The shape search decides
+    asks; under `auto` only when the step without it does not fit (`fits`). The shape search decides
     each shape with it (at train.micro_batch, or at 1 while the micro-batch is free), and so does a measuring
     job at its own micro-batch."""
     policy = cfg.optimizations.grad_ckpt
     if policy not in GRAD_CKPT_OPTIONS:
         raise ConfigError(f"optimizations.grad_ckpt={policy!r}; allowed: {', '.join(GRAD_CKPT_OPTIONS)}")
     *tried, last = GRAD_CKPT_OPTIONS[policy]
-    budget = memory_budget(hw)
     for ckpt in tried:
-        if predict_peak_bytes(memory_shape(mc, cfg, hw, micro_batch, ckpt, shards, path)).total <= budget:
+        if fits(memory_shape(mc, cfg, hw, micro_batch, ckpt, shards, path), hw):
             return ckpt
     return last
 

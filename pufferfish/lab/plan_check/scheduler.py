@@ -60,16 +60,18 @@ class Cards:
         return not jobs or (len(jobs) < self.per_card and job.need_gib <= self.free_gib(card))
 
 
-def need_gib(profile: str, extra: list[str], card_gib: float, peak_bytes: int = 0) -> float:
-    """Memory a job can hold on its card: its cap bounds the allocator, and the CUDA context comes on top. Given
-    its plan's predicted peak, a plan that leaves its cap mostly unused (its batch fits in less) needs only
-    that peak with PEAK_MARGIN more, and shares the card where its cap alone would not."""
+def need_gib(profile: str, extra: list[str], card_gib: float) -> float:
+    """Memory a job can hold on its card: its cap bounds the allocator, and the CUDA context comes on top."""
     gpu = compose_config([f"gpu={profile}", *config_overrides(extra)]).gpu
     if float(gpu.vram_gb) >= WHOLE_CARD * card_gib or not gpu.get("emulate", True):
-        cap = card_gib  # (nearly) the card's own memory: it may use all of it
-    else:
-        cap = float(gpu.vram_gb) + CONTEXT_GIB
-    return min(cap, peak_bytes * PEAK_MARGIN / 2**30 + CONTEXT_GIB) if peak_bytes else cap
+        return card_gib  # (nearly) the card's own memory: it may use all of it
+    return float(gpu.vram_gb) + CONTEXT_GIB
+
+
+def planned_need_gib(cap_gib: float, peak_bytes: int) -> float:
+    """A job's need given its plan's predicted peak (0: unknown): a plan that leaves its cap (need_gib) mostly
+    unused needs only that peak with PEAK_MARGIN more, and shares the card where its cap alone would not."""
+    return min(cap_gib, peak_bytes * PEAK_MARGIN / 2**30 + CONTEXT_GIB) if peak_bytes else cap_gib
 
 
 def job_command(job: Job, args, extra: list[str]) -> list[str]:
