@@ -14,12 +14,23 @@
 #   nanogpt-default, nanogpt-shakespeare  nanoGPT's recipe on the same tokens and wall-clock time
 #   oracle-default, oracle-shakespeare    the one-multirun oracle at 108 s: 20 jobs, over 40 minutes, so run it
 #                                         in parts of one width each: WIDTHS=0.5, then 0.75, 1, 1.5 and 2
-#   ttl-default, ttl-shakespeare          seconds to the default recipe's best loss: candidates and nanoGPT
+#   ttl-default, ttl-shakespeare          seconds to the default recipe's best loss at 60 s, two sizes: the default,
+#                                         each candidate and nanoGPT (SYSTEMS=default,muon,... for some of them)
+#   ttl-peer-default, ttl-peer-shakespeare  seconds the default plan takes to reach nanoGPT's final loss of a
+#                                         BUDGET-second run (600), nanoGPT's own recipe (GPT-2 124M) on the same
+#                                         tokens: over 20 minutes, so DETACH=1
+# DETACH=1 runs the part in a new process session (it outlives the command while the machine is held) and logs
+# to OUT_DIR/PART.log: read that in later commands, and keep the machine busy until the part ends.
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
 # OUT_DIR --report` then prints the table from every part run so far.
 set -uo pipefail
 part=$1 out=$2
 mkdir -p "$out"
+if [ "${DETACH:-}" = 1 ]; then
+  DETACH= setsid nohup bash "$0" "$part" "$out" > "$out/$part.log" 2>&1 < /dev/null &
+  echo "detached: $part logs to $out/$part.log"
+  exit 0
+fi
 export PUFFERFISH_SHARED_DATA=$PWD/.devcarry PUFFERFISH_NANOGPT=$PWD/.devcarry/nanogpt PYTHONUNBUFFERED=1
 quiet() { grep -v -i -E "warn|^\s*$" ; }
 corpus=${part#*-}
@@ -36,8 +47,12 @@ case "$part" in
     python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets 108 --systems oracle \
       --oracle-widths "${WIDTHS:-0.5,0.75,1,1.5,2}" \
       --gpu h200 2>&1 | quiet | tail -20 ;;
+  ttl-peer-*)
+    corpus=${part#ttl-peer-}
+    python -m pufferfish.lab.time_to_loss --out "$out/ttl_peer_$corpus" --target nanogpt --corpus "$corpus" \
+      --budget "${BUDGET:-600}" --sizes plan --systems "${SYSTEMS:-default,nanogpt}" --gpu h200 2>&1 | quiet | tail -20 ;;
   ttl-*)
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_$corpus" --target default --corpus "$corpus" \
-      --budget 60 --sizes 6x384,8x512 --gpu h200 2>&1 | quiet | tail -20 ;;
+      --budget 60 --sizes 6x384,8x512 ${SYSTEMS:+--systems "$SYSTEMS"} --gpu h200 2>&1 | quiet | tail -20 ;;
   *) echo "unknown part $part; see the header of $0" >&2; exit 2 ;;
 esac

@@ -1,8 +1,9 @@
-"""python -m pufferfish.lab.time_to_loss end to end on the CPU: real runs of two recipes at two sizes on English text; the
-table's seconds are the runs' own eval records."""
+"""python -m pufferfish.lab.time_to_loss end to end on the CPU: real runs of two recipes at two sizes (a fixed one and
+the plan's own) on English text; the table's seconds are the runs' own eval records."""
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,7 +11,7 @@ from pufferfish.lab import time_to_loss
 from pufferfish.runlog import read_metrics
 from tests.conftest import ROOT, english_file
 
-SIZES = ("1x64", "2x64")
+SIZES = ("1x64", "plan")  # the plan of mode=ultra_fast is 1 x 64 too: as cheap
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def measured(tmp_path_factory, cache_dir):
 
 def table(text: str) -> list[dict]:
     lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| system")]
-    keys = ["system", "size", "target", "seconds", "step", "handed_over", "steps", "verdict"]
+    keys = ["system", "size", "target", "seconds", "step", "x_peer", "handed_over", "steps", "verdict"]
     return [dict(zip(keys, (c.strip() for c in line.strip("|").split("|")))) for line in lines]
 
 
@@ -56,8 +57,12 @@ def test_the_table_has_a_row_per_system_and_size_with_seconds_from_the_runs_metr
         summary = json.loads((run / "summary.json").read_text())
         assert float(r["handed_over"]) == pytest.approx(summary["val_loss"], abs=5e-4)
         assert int(r["steps"]) == summary["step"] == 20
-    plan = json.loads((out / "runs" / "combined_2x64" / "plan.json").read_text())
+        assert r["x_peer"] == ""  # no nanoGPT run to compare with
+    plan = json.loads((out / "runs" / "combined_plan" / "plan.json").read_text())
     assert plan["optimizer"]["name"] == "muon" and plan["model"]["qk_norm"] and plan["schedule"]["schedule"] == "wsd"
+    assert "set by you" not in plan["reasons"]["shape"]  # size `plan`: the resolver chose the shape
+    fixed = json.loads((out / "runs" / "combined_1x64" / "plan.json").read_text())
+    assert "set by you" in fixed["reasons"]["shape"]
     assert (out / "time_to_loss.png").stat().st_size > 10_000
 
 
@@ -104,3 +109,44 @@ def test_verdicts_need_both_sizes_sooner_and_no_worse_hand_over():
     assert time_to_loss.verdicts(base + never, goal)["combined"] == "rejected (a: not sooner)"
     assert time_to_loss.first_at_or_below(never[1]["curve"], 3.0) == (5, 0)
     assert time_to_loss.first_at_or_below(base[0]["curve"], 3.0) == (20, 10)  # at or below: 3.0 counts
+
+
+def test_the_nanogpt_target_is_its_final_evaluation_and_times_are_set_against_its_own():
+    def row(system, size, curve, loss):
+        return {"system": system, "size": size, "curve": [(t, v, 10 * i) for i, (t, v) in enumerate(curve)],
+                "val_loss": loss}  # fmt: skip
+
+    rows = [row("nanogpt", "plan", [(20, 5.0), (300, 3.6), (600, 3.5), (610, 3.52)], 3.5),
+            row("default", "plan", [(30, 4.0), (200, 3.51), (250, 3.45)], 3.4),
+            row("muon", "plan", [(30, 3.9), (100, 3.6)], 3.6)]  # fmt: skip
+    goal = time_to_loss.targets(rows, "nanogpt")
+    assert goal == {"plan": 3.52}  # its last evaluation, not its best
+    # nanoGPT itself first reached 3.52 at 600 s; the default at 200 s; muon never did
+    assert time_to_loss.times_peer(rows, goal) == {("nanogpt", "plan"): 1.0, ("default", "plan"): pytest.approx(1 / 3)}
+    with pytest.raises(SystemExit, match="--target nanogpt needs nanogpt's run at size"):
+        time_to_loss.targets(rows[1:], "nanogpt")
+    assert sorted(["plan", "12x768", "8x512", "8x1024"], key=time_to_loss.size_order) == ["8x512", "8x1024", "12x768",
+                                                                                          "plan"]
+
+
+@pytest.mark.parametrize("argv, said", [(["--target", "low"], "--target='low'; allowed: a validation loss"),
+                                        (["--target", "4", "--sizes", "8x512,big"], "--sizes has big; allowed"),
+                                        (["--target", "nanogpt", "--systems", "default"], "add nanogpt to --systems"),
+                                        (["--target", "4", "--systems", "nanogpt", "--sizes", "2x64"],
+                                         "has no default run at size.s. 2x64 on this corpus and budget")])
+def test_bad_arguments_are_refused_with_what_is_allowed(tmp_path, monkeypatch, argv, said):
+    monkeypatch.setattr(sys, "argv", ["time_to_loss", "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit, match=said):
+        time_to_loss.main()
+
+
+def test_nanogpt_runs_as_long_as_the_latest_default_run_of_its_size_corpus_and_budget(tmp_path):
+    rows = [{"system": "default", "size": "plan", "corpus": "default", "budget_s": 600.0, "wall_s": 650.0},
+            {"system": "default", "size": "plan", "corpus": "shakespeare", "budget_s": 600.0, "wall_s": 640.0},
+            {"system": "default", "size": "plan", "corpus": "default", "budget_s": 600.0, "wall_s": 655.5},
+            {"system": "muon", "size": "plan", "corpus": "default", "budget_s": 600.0, "wall_s": 700.0}]  # fmt: skip
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = SimpleNamespace(out=tmp_path, corpus="default", budget=600.0)
+    assert time_to_loss.default_wall(args, "plan") == 655.5  # the later of the two on this corpus
+    assert time_to_loss.default_wall(args, "8x512") is None
+    assert time_to_loss.default_wall(SimpleNamespace(out=tmp_path, corpus="default", budget=300.0), "plan") is None

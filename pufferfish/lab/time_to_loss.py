@@ -1,21 +1,25 @@
 """Time to loss: the seconds each recipe takes to first reach a target validation loss, on the same tokens.
 
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 [--corpus default|shakespeare|FILE] [--budget 600]
-        [--sizes 8x512,12x768] [--systems default,muon,qk_norm,wsd,combined,nanogpt] [--gpu auto]
+        [--sizes 8x512,12x768|plan] [--systems default,muon,qk_norm,wsd,combined,nanogpt] [--gpu auto]
         [--set KEY=VALUE ...] [--nanogpt-set=--ARG=VALUE ...]
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 --report   # the table and the PNG from DIR's results
 
-Every system trains each size (model.num_layers x model.num_dims, fixed) for the same time budget:
+Every system trains each size (model.num_layers x model.num_dims, fixed; `plan`: the shape each recipe's plan
+chooses for the budget, and nanoGPT's own GPT-2 124M) for the same time budget:
 - default: Pufferfish's recipe as a user gets it at that size;
 - muon, qk_norm, wsd: one candidate each (optim.name=muon, model.qk_norm=true, optim.schedule=wsd);
   combined: all three;
-- nanogpt: nanoGPT's recipe (scripts/quality_per_budget.py's runner, $PUFFERFISH_NANOGPT) at the same size,
-  on Pufferfish's token files, for as long as the default run took.
+- nanogpt: nanoGPT's recipe (quality_per_budget.py's runner, $PUFFERFISH_NANOGPT) at the same size, on
+  Pufferfish's token files, for as long as the default run at that size took (in this command or an earlier one
+  with the same --out, corpus and budget: the two may run as separate commands).
 Seconds to target: the first evaluation at or below the target (evaluations are not interpolated). A
 Pufferfish run's seconds are its eval records' elapsed_s (metrics.jsonl: the run's clock, counting from its
 data being ready, so planning, building, compiling and the evaluations before it are in them); nanoGPT's count
 from its first log line (after its imports, before it reads data and builds its model) to its eval line.
-`--target default`: at each size, the lowest loss the default recipe's evaluations reached. The handed-over loss
+`--target default`: at each size, the lowest loss the default recipe's evaluations reached; `--target nanogpt`: at
+each size, nanoGPT's final evaluation (the table's `x nanoGPT` column: seconds over nanoGPT's own seconds to that
+loss). The handed-over loss
 is what each run hands over at the end of the budget (Pufferfish: summary.json's val_loss; nanoGPT: its best
 evaluation). A candidate is kept only if at both sizes it reaches the target sooner than the default and hands
 over a loss no higher; otherwise rejected. Each run appends a JSON line to DIR/results.jsonl; the table goes to
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -43,6 +48,7 @@ SYSTEMS = {  # name: the overrides it adds to Pufferfish's default recipe
     "combined": ["optim.name=muon", "model.qk_norm=true", "optim.schedule=wsd"],
 }
 PEER = "nanogpt"
+PLAN = "plan"  # the size each recipe's plan chooses
 
 
 def corpus_overrides(corpus: str) -> list[str]:
@@ -53,10 +59,14 @@ def corpus_overrides(corpus: str) -> list[str]:
 
 
 def base_args(args, size: str) -> list[str]:
-    layers, dims = size.split("x")
-    return [f"gpu={args.gpu}", f"mode={args.mode}", f"mode.target_hours={args.budget / 3600:.6f}",
-            f"model.num_layers={layers}", f"model.num_dims={dims}", "train.progress=false",
-            *corpus_overrides(args.corpus), *args.set]  # fmt: skip
+    shape = [] if size == PLAN else [f"model.num_layers={size.split('x')[0]}", f"model.num_dims={size.split('x')[1]}"]
+    return [f"gpu={args.gpu}", f"mode={args.mode}", f"mode.target_hours={args.budget / 3600:.6f}", *shape,
+            "train.progress=false", *corpus_overrides(args.corpus), *args.set]  # fmt: skip
+
+
+def size_order(size: str) -> tuple:
+    """Fixed sizes by layers then dims, the plan's shape last."""
+    return (math.inf,) if size == PLAN else tuple(map(int, size.split("x")))
 
 
 def prepare(args) -> tuple[Path, list[str]]:
@@ -65,9 +75,10 @@ def prepare(args) -> tuple[Path, list[str]]:
     from pufferfish.data import prepare_data
     from pufferfish.rundir import data_config
 
-    largest = max(args.sizes.split(","), key=lambda s: math.prod(map(int, s.split("x"))))
-    cfg = compose_config(base_args(args, largest))
-    data = data_config(cfg)  # the default corpus is capped by the budget: pinned, so every size reads the same
+    # the default corpus is capped by what the budget can use at a size: the largest cap of all sizes, pinned, so
+    # every size reads the same text
+    data = max((data_config(compose_config(base_args(args, size))) for size in args.sizes.split(",")),
+               key=lambda d: d.max_mb or 0)  # fmt: skip
     pinned = [f"data.max_mb={data.max_mb}"] if data.source == "python" else []
     return prepare_data(data, progress=True).dir, pinned
 
@@ -90,13 +101,17 @@ def pufferfish_result(run: Path) -> dict:
     evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval" and not r.get("final")]
     return {"curve": [(r["elapsed_s"], r["val_loss"], r["step"]) for r in evals], "val_loss": summary["val_loss"],
             "run_dir": str(run), "steps": summary["step"], "stopped_by": summary["stopped_by"],
+            "tokens_per_s": summary["tokens_per_s"], "batch_tokens": plan["batch_tokens"],
             "params": plan["params"], "lr": plan["lr"], "optimizer": plan["optimizer"],
             "schedule": plan["schedule"]["schedule"], "qk_norm": plan["model"].get("qk_norm", False)}  # fmt: skip
 
 
 def run_peer(args, size: str, data_dir: Path, wall_s: float) -> dict:
-    layers, dims = map(int, size.split("x"))
-    extra = (f"--n_layer={layers}", f"--n_embd={dims}", f"--n_head={max(1, dims // 64)}", *args.nanogpt_set)
+    shape = ()  # at the plan's size, nanoGPT's own recipe: GPT-2 124M
+    if size != PLAN:
+        layers, dims = map(int, size.split("x"))
+        shape = (f"--n_layer={layers}", f"--n_embd={dims}", f"--n_head={max(1, dims // 64)}")
+    extra = (*shape, *args.nanogpt_set)
     out = args.out / "nanogpt" / size
     out.mkdir(parents=True, exist_ok=True)
     row = qpb.run_nanogpt(args.corpus if args.corpus in ("default", "shakespeare") else "file", wall_s, out,
@@ -113,15 +128,28 @@ def first_at_or_below(curve: list, target: float) -> tuple[float, int] | None:
 
 
 def targets(rows: list[dict], target: str) -> dict[str, float]:
-    """The target loss per size: one number for all, or `default`: the default recipe's lowest evaluation."""
+    """The target loss per size: one number for all; `default`: the default recipe's lowest evaluation;
+    `nanogpt`: nanoGPT's final evaluation."""
     sizes = {r["size"] for r in rows}
-    if target != "default":
+    if target not in ("default", PEER):
         return dict.fromkeys(sizes, float(target))
-    found = {r["size"]: min(v for _, v, _ in r["curve"]) for r in rows if r["system"] == "default" and r["curve"]}
+    found = {r["size"]: (min(v for _, v, _ in r["curve"]) if target == "default" else r["curve"][-1][1])
+             for r in rows if r["system"] == target and r["curve"]}  # fmt: skip
     missing = sorted(sizes - found.keys())
     if missing:
-        sys.exit(f"time_to_loss: --target default needs the default recipe's run at size(s) {', '.join(missing)}")
+        sys.exit(f"time_to_loss: --target {target} needs {target}'s run at size(s) {', '.join(missing)}")
     return found
+
+
+def times_peer(rows: list[dict], goal: dict[str, float]) -> dict[tuple[str, str], float]:
+    """(system, size): its seconds to the target over nanoGPT's own at that size, where both reached it."""
+    peer = {r["size"]: first_at_or_below(r["curve"], goal[r["size"]]) for r in rows if r["system"] == PEER}
+    out = {}
+    for r in rows:
+        hit, base = first_at_or_below(r["curve"], goal[r["size"]]), peer.get(r["size"])
+        if hit and base and base[0] > 0:
+            out[r["system"], r["size"]] = hit[0] / base[0]
+    return out
 
 
 def verdicts(rows: list[dict], goal: dict[str, float]) -> dict[str, str]:
@@ -145,24 +173,41 @@ def verdicts(rows: list[dict], goal: dict[str, float]) -> dict[str, str]:
     return out
 
 
+def read_rows(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def default_wall(args, size: str) -> float | None:
+    """The wall-clock seconds of the latest default run at this size, corpus and budget in --out's results, which
+    nanoGPT then runs for (so the two can also run as separate commands)."""
+    walls = [r["wall_s"] for r in read_rows(args.out) if r["system"] == "default" and r["size"] == size
+             and r["corpus"] == args.corpus and r["budget_s"] == args.budget]  # fmt: skip
+    return walls[-1] if walls else None
+
+
 def report(out: Path, target: str) -> str:
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(out)
     latest = {(r["system"], r["size"]): r for r in rows}  # a run repeated later replaces the earlier
-    rows = sorted(latest.values(), key=lambda r: (list(map(int, r["size"].split("x"))), _order(r["system"])))
+    rows = sorted(latest.values(), key=lambda r: (size_order(r["size"]), _order(r["system"])))
     goal = targets(rows, target)
-    decided = verdicts(rows, goal)
-    lines = [f"Target: {'the lowest evaluation of the default recipe at each size' if target == 'default' else target} "
-             f"(validation loss). Seconds to target: the first evaluation at or below it, not interpolated; "
-             f"Pufferfish's seconds are its eval records' elapsed_s (from its data being ready: planning, building, "
-             f"compiling and earlier evaluations included), nanoGPT's from its first log line to the eval line.",
-             "", "| system | size | target | seconds to target | at step | handed-over loss | steps | verdict |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    decided, ratio = verdicts(rows, goal), times_peer(rows, goal)
+    said = {"default": "the lowest evaluation of the default recipe at each size",
+            PEER: "nanoGPT's final evaluation at each size"}.get(target, target)  # fmt: skip
+    lines = [f"Target: {said} (validation loss). Seconds to target: the first evaluation at or below it, not "
+             f"interpolated; Pufferfish's seconds are its eval records' elapsed_s (from its data being ready: planning, "
+             f"building, compiling and earlier evaluations included), nanoGPT's from its first log line to the eval "
+             f"line. x nanoGPT: those seconds over nanoGPT's own to the same target. Size `plan`: each recipe's planned "
+             f"shape, nanoGPT's GPT-2 124M.",
+             "", "| system | size | target | seconds to target | at step | x nanoGPT | handed-over loss | steps | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         hit = first_at_or_below(r["curve"], goal[r["size"]])
         verdict = {"default": "reference", PEER: "peer"}.get(r["system"], decided.get(r["system"], ""))
+        times = ratio.get((r["system"], r["size"]))
         lines.append(f"| {r['system']} | {r['size']} | {goal[r['size']]:.3f} | "
-                     f"{f'{hit[0]:.2f}' if hit else 'not reached'} | {hit[1] if hit else ''} | {r['val_loss']:.3f} | "
-                     f"{r['steps']} | {verdict} |")  # fmt: skip
+                     f"{f'{hit[0]:.2f}' if hit else 'not reached'} | {hit[1] if hit else ''} | "
+                     f"{'' if times is None else f'{times:.2f}'} | {r['val_loss']:.3f} | {r['steps']} | {verdict} |")  # fmt: skip
     text = "\n".join(lines)
     (out / "time_to_loss.md").write_text(text + "\n")
     _plot(rows, goal, out / "time_to_loss.png")
@@ -174,24 +219,26 @@ def _order(system: str) -> int:
 
 
 def _plot(rows: list[dict], goal: dict[str, float], path: Path) -> None:
-    sizes = sorted(goal, key=lambda s: list(map(int, s.split("x"))))
+    sizes = sorted(goal, key=size_order)
     fig, axes = panels(len(sizes))
     for ax, size in zip(axes, sizes):
         for r in (r for r in rows if r["size"] == size and r["curve"]):
             t, v, _ = zip(*r["curve"])
             ax.plot(t, v, marker=".", label=r["system"])
         ax.axhline(goal[size], ls="--", c="grey", label=f"target {goal[size]:.3f}")
-        ax.set(title=f"{size} (layers x dims)", xlabel="seconds", ylabel="validation loss")
+        ax.set(title="the planned shapes" if size == PLAN else f"{size} (layers x dims)", xlabel="seconds",
+               ylabel="validation loss")  # fmt: skip
     save(fig, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--target", required=True, help="a validation loss, or `default` (see above)")
+    ap.add_argument("--target", required=True, help="a validation loss, `default` or `nanogpt` (see above)")
     ap.add_argument("--corpus", default="default", help="default | shakespeare | a text file or folder")
     ap.add_argument("--budget", type=float, default=600, help="seconds of training per run")
-    ap.add_argument("--sizes", default="8x512,12x768", help="LAYERSxDIMS, comma-separated (two for a verdict)")
+    ap.add_argument("--sizes", default="8x512,12x768",
+                    help="LAYERSxDIMS or `plan`, comma-separated (two for a verdict)")
     ap.add_argument("--systems", default=",".join([*SYSTEMS, PEER]))
     ap.add_argument("--gpu", default="auto")
     ap.add_argument("--mode", default="quick_dev", help="the mode group (sets seq_len; the shape is fixed)")
@@ -200,26 +247,36 @@ def main() -> None:
                     help="a nanoGPT argument replacing its recipe's, e.g. --nanogpt-set=--compile=False (repeatable)")
     ap.add_argument("--report", action="store_true", help="only write the table and the PNG from DIR's results")
     args = ap.parse_args()
-    if args.target != "default":
-        float(args.target)  # a number, or stop here
+    if args.target not in ("default", PEER):
+        try:
+            float(args.target)
+        except ValueError:
+            sys.exit(f"time_to_loss: --target={args.target!r}; allowed: a validation loss (e.g. 4.0), default, {PEER}")
+    bad = [s for s in args.sizes.split(",") if s != PLAN and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", s)]
+    if bad:
+        sys.exit(f"time_to_loss: --sizes has {', '.join(bad)}; allowed: LAYERSxDIMS (e.g. 8x512) or {PLAN}")
     args.out.mkdir(parents=True, exist_ok=True)
     systems = args.systems.split(",")
     unknown = sorted(set(systems) - {*SYSTEMS, PEER})
     if unknown:
         sys.exit(f"time_to_loss: unknown system(s) {', '.join(unknown)}; known: {', '.join([*SYSTEMS, PEER])}")
-    if PEER in systems and "default" not in systems:
-        sys.exit("time_to_loss: nanogpt runs as long as the default recipe took; add default to --systems")
+    missing = [size for size in args.sizes.split(",") if PEER in systems and "default" not in systems
+               and default_wall(args, size) is None]  # fmt: skip
+    if missing and not args.report:
+        sys.exit(f"time_to_loss: nanogpt runs as long as the default recipe took, and {args.out} has no default run "
+                 f"at size(s) {', '.join(missing)} on this corpus and budget; add default to --systems")
+    if args.target == PEER and PEER not in systems and not args.report:
+        sys.exit("time_to_loss: --target nanogpt is nanoGPT's final loss; add nanogpt to --systems")
     if not args.report:
         data_dir, pinned = prepare(args)
         for size in args.sizes.split(","):
-            for system in (s for s in SYSTEMS if s in systems):
-                row = run_pufferfish(args, system, size, pinned)
+            for system in (s for s in [*SYSTEMS, PEER] if s in systems):
+                if system == PEER:
+                    row = run_peer(args, size, data_dir, default_wall(args, size))
+                else:
+                    row = run_pufferfish(args, system, size, pinned)
                 with open(args.out / "results.jsonl", "a") as f:
                     f.write(json.dumps({"corpus": args.corpus, "budget_s": args.budget, **row}) + "\n")
-                if system == "default" and PEER in systems:
-                    peer = run_peer(args, size, data_dir, row["wall_s"])
-                    with open(args.out / "results.jsonl", "a") as f:
-                        f.write(json.dumps({"corpus": args.corpus, "budget_s": args.budget, **peer}) + "\n")
     print(report(args.out, args.target))
 
 
