@@ -7,8 +7,9 @@ import pytest
 
 from pufferfish.lab import calibrate, fit_memory_model, fit_speed_model
 from pufferfish.model import ModelConfig
-from pufferfish.resolver import predict_peak_bytes, speed
+from pufferfish.resolver import count_params, predict_peak_bytes, speed
 from pufferfish.resolver.hardware import load_profile, profile_peak_flops
+from tests.conftest import ROOT
 
 
 def key(fields: dict, batch: int, t) -> tuple:
@@ -102,3 +103,54 @@ def test_one_shape_instead_of_a_grid():
     for bad in ("12x512", "12x512:512", "12x512:512x512:turbo", "12x512:512x512:all:8192:x"):
         with pytest.raises(SystemExit, match="LAYERSxDIMS:BATCHxSEQ"):
             calibrate.parse_shape(bad)
+
+
+def test_cpu_speed_measures_the_step_and_sets_it_against_the_probe():
+    """A real measurement of one small shape: the share is tokens/s x the FLOPs the speed model counts for the
+    built model over the probe, and the table's prediction is what the cpu profile would plan."""
+    from pufferfish.lab import cpu_speed
+
+    result = cpu_speed.measure(steps=2, grid=[(1, 64, 2, 64)], probe_seconds=0.05)
+    (row,) = result["rows"]
+    assert (row["num_layers"], row["num_dims"], row["batch"], row["seq_len"]) == (1, 64, 2, 64)
+    mc = ModelConfig(num_layers=1, num_dims=64, num_heads=1, num_kv_heads=1, vocab_size=cpu_speed.VOCAB, seq_len=64)
+    assert row["params"] == count_params(calibrate.shape_of(mc, 2, calibrate.plan_techniques()["fp32"]))
+    assert row["flops_per_token"] == speed.model_flops_per_token(row["params"], 1, 64, 64)
+    assert row["tokens_per_s"] > 0 and result["probe_flops"] > 0
+    assert row["share"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / result["probe_flops"])
+    text = cpu_speed.table(result, mfu=0.5, half=64)
+    predicted = result["probe_flops"] * 0.5 * 64 / (64 + 64) / row["flops_per_token"]
+    assert f"| 1 x 64 | 1 | 2 x 64 | {row['params'] / 1e6:.2f}M | {row['tokens_per_s']:,.0f} | {row['share']:.3f} | " \
+           f"{predicted:,.0f} | {predicted / row['tokens_per_s'] - 1:+.0%} |" in text  # fmt: skip
+
+
+def test_cpu_speed_fit_recovers_the_share_law_it_fits():
+    from pufferfish.lab import cpu_speed
+
+    rows = [{"num_dims": d, "share": 0.9 * d / (d + 180)} for d in (64, 128, 256, 384, 768)]
+    mfu, half = cpu_speed.fit(rows)
+    assert (mfu, half) == (pytest.approx(0.9), 180)
+    above = [{**r, "share": r["share"] * 1.2} for r in rows]  # an asymptote above the probe: mfu held at 1
+    mfu, half = cpu_speed.fit(above)
+    assert mfu == 1.0 and half < 180
+    committed = json.loads((ROOT / "docs" / "measurements" / "2026-12-05" / "cpu_speed.json").read_text())
+    mfu, half = cpu_speed.fit(committed["rows"])  # the profile's constants are the committed measurement's fit
+    assert (round(mfu, 2), half) == (float(load_profile("cpu").mfu), speed.CONSTANTS.cpu_half_share_dims)
+    noisy = [{**r, "share": r["share"] * f} for r, f in zip(rows, (1.05, 0.95, 1.02, 0.98, 1.0))]
+    mfu, half = cpu_speed.fit(noisy)
+    assert 150 <= half <= 210 and 0.8 <= mfu <= 1.0
+
+
+def test_the_cpu_speed_model_gives_narrow_layers_a_smaller_share_of_the_probe():
+    """The cpu profile's prediction: FLOPs at the probed rate x mfu x d / (d + cpu_half_share_dims)."""
+    prof = load_profile("cpu")
+    rates = []
+    for d in (64, 768):
+        mc = ModelConfig(num_layers=4, num_dims=d, num_heads=max(1, d // 64), num_kv_heads=1, vocab_size=8192,
+                         seq_len=512)  # fmt: skip
+        s = calibrate.shape_of(mc, 4, calibrate.plan_techniques()["fp32"])
+        tps = speed.predict_tokens_per_s(s, 1e11, float(prof.mfu), on_gpu=False)
+        share = float(prof.mfu) * d / (d + speed.CONSTANTS.cpu_half_share_dims)
+        assert tps == pytest.approx(1e11 * share / speed.flops_per_token(s))
+        rates.append(share)
+    assert rates[0] < 0.5 * rates[1]

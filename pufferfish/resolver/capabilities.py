@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
+from .speed import CONSTANTS
 
 # On compute capability 6.1 (GTX 10 series) 16-bit floating-point arithmetic runs at 2 results per clock per SM
 # against 128 for 32-bit (CUDA C++ Programming Guide, "Arithmetic Instructions" throughput table): fp16 there
@@ -154,6 +155,10 @@ def card_path(cfg, hw) -> CardPath:
                            f"off: {arch.name} has no TF32; fp32 matmuls run in full fp32")  # fmt: skip
     share = "assumed: not measured on this card" if getattr(hw, "mfu_assumed", False) else "measured"
     reasons["speed"] = f"{hw.peak_flops / 1e12:.2f} TFLOP/s peak x {hw.mfu:.2f} share of it ({share})"
+    if hw.profile == "cpu":
+        reasons["speed"] = (f"{hw.peak_flops / 1e12:.2f} TFLOP/s (fp32 matmuls probed on this CPU) x {hw.mfu:.2f} x "
+                            f"d / (d + {CONSTANTS.cpu_half_share_dims:g}) of it at width d (a share measured on another "
+                            "CPU by python -m pufferfish.lab.cpu_speed)")  # fmt: skip
     if hw.emulated:
         reasons["speed"] += f"; emulated, this run goes at {hw.device_name}'s speed, not the card's"
     return CardPath(hw.precision, compiled, str(getattr(opt, "compile_backend", "inductor")), kernel, fused, tf32,

@@ -20,9 +20,10 @@ both: the recomputed forward is launched again in the backward. The chunked loss
 were fitted too and came out nil (a few chunks per step), so they have no term. The constants were fitted
 on the H200 with its host (torch 2.11, 2026-11-29) on three calibration grids by
 `python -m pufferfish.lab.fit_speed_model --refit`; launch times depend on the host CPU (they varied by
-about 20 % between machines of the same kind), so other machines differ. The CPU profile keeps FLOPs at its
-measured matmul rate x mfu, and every run re-plans its steps from the speed it measures (pufferfish/train.py):
-a wrong prediction costs accuracy, not the budget.
+about 20 % between machines of the same kind), so other machines differ. The CPU runs its ops one after
+another: a step is its FLOPs at the probed matmul rate x mfu x d / (d + cpu_half_share_dims), narrow layers
+spending more of their time outside the matmuls. Every run re-plans its steps from the speed it measures
+(pufferfish/train.py): a wrong prediction costs accuracy, not the budget.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class SpeedConstants:
     # the 1.27 of counted aten ops, fit_speed_model --count-ops: routing's ops cost more than a matmul's
     # launch)
     moe_layer_launches: float = 1.77
+    # the CPU's D: the width at which a step reaches half of the cpu profile's mfu (its matmuls against the
+    # norms, activations, attention and loss, which scale with d, not d^2). Fitted with that mfu (1.0) by least
+    # squares of log share on the 12 shapes of `python -m pufferfish.lab.cpu_speed` (2 cores of an AMD EPYC,
+    # torch 2.13, 2026-12-05; docs/measurements/2026-12-05/cpu_speed.json): 1 x 64 to 12 x 768, every row within 17 %
+    cpu_half_share_dims: float = 134
 
 
 CONSTANTS = SpeedConstants()  # the committed values
@@ -143,8 +149,9 @@ def with_optimizer_step(tokens_per_s: float, s: Shape, batch_tokens: int, peak_f
 
 def step_seconds(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0,
                  constants: SpeedConstants = CONSTANTS) -> float:  # fmt: skip
-    if not on_gpu:  # the CPU runs its ops one after another at the measured matmul rate
-        return flops_per_token(s) * s.micro_batch * s.seq_len / (peak_flops * mfu)
+    if not on_gpu:  # the CPU runs its ops one after another: matmuls at the probed rate, the rest in proportion
+        share = mfu * s.num_dims / (s.num_dims + constants.cpu_half_share_dims)
+        return flops_per_token(s) * s.micro_batch * s.seq_len / (peak_flops * share)
     return max(gpu_seconds(s, peak_flops, mfu, bandwidth, constants), host_seconds(s, constants))
 
 
