@@ -2,15 +2,16 @@
 
     python -m pufferfish.lab.cpu_speed [--out cpu_speed.json] [--steps 6]
 
-The cpu profile predicts a step as FLOPs per token x tokens / (probe x mfu), the probe being the fp32 rate of
-512 x 512 matmuls with torch's threads (resolver.hardware.cpu_matmul_flops) and mfu conf/gpu/cpu.yaml's. For
+The cpu profile predicts a step as FLOPs per token x tokens / (probe x mfu x d / (d + D)), the probe being the
+fp32 rate of 512 x 512 matmuls with torch's threads (resolver.hardware.cpu_matmul_flops), mfu conf/gpu/cpu.yaml's
+and D the speed model's cpu_half_share_dims. For
 each shape of a grid of what CPU plans run (1-12 layers of 64-768 dims, micro-batches of 1-16 sequences of 256
 or 512 tokens, an 8,192-piece vocabulary, GQA as attention=gqa picks it) it times the training step runs take
 on the CPU (step.py through lab.bench: eager fp32, fused AdamW) and prints the tokens/s measured, the share of
 the probe that is (tokens/s x FLOPs per token / probe) and the tokens/s the profile predicts. The share grows
 with width (the norms, activations, attention and loss scale with d, the matmuls with d^2): the fit of
-mfu x d / (d + D) to the shares (least squares of their logs) is printed, the profile's mfu and the speed
-model's cpu_half_share_dims. The probe runs before and after the grid, and their mean is used.
+mfu x d / (d + D) to the shares (least squares of their logs) is printed, the values for the profile's mfu and
+cpu_half_share_dims. The probe runs before and after the grid, and their mean is used.
 """
 
 from __future__ import annotations
