@@ -460,3 +460,20 @@ def test_a_muon_plan_trains_a_larger_model_on_fewer_tokens_per_parameter_and_say
     adamw, muon = plans["adamw"], plans["muon"]
     assert muon.params > adamw.params and muon.train_tokens / muon.params < adamw.train_tokens / adamw.params
     assert "counted as 3 of AdamW's" in muon.reasons["shape"] and "AdamW's" not in adamw.reasons["shape"]
+
+
+def test_a_cpu_plan_sizes_its_batch_for_more_steps_than_a_gpu_plan():
+    """The CPU's tokens/s does not grow with the batch, so its batch gives >= CPU_MIN_STEPS steps; a GPU's gives
+    >= MIN_STEPS (its small batches run slower). The same hardware numbers, only the profile differs."""
+    from pufferfish.resolver.search import CPU_MIN_STEPS, MIN_STEPS
+
+    cpu = Hardware("cpu", "cpu", "cpu", 8 * GIB, "fp32", 2e11, 1.0, False, [], 0.0)
+    gpu = replace(cpu, profile="gtx1060", device="cuda:0", compute_capability=6.1)
+    for hw, floor in ((cpu, CPU_MIN_STEPS), (gpu, MIN_STEPS)):
+        cfg = compose(f"gpu={hw.profile}", "mode=quick_dev", "mode.target_hours=0.1", "model.num_layers=2",
+                      "model.num_dims=128")  # fmt: skip
+        plan = make_plan(cfg, hw, 8192, 10**9)
+        tokens = plan.predicted_tokens_per_s * plan.time_budget_s
+        assert tokens / plan.batch_tokens >= floor > tokens / (2 * plan.batch_tokens)  # the largest power of two
+        assert f">= {floor} steps" in plan.reasons["batch"]
+    assert "(the CPU: smaller batches run as fast)" in make_plan(compose("gpu=cpu"), cpu, 8192, 10**9).reasons["batch"]

@@ -17,7 +17,7 @@ from .capabilities import card_path
 from .hardware import Hardware
 from .memory import allocator_reserve_bytes, count_params, muon_params, predict_peak_bytes
 from .scaling import TOKEN_WORTH, TOKENS_PER_PARAM, effective_tokens
-from .search import MAX_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search
+from .search import MAX_EPOCHS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search, min_steps_for
 from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
 
 OPTIMIZER_KEYS = ("name", "weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
@@ -275,7 +275,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if train.batch_tokens:
         reasons["batch"] = f"{target} tokens per step{procs}: set by you"
     else:
-        reasons["batch"] = (f"{target} tokens per step{procs}: the largest power of two giving >= {MIN_STEPS} steps "
+        reasons["batch"] = (f"{target} tokens per step{procs}: the largest power of two giving >= {min_steps_for(hw)} "
+                            f"steps{' (the CPU: smaller batches run as fast)' if hw.profile == 'cpu' else ''} "
                             f"and >= {MIN_STEPS_PER_EPOCH} steps per pass over the data")  # fmt: skip
     micro = best.micro_batch
     accum = max(1, round(target / (micro * seq_len * world_size)))

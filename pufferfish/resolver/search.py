@@ -28,6 +28,9 @@ ASPECT_WEIGHT = 0.02  # share of the predicted loss added per e-fold away from A
 UNUSED_WEIGHT = 0.02
 OUTSIDE_MODE_GAIN = 0.02  # a shape outside the mode's bounds must predict a loss this much lower to be chosen
 MIN_STEPS = 300  # optimizer steps a run should get at least (the batch is sized for it)
+# on the CPU, whose tokens/s does not grow with the batch (the speed model's and pufferfish.lab.cpu_speed's),
+# more and smaller steps cost nothing: at equal tokens 1,170 steps beat 585 and 293 (docs/benchmarks.md)
+CPU_MIN_STEPS = 1000
 MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
 
 
@@ -57,11 +60,17 @@ class Candidate:
         return loss * (1 + ASPECT_WEIGHT * aspect + UNUSED_WEIGHT * unused + (0 if self.inside else OUTSIDE_MODE_GAIN))
 
 
-def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int) -> int:
-    """Tokens per step: a power of two giving >= MIN_STEPS steps in the budget and, with little data,
+def min_steps_for(hw: Hardware) -> int:
+    """The steps a plan's batch is sized to give at least: more on the CPU, where smaller batches run as fast."""
+    return CPU_MIN_STEPS if hw.profile == "cpu" else MIN_STEPS
+
+
+def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int,
+                        min_steps: int = MIN_STEPS) -> int:  # fmt: skip
+    """Tokens per step: a power of two giving >= min_steps steps in the budget and, with little data,
     >= MIN_STEPS_PER_EPOCH steps per epoch; capped where larger batches stop helping small models."""
     cap = 2**19 if params > 100e6 else 2**18
-    want = min(tokens / MIN_STEPS, unique / MIN_STEPS_PER_EPOCH)
+    want = min(tokens / min_steps, unique / MIN_STEPS_PER_EPOCH)
     target = 2 ** int(math.log2(max(want, seq_len * world_size)))
     return max(seq_len * world_size, min(cap, target))
 
@@ -78,7 +87,7 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     n = count_params(shape)
     tps = speed(mb)
     target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
-        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size)  # fmt: skip
+        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size, min_steps_for(hw))  # fmt: skip
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
         tps = speed(micro)
