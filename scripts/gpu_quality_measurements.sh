@@ -19,8 +19,8 @@
 #   ttl-peer-default, ttl-peer-shakespeare  seconds the default plan takes to reach nanoGPT's final loss of a
 #                                         BUDGET-second run (600), nanoGPT's own recipe (GPT-2 124M) on the same
 #                                         tokens: over 20 minutes, so DETACH=1
-# DETACH=1 runs the part in a new process session (it outlives the command while the machine is held) and logs
-# to OUT_DIR/PART.log: read that in later commands, and keep the machine busy until the part ends.
+# DETACH=1 runs the part in a process session of its own, so it goes on after the shell that started it exits,
+# and logs to OUT_DIR/PART.log: follow the part there.
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
 # OUT_DIR --report` then prints the table from every part run so far.
 set -uo pipefail
