@@ -27,7 +27,7 @@ import torch
 
 from pufferfish.model import ModelConfig
 from pufferfish.resolver.hardware import cpu_matmul_flops, load_profile
-from pufferfish.resolver.speed import CONSTANTS, model_flops_per_token
+from pufferfish.resolver.speed import CONSTANTS, cpu_share, model_flops_per_token
 from pufferfish.runlog import git_revision
 
 from .bench import Technique, make_train_step, time_steps
@@ -77,10 +77,6 @@ def fit(rows: list[dict]) -> tuple[float, float]:
     return best[1], best[2]
 
 
-def predicted_share(mfu: float, half: float, dims: int) -> float:
-    return mfu * dims / (dims + half)
-
-
 def table(result: dict, mfu: float, half: float) -> str:
     """The rows against the speed model with the profile's mfu and D (`mfu`, `half`), and the fit."""
     probe, found = result["probe_flops"], result["fit"]
@@ -88,11 +84,11 @@ def table(result: dict, mfu: float, half: float) -> str:
              f"D {half:g}", "", "| layers x dims | kv heads | batch x seq | params | tokens/s | share of the probe "
              "| predicted tokens/s | error |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
-        predicted = probe * predicted_share(mfu, half, r["num_dims"]) / r["flops_per_token"]
+        predicted = probe * cpu_share(mfu, r["num_dims"], half) / r["flops_per_token"]
         lines.append(f"| {r['num_layers']} x {r['num_dims']} | {r['num_kv_heads']} | {r['batch']} x {r['seq_len']} | "
                      f"{r['params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {r['share']:.3f} | {predicted:,.0f} | "
                      f"{predicted / r['tokens_per_s'] - 1:+.0%} |")  # fmt: skip
-    errors = [abs(predicted_share(found["mfu"], found["half_share_dims"], r["num_dims"]) / r["share"] - 1)
+    errors = [abs(cpu_share(found["mfu"], r["num_dims"], found["half_share_dims"]) / r["share"] - 1)
               for r in result["rows"]]  # fmt: skip
     lines.append(f"\nfit: mfu {found['mfu']:.2f}, D {found['half_share_dims']:g} (every row within {max(errors):.0%})")
     return "\n".join(lines)

@@ -147,10 +147,15 @@ def with_optimizer_step(tokens_per_s: float, s: Shape, batch_tokens: int, peak_f
     return batch_tokens / (batch_tokens / tokens_per_s + extra_s) if extra_s else tokens_per_s
 
 
+def cpu_share(mfu: float, num_dims: int, half_share_dims: float = CONSTANTS.cpu_half_share_dims) -> float:
+    """The share of the CPU's probed matmul rate a step of width num_dims reaches: mfu x d / (d + D)."""
+    return mfu * num_dims / (num_dims + half_share_dims)
+
+
 def step_seconds(s: Shape, peak_flops: float, mfu: float, on_gpu: bool, bandwidth: float = 0.0,
                  constants: SpeedConstants = CONSTANTS) -> float:  # fmt: skip
     if not on_gpu:  # the CPU runs its ops one after another: matmuls at the probed rate, the rest in proportion
-        share = mfu * s.num_dims / (s.num_dims + constants.cpu_half_share_dims)
+        share = cpu_share(mfu, s.num_dims, constants.cpu_half_share_dims)
         return flops_per_token(s) * s.micro_batch * s.seq_len / (peak_flops * share)
     return max(gpu_seconds(s, peak_flops, mfu, bandwidth, constants), host_seconds(s, constants))
 
