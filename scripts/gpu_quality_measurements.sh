@@ -17,8 +17,11 @@
 #   ttl-default, ttl-shakespeare          seconds to the default recipe's best loss at 60 s, two sizes: the default,
 #                                         each candidate and nanoGPT (SYSTEMS=default,muon,... for some of them)
 #   ttl-peer-default, ttl-peer-shakespeare  seconds the default plan takes to reach nanoGPT's final loss of a
-#                                         BUDGET-second run (600), nanoGPT's own recipe (GPT-2 124M) on the same
-#                                         tokens: over 20 minutes, so DETACH=1
+#                                         10-minute run, nanoGPT's own recipe (GPT-2 124M) on the same tokens. In
+#                                         two parts: SYSTEMS=nanogpt PEER_SECONDS=600 (about 12 minutes with its
+#                                         probe, so DETACH=1), then SYSTEMS=default BUDGET=300 (the default recipe
+#                                         planned for half that time). With neither set: the default planned for
+#                                         600 s, then nanoGPT as long (over 20 minutes)
 # DETACH=1 runs the part in a process session of its own, so it goes on after the shell that started it exits,
 # and logs to OUT_DIR/PART.log: follow the part there.
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
@@ -50,7 +53,8 @@ case "$part" in
   ttl-peer-*)
     corpus=${part#ttl-peer-}
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_peer_$corpus" --target nanogpt --corpus "$corpus" \
-      --budget "${BUDGET:-600}" --sizes plan --systems "${SYSTEMS:-default,nanogpt}" --gpu h200 2>&1 | quiet | tail -20 ;;
+      --budget "${BUDGET:-600}" --sizes plan --systems "${SYSTEMS:-default,nanogpt}" \
+      ${PEER_SECONDS:+--peer-seconds "$PEER_SECONDS"} --gpu h200 2>&1 | quiet | tail -20 ;;
   ttl-*)
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_$corpus" --target default --corpus "$corpus" \
       --budget 60 --sizes 6x384,8x512 ${SYSTEMS:+--systems "$SYSTEMS"} --gpu h200 2>&1 | quiet | tail -20 ;;

@@ -133,14 +133,15 @@ def test_the_nanogpt_target_is_its_final_evaluation_and_times_are_set_against_it
                                         (["--target", "4", "--sizes", "8x512,big"], "--sizes has big; allowed"),
                                         (["--target", "nanogpt", "--systems", "default"], "add nanogpt to --systems"),
                                         (["--target", "4", "--systems", "nanogpt", "--sizes", "2x64"],
-                                         "has no default run at size.s. 2x64 on this corpus and budget")])
+                                         "has no default run at size.s. 2x64 on this corpus and budget.*--peer-seconds"),
+                                        (["--target", "4", "--peer-seconds", "0"], "--peer-seconds=0.0; allowed: seconds")])
 def test_bad_arguments_are_refused_with_what_is_allowed(tmp_path, monkeypatch, argv, said):
     monkeypatch.setattr(sys, "argv", ["time_to_loss", "--out", str(tmp_path), *argv])
     with pytest.raises(SystemExit, match=said):
         time_to_loss.main()
 
 
-def test_nanogpt_runs_as_long_as_the_latest_default_run_of_its_size_corpus_and_budget(tmp_path):
+def test_nanogpt_runs_its_given_seconds_or_as_long_as_the_latest_default_run_of_its_size_corpus_and_budget(tmp_path):
     rows = [{"system": "default", "size": "plan", "corpus": "default", "budget_s": 600.0, "wall_s": 650.0},
             {"system": "default", "size": "plan", "corpus": "shakespeare", "budget_s": 600.0, "wall_s": 640.0},
             {"system": "default", "size": "plan", "corpus": "default", "budget_s": 600.0, "wall_s": 655.5},
@@ -150,3 +151,9 @@ def test_nanogpt_runs_as_long_as_the_latest_default_run_of_its_size_corpus_and_b
     assert time_to_loss.default_wall(args, "plan") == 655.5  # the later of the two on this corpus
     assert time_to_loss.default_wall(args, "8x512") is None
     assert time_to_loss.default_wall(SimpleNamespace(out=tmp_path, corpus="default", budget=300.0), "plan") is None
+    # its own length, when given, whatever default runs there are (nanoGPT for 600 s, the default planned for 300 s)
+    for budget in (600.0, 300.0):
+        given = SimpleNamespace(out=tmp_path, corpus="default", budget=budget, peer_seconds=600.0)
+        assert time_to_loss.peer_wall(given, "plan") == 600.0
+    assert time_to_loss.peer_wall(SimpleNamespace(out=tmp_path, corpus="default", budget=600.0, peer_seconds=None),
+                                  "plan") == 655.5  # fmt: skip

@@ -2,7 +2,7 @@
 
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 [--corpus default|shakespeare|FILE] [--budget 600]
         [--sizes 8x512,12x768|plan] [--systems default,muon,qk_norm,wsd,combined,nanogpt] [--gpu auto]
-        [--set KEY=VALUE ...] [--nanogpt-set=--ARG=VALUE ...]
+        [--set KEY=VALUE ...] [--nanogpt-set=--ARG=VALUE ...] [--peer-seconds S]
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 --report   # the table and the PNG from DIR's results
 
 Every system trains each size (model.num_layers x model.num_dims, fixed; `plan`: the shape each recipe's plan
@@ -12,7 +12,8 @@ chooses for the budget, and nanoGPT's own GPT-2 124M) for the same time budget:
   combined: all three;
 - nanogpt: nanoGPT's recipe (quality_per_budget.py's runner, $PUFFERFISH_NANOGPT) at the same size, on
   Pufferfish's token files, for as long as the default run at that size took (in this command or an earlier one
-  with the same --out, corpus and budget: the two may run as separate commands).
+  with the same --out, corpus and budget: the two may run as separate commands), or --peer-seconds S (then it
+  needs no default run: e.g. nanoGPT for 600 s, and the default recipe planned for 300 s in another command).
 Seconds to target: the first evaluation at or below the target (evaluations are not interpolated). A
 Pufferfish run's seconds are its eval records' elapsed_s (metrics.jsonl: the run's clock, counting from its
 data being ready, so planning, building, compiling and the evaluations before it are in them); nanoGPT's count
@@ -186,6 +187,11 @@ def default_wall(args, size: str) -> float | None:
     return walls[-1] if walls else None
 
 
+def peer_wall(args, size: str) -> float | None:
+    """nanoGPT's wall-clock seconds at this size: --peer-seconds, else as long as the default run took."""
+    return args.peer_seconds or default_wall(args, size)
+
+
 def report(out: Path, target: str) -> str:
     rows = read_rows(out)
     latest = {(r["system"], r["size"]): r for r in rows}  # a run repeated later replaces the earlier
@@ -245,6 +251,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every Pufferfish run")
     ap.add_argument("--nanogpt-set", action="append", default=[],
                     help="a nanoGPT argument replacing its recipe's, e.g. --nanogpt-set=--compile=False (repeatable)")
+    ap.add_argument("--peer-seconds", type=float, default=None,
+                    help="nanoGPT's wall-clock seconds (default: as long as the default run at that size took)")
     ap.add_argument("--report", action="store_true", help="only write the table and the PNG from DIR's results")
     args = ap.parse_args()
     if args.target not in ("default", PEER):
@@ -252,6 +260,8 @@ def main() -> None:
             float(args.target)
         except ValueError:
             sys.exit(f"time_to_loss: --target={args.target!r}; allowed: a validation loss (e.g. 4.0), default, {PEER}")
+    if args.peer_seconds is not None and not args.peer_seconds > 0:
+        sys.exit(f"time_to_loss: --peer-seconds={args.peer_seconds}; allowed: seconds above 0")
     bad = [s for s in args.sizes.split(",") if s != PLAN and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", s)]
     if bad:
         sys.exit(f"time_to_loss: --sizes has {', '.join(bad)}; allowed: LAYERSxDIMS (e.g. 8x512) or {PLAN}")
@@ -261,10 +271,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"time_to_loss: unknown system(s) {', '.join(unknown)}; known: {', '.join([*SYSTEMS, PEER])}")
     missing = [size for size in args.sizes.split(",") if PEER in systems and "default" not in systems
-               and default_wall(args, size) is None]  # fmt: skip
+               and peer_wall(args, size) is None]  # fmt: skip
     if missing and not args.report:
         sys.exit(f"time_to_loss: nanogpt runs as long as the default recipe took, and {args.out} has no default run "
-                 f"at size(s) {', '.join(missing)} on this corpus and budget; add default to --systems")
+                 f"at size(s) {', '.join(missing)} on this corpus and budget; add default to --systems, or give "
+                 f"nanoGPT its own length with --peer-seconds")
     if args.target == PEER and PEER not in systems and not args.report:
         sys.exit("time_to_loss: --target nanogpt is nanoGPT's final loss; add nanogpt to --systems")
     if not args.report:
@@ -272,7 +283,7 @@ def main() -> None:
         for size in args.sizes.split(","):
             for system in (s for s in [*SYSTEMS, PEER] if s in systems):
                 if system == PEER:
-                    row = run_peer(args, size, data_dir, default_wall(args, size))
+                    row = run_peer(args, size, data_dir, peer_wall(args, size))
                 else:
                     row = run_pufferfish(args, system, size, pinned)
                 with open(args.out / "results.jsonl", "a") as f:
