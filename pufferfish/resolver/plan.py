@@ -275,9 +275,9 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if train.batch_tokens:
         reasons["batch"] = f"{target} tokens per step{procs}: set by you"
     else:
-        reasons["batch"] = (f"{target} tokens per step{procs}: the largest power of two giving >= {min_steps_for(hw)} "
-                            f"steps{' (the CPU: smaller batches run as fast)' if hw.profile == 'cpu' else ''} "
-                            f"and >= {MIN_STEPS_PER_EPOCH} steps per pass over the data")  # fmt: skip
+        steps, why = min_steps_for(hw)
+        reasons["batch"] = (f"{target} tokens per step{procs}: the largest power of two giving >= {steps} steps"
+                            f"{f' ({why})' if why else ''} and >= {MIN_STEPS_PER_EPOCH} steps per pass over the data")
     micro = best.micro_batch
     accum = max(1, round(target / (micro * seq_len * world_size)))
     batch_tokens = micro * seq_len * accum * world_size  # over all data-parallel ranks

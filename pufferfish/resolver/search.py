@@ -60,9 +60,10 @@ class Candidate:
         return loss * (1 + ASPECT_WEIGHT * aspect + UNUSED_WEIGHT * unused + (0 if self.inside else OUTSIDE_MODE_GAIN))
 
 
-def min_steps_for(hw: Hardware) -> int:
-    """The steps a plan's batch is sized to give at least: more on the CPU, where smaller batches run as fast."""
-    return CPU_MIN_STEPS if hw.profile == "cpu" else MIN_STEPS
+def min_steps_for(hw: Hardware) -> tuple[int, str]:
+    """The steps a plan's batch is sized to give at least, and why when not the usual: more on the CPU, where
+    smaller batches run as fast."""
+    return (CPU_MIN_STEPS, "the CPU: smaller batches run as fast") if hw.profile == "cpu" else (MIN_STEPS, "")
 
 
 def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int,
@@ -87,7 +88,7 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     n = count_params(shape)
     tps = speed(mb)
     target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
-        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size, min_steps_for(hw))  # fmt: skip
+        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size, min_steps_for(hw)[0])  # fmt: skip
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
         tps = speed(micro)
