@@ -80,18 +80,17 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
            world_size: int, shards: int, path) -> Candidate:  # fmt: skip
     seq_len, on_gpu = mc["seq_len"], hw.profile != "cpu"
 
-    def speed(micro: int) -> float:
-        s = memory_shape(mc, cfg, hw, micro, ckpt, shards, path)
+    def speed(s: Shape) -> float:
         return predict_tokens_per_s(s, hw.peak_flops, hw.mfu, on_gpu, bandwidth=hw.bandwidth) * world_size
 
     shape = memory_shape(mc, cfg, hw, mb, ckpt, shards, path)
     n = count_params(shape)
-    tps = speed(mb)
+    tps = speed(shape)
     target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
         target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size, min_steps_for(hw)[0])  # fmt: skip
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
-        tps = speed(micro)
+        tps = speed(memory_shape(mc, cfg, hw, micro, ckpt, shards, path))
     tps = with_optimizer_step(tps, shape, target, hw.peak_flops, hw.mfu)
     # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
     time_tokens = tps * compute_s
