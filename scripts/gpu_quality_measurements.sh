@@ -20,8 +20,9 @@
 #                                         10-minute run, nanoGPT's own recipe (GPT-2 124M) on the same tokens. In
 #                                         two parts: SYSTEMS=nanogpt PEER_SECONDS=600 (about 12 minutes with its
 #                                         probe, so DETACH=1), then SYSTEMS=default BUDGET=300 (the default recipe
-#                                         planned for half that time). With neither set: the default planned for
-#                                         600 s, then nanoGPT as long (over 20 minutes)
+#                                         planned for half that time; TARGET=default to run it before nanoGPT's).
+#                                         With neither set: the default planned for 600 s, then nanoGPT as long
+#                                         (over 20 minutes)
 # DETACH=1 runs the part in a process session of its own, so it goes on after the shell that started it exits,
 # and logs to OUT_DIR/PART.log: follow the part there.
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
@@ -52,7 +53,7 @@ case "$part" in
       --gpu h200 2>&1 | quiet | tail -20 ;;
   ttl-peer-*)
     corpus=${part#ttl-peer-}
-    python -m pufferfish.lab.time_to_loss --out "$out/ttl_peer_$corpus" --target nanogpt --corpus "$corpus" \
+    python -m pufferfish.lab.time_to_loss --out "$out/ttl_peer_$corpus" --target "${TARGET:-nanogpt}" --corpus "$corpus" \
       --budget "${BUDGET:-600}" --sizes plan --systems "${SYSTEMS:-default,nanogpt}" \
       ${PEER_SECONDS:+--peer-seconds "$PEER_SECONDS"} --gpu h200 2>&1 | quiet | tail -20 ;;
   ttl-*)

@@ -131,7 +131,8 @@ def test_the_nanogpt_target_is_its_final_evaluation_and_times_are_set_against_it
 
 @pytest.mark.parametrize("argv, said", [(["--target", "low"], "--target='low'; allowed: a validation loss"),
                                         (["--target", "4", "--sizes", "8x512,big"], "--sizes has big; allowed"),
-                                        (["--target", "nanogpt", "--systems", "default"], "add nanogpt to --systems"),
+                                        (["--target", "nanogpt", "--systems", "default"],
+                                         "has no nanoGPT run at size.s. 8x512, 12x768 on this corpus; add nanogpt"),
                                         (["--target", "4", "--systems", "nanogpt", "--sizes", "2x64"],
                                          "has no default run at size.s. 2x64 on this corpus and budget.*--peer-seconds"),
                                         (["--target", "4", "--peer-seconds", "0"], "--peer-seconds=0.0; allowed: seconds")])
@@ -157,3 +158,12 @@ def test_nanogpt_runs_its_given_seconds_or_as_long_as_the_latest_default_run_of_
         assert time_to_loss.peer_wall(given, "plan") == 600.0
     assert time_to_loss.peer_wall(SimpleNamespace(out=tmp_path, corpus="default", budget=600.0, peer_seconds=None),
                                   "plan") == 655.5  # fmt: skip
+
+
+def test_a_nanogpt_run_already_in_the_results_is_the_target_of_later_runs_on_its_corpus(tmp_path):
+    rows = [{"system": "nanogpt", "size": "plan", "corpus": "shakespeare", "budget_s": 600.0, "wall_s": 601.0},
+            {"system": "default", "size": "8x512", "corpus": "shakespeare", "budget_s": 300.0, "wall_s": 301.0},
+            {"system": "nanogpt", "size": "8x512", "corpus": "default", "budget_s": 600.0, "wall_s": 602.0}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert time_to_loss.peer_sizes(SimpleNamespace(out=tmp_path, corpus="shakespeare")) == {"plan"}
+    assert time_to_loss.peer_sizes(SimpleNamespace(out=tmp_path, corpus="default")) == {"8x512"}

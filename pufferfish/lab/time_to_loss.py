@@ -187,6 +187,11 @@ def default_wall(args, size: str) -> float | None:
     return walls[-1] if walls else None
 
 
+def peer_sizes(args) -> set[str]:
+    """The sizes --out's results hold a nanoGPT run of on this corpus (a --target nanogpt for later runs)."""
+    return {r["size"] for r in read_rows(args.out) if r["system"] == PEER and r["corpus"] == args.corpus}
+
+
 def peer_wall(args, size: str) -> float | None:
     """nanoGPT's wall-clock seconds at this size: --peer-seconds, else as long as the default run took."""
     return args.peer_seconds or default_wall(args, size)
@@ -276,8 +281,11 @@ def main() -> None:
         sys.exit(f"time_to_loss: nanogpt runs as long as the default recipe took, and {args.out} has no default run "
                  f"at size(s) {', '.join(missing)} on this corpus and budget; add default to --systems, or give "
                  f"nanoGPT its own length with --peer-seconds")
-    if args.target == PEER and PEER not in systems and not args.report:
-        sys.exit("time_to_loss: --target nanogpt is nanoGPT's final loss; add nanogpt to --systems")
+    unmet = [size for size in args.sizes.split(",") if size not in peer_sizes(args)]
+    if args.target == PEER and PEER not in systems and unmet and not args.report:
+        sys.exit(f"time_to_loss: --target nanogpt is nanoGPT's final loss, and {args.out} has no nanoGPT run at "
+                 f"size(s) {', '.join(unmet)} on this corpus; add nanogpt to --systems (or run it first on its own: "
+                 f"--systems nanogpt --peer-seconds S)")
     if not args.report:
         data_dir, pinned = prepare(args)
         for size in args.sizes.split(","):
