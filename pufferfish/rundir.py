@@ -93,8 +93,9 @@ def data_config(cfg: DictConfig, world_size: int = 1, hw=None) -> DictConfig:
 
 
 def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool, checkpoint_model: dict | None = None,
-             world_size: int = 1, step: int = 0) -> tuple[Plan, bool]:  # fmt: skip
-    """The frozen plan of a resumed run, or a new one. Returns (plan, reused).
+             world_size: int = 1, step: int = 0, hw=None) -> tuple[Plan, bool]:  # fmt: skip
+    """The frozen plan of a resumed run, or a new one for `hw` (default: the hardware detected here). Returns
+    (plan, reused).
 
     A new plan for a run directory that holds a checkpoint must plan the model in that checkpoint;
     otherwise nothing is written and the error says so.
@@ -111,7 +112,7 @@ def plan_for(cfg: DictConfig, run_dir: Path, data, resuming: bool, checkpoint_mo
         if plan.to_dict() != saved:
             write_plan(run_dir, plan)  # regrouped, or completed from the config: the other ranks read it here
         return plan, True
-    hw = detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
+    hw = hw or detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device)
     plan = make_plan(cfg, hw, data.vocab_size, data.train_tokens, world_size, val_tokens=data.val_tokens)
     if checkpoint_model:  # one written before a model setting was added: it had that setting's default
         checkpoint_model = ModelConfig.from_dict(checkpoint_model).to_dict()

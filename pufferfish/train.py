@@ -56,7 +56,7 @@ from .reliability import (
     root_cause,
 )
 from .resolver import Plan, apply_memory_cap, format_plan, prefer_expandable_segments
-from .resolver.hardware import Hardware
+from .resolver.hardware import Hardware, detect_hardware
 from .resolver.replan import Pace, plan_eager_step, plan_smaller_micro_batch
 from .rundir import (
     check_disk_for_checkpoints,
@@ -79,7 +79,7 @@ STOP_WORDS = {"schedule": "its schedule complete", "train.max_steps": "train.max
               "early stop": "early stop: the validation loss stayed above its best"}  # fmt: skip
 
 
-def _the_plan(cfg, world, run_dir, data, found) -> Plan:
+def _the_plan(cfg, world, run_dir, data, found, hw: Hardware | None) -> Plan:
     """Rank 0 plans (or reuses a resumed run's plan.json) and writes the run directory, then lets the others
     past their barrier (train(), before the data): they read its plan.json."""
     if not world.is_main:
@@ -88,7 +88,7 @@ def _the_plan(cfg, world, run_dir, data, found) -> Plan:
         check_same_run(cfg, run_dir)
     plan, _ = plan_for(cfg, run_dir, data, resuming=found is not None, world_size=world.size,
                        checkpoint_model=found[0].get("model_config") if found else None,
-                       step=found[0]["step"] if found else 0)  # fmt: skip
+                       step=found[0]["step"] if found else 0, hw=hw)  # fmt: skip
     check_disk_for_checkpoints(run_dir, plan.params, cfg.train.keep_checkpoints)
     save_config(cfg, run_dir)
     atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())  # the run dir stands alone
@@ -118,14 +118,16 @@ def train(cfg: DictConfig) -> dict:
     world, _ = init_world(tc.device)  # torchrun / SLURM: one process per GPU; otherwise a world of one
     run_dir = same_on_all(world, run_directory(cfg))  # rank 0's: Hydra's clock may differ by a second
     ckpt_dir = run_dir / "checkpoints"
-    # the default corpus's cap, decided on rank 0 (the others would each touch GPU 0 to detect the hardware)
-    data_cfg = same_on_all(world, data_config(cfg, world.size) if world.is_main else None)
+    # the hardware, detected once on rank 0 (the others would each touch GPU 0), sizes the default corpus's cap
+    # and then the plan: on the CPU, one measurement of its matmul rate for both
+    hw = detect_hardware(cfg.gpu, cfg.optimizations, tc.device) if world.is_main else None
+    data_cfg = same_on_all(world, data_config(cfg, world.size, hw) if world.is_main else None)
     if not world.is_main:
         barrier(world)  # rank 0 prepares the data cache and the plan first
     data = prepare_data(data_cfg, progress=tc.progress and world.is_main)
     ready = time.perf_counter()  # the budget counts from here: planning, building, the first checkpoint are in it
     found = load_latest(ckpt_dir)
-    plan = _the_plan(cfg, world, run_dir, data, found)
+    plan = _the_plan(cfg, world, run_dir, data, found, hw)
     if cfg.dry_run:
         return {"plan": plan.to_dict(), "run_dir": str(run_dir)}
 

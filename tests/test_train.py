@@ -161,3 +161,24 @@ def test_contract_default_corpus_ultra_fast(tmp_path):
     gen = run_cli("pufferfish.generate", f"checkpoint={run}", "prompt=def ", "max_new_tokens=32")
     assert gen.returncode == 0 and gen.stdout.startswith("def")  # Hydra trims an unquoted trailing space
     assert len(gen.stdout.strip()) > len("def")
+
+
+def test_the_cpu_is_measured_once_for_the_default_corpus_cap_and_the_plan(tmp_path, monkeypatch):
+    """The default corpus is capped to what the budget can use, and the plan is then made for the same hardware:
+    on the CPU one measurement of its matmul rate serves both (two would disagree on a busy machine)."""
+    from pufferfish.data import corpora
+    from pufferfish.resolver import hardware
+
+    package = Path(__file__).resolve().parents[1] / "pufferfish"  # real Python source, small enough to be quick
+    monkeypatch.setattr(corpora, "_python_roots", lambda: [("stdlib", package)])
+    measured, probe = [], hardware.cpu_matmul_flops
+
+    def counted(*args, **kwargs):
+        measured.append(probe(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(hardware, "cpu_matmul_flops", counted)
+    out = train(compose("gpu=cpu", "mode=ultra_fast", f"data.cache_dir='{tmp_path / 'cache'}'",
+                        f"run_dir='{tmp_path / 'run'}'", "train.progress=false", "dry_run=true"))  # fmt: skip
+    assert len(measured) == 1
+    assert out["plan"]["hardware"]["peak_flops"] == measured[0]
