@@ -281,7 +281,7 @@ def main() -> None:
         sys.exit(f"time_to_loss: nanogpt runs as long as the default recipe took, and {args.out} has no default run "
                  f"at size(s) {', '.join(missing)} on this corpus and budget; add default to --systems, or give "
                  f"nanoGPT its own length with --peer-seconds")
-    unmet = [size for size in args.sizes.split(",") if size not in peer_sizes(args)]
+    unmet = sorted(set(args.sizes.split(",")) - peer_sizes(args), key=size_order)
     if args.target == PEER and PEER not in systems and unmet and not args.report:
         sys.exit(f"time_to_loss: --target nanogpt is nanoGPT's final loss, and {args.out} has no nanoGPT run at "
                  f"size(s) {', '.join(unmet)} on this corpus; add nanogpt to --systems (or run it first on its own: "
