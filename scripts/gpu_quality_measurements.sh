@@ -23,8 +23,8 @@
 #                                         planned for half that time; TARGET=default to run it before nanoGPT's).
 #                                         With neither set: the default planned for 600 s, then nanoGPT as long
 #                                         (over 20 minutes)
-# DETACH=1 runs the part in a process session of its own, so it goes on after the shell that started it exits,
-# and logs to OUT_DIR/PART.log: follow the part there.
+# DETACH=1 runs the part in the background, detached from the terminal (setsid), so it goes on after the shell
+# that started it exits; it logs to OUT_DIR/PART.log: follow the part there.
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
 # OUT_DIR --report` then prints the table from every part run so far.
 set -uo pipefail
