@@ -167,3 +167,21 @@ def test_a_nanogpt_run_already_in_the_results_is_the_target_of_later_runs_on_its
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert time_to_loss.peer_sizes(SimpleNamespace(out=tmp_path, corpus="shakespeare")) == {"plan"}
     assert time_to_loss.peer_sizes(SimpleNamespace(out=tmp_path, corpus="default")) == {"8x512"}
+
+
+def test_a_later_command_reads_the_default_corpus_at_the_cap_of_the_runs_already_in_out(tmp_path, capsys):
+    def args(budget):
+        return SimpleNamespace(out=tmp_path, corpus="default", sizes="plan", budget=budget, gpu="h200",
+                               mode="quick_dev", set=[])  # fmt: skip
+
+    own = {b: time_to_loss.corpus_data(args(b)).max_mb for b in (60.0, 30.0)}  # nothing in --out yet
+    assert own[60.0] > own[30.0] > 0  # each budget alone caps the corpus at what it can use
+    rows = [{"system": "nanogpt", "size": "plan", "corpus": "shakespeare", "budget_s": 60.0, "data_max_mb": None},
+            {"system": "nanogpt", "size": "plan", "corpus": "default", "budget_s": 60.0, "data_max_mb": own[60.0]}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert time_to_loss.corpus_data(args(30.0)).max_mb == own[60.0]  # the same tokens as nanoGPT's run
+    said = capsys.readouterr().out
+    assert f"capped at {own[60.0]} MB, as the runs already in {tmp_path} read it" in said
+    assert f"would cap it at {own[30.0]} MB" in said
+    shakespeare = SimpleNamespace(**{**vars(args(30.0)), "corpus": "shakespeare"})
+    assert time_to_loss.corpus_data(shakespeare).max_mb is None  # a corpus of its own size: never capped

@@ -70,18 +70,37 @@ def size_order(size: str) -> tuple:
     return (math.inf,) if size == PLAN else tuple(map(int, size.split("x")))
 
 
-def prepare(args) -> tuple[Path, list[str]]:
-    """The corpus, prepared outside any timing, and the overrides that make every run read exactly it."""
+def earlier_cap(args) -> float | None:
+    """The default corpus's cap (MB) the runs already in --out's results read on this corpus, None if none."""
+    caps = [r["data_max_mb"] for r in read_rows(args.out) if r["corpus"] == args.corpus and r.get("data_max_mb")]
+    return caps[0] if caps else None
+
+
+def corpus_data(args):
+    """The data settings every run of this command reads. The default corpus is capped by what the budget can use
+    at a size: the largest cap of all sizes, so that every size reads the same text; and where --out already holds
+    runs on it, their cap, so that a later command (nanoGPT's run, then the default's for another budget) reads the
+    same tokens and is scored on the same validation text."""
     from pufferfish.api import compose_config
-    from pufferfish.data import prepare_data
     from pufferfish.rundir import data_config
 
-    # the default corpus is capped by what the budget can use at a size: the largest cap of all sizes, pinned, so
-    # every size reads the same text
     data = max((data_config(compose_config(base_args(args, size))) for size in args.sizes.split(",")),
                key=lambda d: d.max_mb or 0)  # fmt: skip
-    pinned = [f"data.max_mb={data.max_mb}"] if data.source == "python" else []
-    return prepare_data(data, progress=True).dir, pinned
+    earlier = earlier_cap(args) if data.source == "python" else None
+    if earlier and earlier != data.max_mb:
+        print(f"time_to_loss: the default corpus capped at {earlier} MB, as the runs already in {args.out} read it "
+              f"(this budget alone would cap it at {data.max_mb} MB)")  # fmt: skip
+        data.max_mb = earlier
+    return data
+
+
+def prepare(args) -> tuple[Path, list[str], float | None]:
+    """The corpus, prepared outside any timing; the overrides that make every run read exactly it; its cap (MB)."""
+    from pufferfish.data import prepare_data
+
+    data = corpus_data(args)
+    cap = data.max_mb if data.source == "python" else None
+    return prepare_data(data, progress=True).dir, [f"data.max_mb={cap}"] if cap else [], cap
 
 
 def run_pufferfish(args, system: str, size: str, pinned: list[str]) -> dict:
@@ -287,7 +306,7 @@ def main() -> None:
                  f"size(s) {', '.join(unmet)} on this corpus; add nanogpt to --systems (or run it first on its own: "
                  f"--systems nanogpt --peer-seconds S)")
     if not args.report:
-        data_dir, pinned = prepare(args)
+        data_dir, pinned, cap = prepare(args)
         for size in args.sizes.split(","):
             for system in (s for s in [*SYSTEMS, PEER] if s in systems):
                 if system == PEER:
@@ -295,7 +314,8 @@ def main() -> None:
                 else:
                     row = run_pufferfish(args, system, size, pinned)
                 with open(args.out / "results.jsonl", "a") as f:
-                    f.write(json.dumps({"corpus": args.corpus, "budget_s": args.budget, **row}) + "\n")
+                    f.write(json.dumps({"corpus": args.corpus, "budget_s": args.budget, "data_max_mb": cap, **row})
+                            + "\n")  # fmt: skip
     print(report(args.out, args.target))
 
 
