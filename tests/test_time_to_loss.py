@@ -33,7 +33,7 @@ def measured(tmp_path_factory, cache_dir):
 
 def table(text: str) -> list[dict]:
     lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| system")]
-    keys = ["system", "size", "target", "seconds", "step", "x_peer", "handed_over", "steps", "verdict"]
+    keys = ["system", "size", "target", "seconds", "step", "x_peer", "x_run", "handed_over", "steps", "verdict"]
     return [dict(zip(keys, (c.strip() for c in line.strip("|").split("|")))) for line in lines]
 
 
@@ -57,7 +57,7 @@ def test_the_table_has_a_row_per_system_and_size_with_seconds_from_the_runs_metr
         summary = json.loads((run / "summary.json").read_text())
         assert float(r["handed_over"]) == pytest.approx(summary["val_loss"], abs=5e-4)
         assert int(r["steps"]) == summary["step"] == 20
-        assert r["x_peer"] == ""  # no nanoGPT run to compare with
+        assert r["x_peer"] == r["x_run"] == ""  # no nanoGPT run to compare with
     plan = json.loads((out / "runs" / "combined_plan" / "plan.json").read_text())
     assert plan["optimizer"]["name"] == "muon" and plan["model"]["qk_norm"] and plan["schedule"]["schedule"] == "wsd"
     assert "set by you" not in plan["reasons"]["shape"]  # size `plan`: the resolver chose the shape
@@ -123,6 +123,9 @@ def test_the_nanogpt_target_is_its_final_evaluation_and_times_are_set_against_it
     assert goal == {"plan": 3.52}  # its last evaluation, not its best
     # nanoGPT itself first reached 3.52 at 600 s; the default at 200 s; muon never did
     assert time_to_loss.times_peer(rows, goal) == {("nanogpt", "plan"): 1.0, ("default", "plan"): pytest.approx(1 / 3)}
+    # against nanoGPT's whole run (610 s to its final evaluation): what share of its wall-clock time the default needed
+    assert time_to_loss.times_peer(rows, goal, whole_run=True) == {("nanogpt", "plan"): pytest.approx(600 / 610),
+                                                                   ("default", "plan"): pytest.approx(200 / 610)}
     with pytest.raises(SystemExit, match="--target nanogpt needs nanogpt's run at size"):
         time_to_loss.targets(rows[1:], "nanogpt")
     assert sorted(["plan", "12x768", "8x512", "8x1024"], key=time_to_loss.size_order) == ["8x512", "8x1024", "12x768",

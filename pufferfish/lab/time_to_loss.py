@@ -161,9 +161,11 @@ def targets(rows: list[dict], target: str) -> dict[str, float]:
     return found
 
 
-def times_peer(rows: list[dict], goal: dict[str, float]) -> dict[tuple[str, str], float]:
-    """(system, size): its seconds to the target over nanoGPT's own at that size, where both reached it."""
-    peer = {r["size"]: first_at_or_below(r["curve"], goal[r["size"]]) for r in rows if r["system"] == PEER}
+def times_peer(rows: list[dict], goal: dict[str, float], whole_run: bool = False) -> dict[tuple[str, str], float]:
+    """(system, size): its seconds to the target over nanoGPT's own at that size, where both reached it; with
+    `whole_run`, over the seconds of nanoGPT's whole run (to its final evaluation) wherever the system reached it."""
+    peer = {r["size"]: (r["curve"][-1][0], 0) if whole_run else first_at_or_below(r["curve"], goal[r["size"]])
+            for r in rows if r["system"] == PEER and r["curve"]}  # fmt: skip
     out = {}
     for r in rows:
         hit, base = first_at_or_below(r["curve"], goal[r["size"]]), peer.get(r["size"])
@@ -221,23 +223,25 @@ def report(out: Path, target: str) -> str:
     latest = {(r["system"], r["size"]): r for r in rows}  # a run repeated later replaces the earlier
     rows = sorted(latest.values(), key=lambda r: (size_order(r["size"]), _order(r["system"])))
     goal = targets(rows, target)
-    decided, ratio = verdicts(rows, goal), times_peer(rows, goal)
+    decided, ratio, of_run = verdicts(rows, goal), times_peer(rows, goal), times_peer(rows, goal, whole_run=True)
     said = {"default": "the lowest evaluation of the default recipe at each size",
             PEER: "nanoGPT's final evaluation at each size"}.get(target, target)  # fmt: skip
     lines = [f"Target: {said} (validation loss). Seconds to target: the first evaluation at or below it, not "
              f"interpolated; Pufferfish's seconds are its eval records' elapsed_s (from its data being ready: planning, "
              f"building, compiling and earlier evaluations included), nanoGPT's from its first log line to the eval "
-             f"line. x nanoGPT: those seconds over nanoGPT's own to the same target. Size `plan`: each recipe's planned "
-             f"shape, nanoGPT's GPT-2 124M.",
-             "", "| system | size | target | seconds to target | at step | x nanoGPT | handed-over loss | steps | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"line. x nanoGPT: those seconds over nanoGPT's own to the same target; x its run: over the seconds of "
+             f"nanoGPT's whole run (to its final evaluation). Size `plan`: each recipe's planned shape, nanoGPT's GPT-2 "
+             f"124M.",
+             "", "| system | size | target | seconds to target | at step | x nanoGPT | x its run | handed-over loss "
+             "| steps | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         hit = first_at_or_below(r["curve"], goal[r["size"]])
         verdict = {"default": "reference", PEER: "peer"}.get(r["system"], decided.get(r["system"], ""))
-        times = ratio.get((r["system"], r["size"]))
+        times, run = (f"{x:.2f}" if x is not None else "" for x in (ratio.get((r["system"], r["size"])),
+                                                                     of_run.get((r["system"], r["size"]))))
         lines.append(f"| {r['system']} | {r['size']} | {goal[r['size']]:.3f} | "
-                     f"{f'{hit[0]:.2f}' if hit else 'not reached'} | {hit[1] if hit else ''} | "
-                     f"{'' if times is None else f'{times:.2f}'} | {r['val_loss']:.3f} | {r['steps']} | {verdict} |")  # fmt: skip
+                     f"{f'{hit[0]:.2f}' if hit else 'not reached'} | {hit[1] if hit else ''} | {times} | {run} | "
+                     f"{r['val_loss']:.3f} | {r['steps']} | {verdict} |")  # fmt: skip
     text = "\n".join(lines)
     (out / "time_to_loss.md").write_text(text + "\n")
     _plot(rows, goal, out / "time_to_loss.png")
