@@ -10,6 +10,7 @@ and against wall time.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ class RunResult:
     wall_s: float | None = None  # training wall time (data preparation not included)
     status: str = "finished"  # finished | stopped (REASON) | running or crashed
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens, wall s, val loss) per eval
+    corpus: str | None = None  # what it read: its corpus's size and tokenizer (None: not known, e.g. W&B)
 
 
 def is_run(folder: Path) -> bool:
@@ -62,10 +64,22 @@ def _wall_at(step: int, clock: list[tuple[int, float]]) -> float:
     return clock[-1][1]
 
 
+def corpus_of(folder: Path) -> str | None:
+    """The text a run read, as its plan's corpus size and its tokenizer's digest: runs that differ in either were
+    trained and scored on different tokens, so their losses do not compare."""
+    plan, tokenizer = folder / "plan.json", folder / "tokenizer.model"
+    parts = []
+    if plan.is_file():
+        parts.append(f"{json.loads(plan.read_text()).get('corpus_tokens', 0) / 1e6:.2f}M tokens")
+    if tokenizer.is_file():
+        parts.append(f"tokenizer {hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:8]}")
+    return ", ".join(parts) or None
+
+
 def load_run(folder: Path, name: str) -> RunResult:
     records = read_metrics(folder / "metrics.jsonl")
     config = OmegaConf.load(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
-    result = RunResult(name, chosen_options(config) if config is not None else {})
+    result = RunResult(name, chosen_options(config) if config is not None else {}, corpus=corpus_of(folder))
     clock = [(0, 0.0)] + [(r["step"], r["elapsed_s"]) for r in records if "elapsed_s" in r and "step" in r]
     evals = [r for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
     # the final record scores the handed-over (best) weights on the whole validation set: a point of the
@@ -163,6 +177,15 @@ def markdown_table(results: list[RunResult]) -> str:
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     lines += ["", "peak GiB: peak allocated GPU memory; on CPU the process's peak resident memory. "
                   "wall time: training, evaluations included, data preparation not."]  # fmt: skip
+    corpora: dict[str, list[str]] = {}
+    for r in results:
+        if r.corpus:
+            corpora.setdefault(r.corpus, []).append(r.name)
+    if len(corpora) > 1:
+        lines += ["", "note: these runs read different text, so their losses do not compare: "
+                  + "; ".join(f"{', '.join(names)}: {corpus}" for corpus, names in corpora.items())
+                  + ". The default corpus is sized to each run's budget and measured speed: give every run the same "
+                  "data.max_mb (or the same data.paths) to compare them."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from pufferfish.compare import collect, find_runs
+from pufferfish.compare import collect, find_runs, markdown_table
 from pufferfish.train import train
 from tests.conftest import ROOT, compose, tiny_overrides
 
@@ -28,6 +28,7 @@ def test_compare_two_runs_table_and_png(tmp_path, cache_dir):
     assert mha[-1] == "finished" and mqa[-1] == "stopped (stop_at_step)" and mqa[3] == "mqa"
     assert all(cell != "-" for cell in mha[7:]) and float(mqa[7]) > 0  # the stopped run: its last evaluation
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "read different text" not in proc.stdout  # one corpus and tokenizer for both
 
     finished, stopped = collect([str(sweep)])
     batch = json.loads((sweep / "mha" / "plan.json").read_text())["batch_tokens"]
@@ -42,3 +43,16 @@ def test_wandb_project_offline_says_what_to_do(monkeypatch):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "needs W&B online" in proc.stderr and "wandb sync" in proc.stderr
+
+
+def test_runs_on_different_text_are_said_not_to_compare(tmp_path, cache_dir):
+    common = ("train.max_steps=2", "train.eval_interval=2", "train.sample_tokens=0")
+    train(compose(*tiny_overrides(tmp_path / "a", cache_dir, *common)))
+    train(compose(*tiny_overrides(tmp_path / "b", cache_dir, *common)))
+    train(compose(*tiny_overrides(tmp_path / "c", cache_dir, *common, "data.vocab_size=384")))  # another tokenizer
+    a, b, c = collect([str(tmp_path)])
+    assert a.corpus == b.corpus != c.corpus and "tokenizer" in a.corpus
+    said = markdown_table([a, b, c]).split("note: ")[1]
+    assert said.startswith(f"these runs read different text, so their losses do not compare: a, b: {a.corpus}; "
+                           f"c: {c.corpus}.") and "data.max_mb" in said  # fmt: skip
+    assert "note: " not in markdown_table([a, b])
