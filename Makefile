@@ -6,7 +6,7 @@ TORCH_CPU ?= torch==2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans quality time-to-loss isoflop lint clean
+.PHONY: help install test test-full train dry-run sweep sweep-memory sweep-speed bench check-plans quality time-to-loss isoflop sweep-lr sweep-batch lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,14 @@ sweep-lr: ## learning rates of AdamW and Muon at two widths on the CPU, then the
 	d=$${SWEEP_DIR:-outputs/sweeps/optimizer_lr}; \
 	$(PYTHON) -m pufferfish.train -m experiment=optimizer_lr optim.name=muon optim.muon_lr=0.01,0.02,0.04 hydra.sweep.dir="$$d/muon" && \
 	$(PYTHON) -m pufferfish.train -m experiment=optimizer_lr optim.name=adamw optim.lr=1.5e-3,3e-3,6e-3 hydra.sweep.dir="$$d/adamw" && \
+	$(PYTHON) -m pufferfish.compare "$$d" --sort loss
+
+sweep-batch: ## AdamW and Muon at batches of 1,024 to 16,384 tokens on the same 0.8M tokens (CPU), then their table
+	d=$${SWEEP_DIR:-outputs/sweeps/optimizer_batch}; \
+	for bs in 1024:800 2048:400 4096:200 8192:100 16384:50; do b=$${bs%:*} s=$${bs#*:}; \
+	  $(PYTHON) -m pufferfish.train -m experiment=optimizer_batch train.batch_tokens=$$b train.max_steps=$$s \
+	    train.eval_interval=$$((s / 8)) hydra.sweep.dir="$$d/batch$$b" || exit 1; \
+	done; \
 	$(PYTHON) -m pufferfish.compare "$$d" --sort loss
 
 lint: ## ruff

@@ -220,3 +220,23 @@ def test_measured_sweep_gets_bisected_max_layers_from_probe_jobs(tmp_path, monke
     assert "| 13 (bisected) | 8 | 11 |" in md and "| 30 (bisected) | 12 | 28 |" in md
     assert "Measured on NVIDIA H200" in md and "does not fit; needed uncapped" in md
     assert "max_layers/probe_baseline_L14" in {r["job_dir"] for r in st.read_jobs(tmp_path)[0]}
+
+
+def test_the_batch_sweep_trains_every_batch_on_the_same_tokens_at_each_optimizers_planned_rates():
+    from pufferfish.resolver import detect_hardware, make_plan
+    from tests.conftest import ROOT, compose
+
+    make = (ROOT / "Makefile").read_text()
+    pairs = [tuple(map(int, p.split(":"))) for p in re.search(r"for bs in ([\d: ]+); do", make).group(1).split()]
+    assert len(pairs) >= 4 and len({b * s for b, s in pairs}) == 1  # batch tokens x steps: the same at every batch
+    plans = {}
+    for b, s in pairs:
+        for name in ("adamw", "muon"):
+            cfg = compose("experiment=optimizer_batch", "gpu=rtx3060", f"optim.name={name}",
+                          f"train.batch_tokens={b}", f"train.max_steps={s}", f"train.eval_interval={s // 8}")  # fmt: skip
+            plan = plans[name, b] = make_plan(cfg, detect_hardware(cfg.gpu, cfg.optimizations, cfg.train.device),
+                                              8192, 10**8)  # fmt: skip
+            assert (plan.batch_tokens, plan.steps, plan.model["num_dims"]) == (b, s, 128)
+            assert plan.optimizer["name"] == name
+    for name in ("adamw", "muon"):  # the rates do not move with the batch: only the batch differs
+        assert len({(plans[name, b].lr, plans[name, b].optimizer.get("muon_lr")) for b, _ in pairs}) == 1
