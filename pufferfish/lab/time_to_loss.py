@@ -94,18 +94,18 @@ def corpus_data(args):
     return data
 
 
-def prepare(args) -> tuple[Path, list[str], float | None]:
-    """The corpus, prepared outside any timing; the overrides that make every run read exactly it; its cap (MB)."""
+def prepare(args) -> tuple[Path, float | None]:
+    """The corpus, prepared outside any timing, and the default corpus's cap (MB) every run then reads it at."""
     from pufferfish.data import prepare_data
 
     data = corpus_data(args)
-    cap = data.max_mb if data.source == "python" else None
-    return prepare_data(data, progress=True).dir, [f"data.max_mb={cap}"] if cap else [], cap
+    return prepare_data(data, progress=True).dir, data.max_mb if data.source == "python" else None
 
 
-def run_pufferfish(args, system: str, size: str, pinned: list[str]) -> dict:
+def run_pufferfish(args, system: str, size: str, cap: float | None) -> dict:
     run = args.out / "runs" / f"{system}_{size}"
     shutil.rmtree(run, ignore_errors=True)
+    pinned = [f"data.max_mb={cap}"] if cap else []  # exactly the prepared corpus
     cmd = [sys.executable, "-m", "pufferfish.train", *base_args(args, size), *pinned, *SYSTEMS[system],
            f"run_dir={run}"]  # fmt: skip
     wall = qpb.timed(cmd, ROOT, args.out / f"{system}_{size}.log")
@@ -164,13 +164,19 @@ def targets(rows: list[dict], target: str) -> dict[str, float]:
 def times_peer(rows: list[dict], goal: dict[str, float], whole_run: bool = False) -> dict[tuple[str, str], float]:
     """(system, size): its seconds to the target over nanoGPT's own at that size, where both reached it; with
     `whole_run`, over the seconds of nanoGPT's whole run (to its final evaluation) wherever the system reached it."""
-    peer = {r["size"]: (r["curve"][-1][0], 0) if whole_run else first_at_or_below(r["curve"], goal[r["size"]])
-            for r in rows if r["system"] == PEER and r["curve"]}  # fmt: skip
+
+    def seconds(peer: dict) -> float | None:
+        if whole_run:
+            return peer["curve"][-1][0]
+        hit = first_at_or_below(peer["curve"], goal[peer["size"]])
+        return hit[0] if hit else None
+
+    base = {r["size"]: seconds(r) for r in rows if r["system"] == PEER and r["curve"]}
     out = {}
     for r in rows:
-        hit, base = first_at_or_below(r["curve"], goal[r["size"]]), peer.get(r["size"])
-        if hit and base and base[0] > 0:
-            out[r["system"], r["size"]] = hit[0] / base[0]
+        hit, own = first_at_or_below(r["curve"], goal[r["size"]]), base.get(r["size"])
+        if hit and own:
+            out[r["system"], r["size"]] = hit[0] / own
     return out
 
 
@@ -310,13 +316,13 @@ def main() -> None:
                  f"size(s) {', '.join(unmet)} on this corpus; add nanogpt to --systems (or run it first on its own: "
                  f"--systems nanogpt --peer-seconds S)")
     if not args.report:
-        data_dir, pinned, cap = prepare(args)
+        data_dir, cap = prepare(args)
         for size in args.sizes.split(","):
             for system in (s for s in [*SYSTEMS, PEER] if s in systems):
                 if system == PEER:
                     row = run_peer(args, size, data_dir, peer_wall(args, size))
                 else:
-                    row = run_pufferfish(args, system, size, pinned)
+                    row = run_pufferfish(args, system, size, cap)
                 with open(args.out / "results.jsonl", "a") as f:
                     f.write(json.dumps({"corpus": args.corpus, "budget_s": args.budget, "data_max_mb": cap, **row})
                             + "\n")  # fmt: skip
