@@ -23,6 +23,8 @@
 #                                         planned for half that time; TARGET=default to run it before nanoGPT's).
 #                                         With neither set: the default planned for 600 s, then nanoGPT as long
 #                                         (over 20 minutes)
+# GPU=h100 (any gpu profile) plans for that card instead of the H200 (the profile must match the card the
+# part runs on: its speed and memory are what the plans assume).
 # DETACH=1 runs the part in the background, detached from the terminal (setsid), so it goes on after the shell
 # that started it exits; it logs to OUT_DIR/PART.log: follow the part there.
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
@@ -37,7 +39,7 @@ if [ "${DETACH:-}" = 1 ]; then
 fi
 export PUFFERFISH_SHARED_DATA=$PWD/.devcarry PUFFERFISH_NANOGPT=$PWD/.devcarry/nanogpt PYTHONUNBUFFERED=1
 quiet() { grep -v -i -E "warn|^\s*$" ; }
-corpus=${part#*-}
+corpus=${part#*-} gpu=${GPU:-h200}
 case "$part" in
   step)
     python -m pufferfish.lab.bench_throughput --shape 124m --only "bf16+fused+compile(step)" --out "$out/step.json" 2>&1 | quiet | tail -20 ;;
@@ -46,18 +48,18 @@ case "$part" in
       ${PROFILES:+--profiles "$PROFILES"} 2>&1 | quiet | tail -60 ;;
   plan-*|nanogpt-*)
     python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets "${BUDGETS:-108,180}" \
-      --systems "${part%%-*}" --gpu h200 2>&1 | quiet | tail -20 ;;
+      --systems "${part%%-*}" --gpu "$gpu" 2>&1 | quiet | tail -20 ;;
   oracle-*)
     python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets 108 --systems oracle \
       --oracle-widths "${WIDTHS:-0.5,0.75,1,1.5,2}" \
-      --gpu h200 2>&1 | quiet | tail -20 ;;
+      --gpu "$gpu" 2>&1 | quiet | tail -20 ;;
   ttl-peer-*)
     corpus=${part#ttl-peer-}
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_peer_$corpus" --target "${TARGET:-nanogpt}" --corpus "$corpus" \
       --budget "${BUDGET:-600}" --sizes plan --systems "${SYSTEMS:-default,nanogpt}" \
-      ${PEER_SECONDS:+--peer-seconds "$PEER_SECONDS"} --gpu h200 2>&1 | quiet | tail -20 ;;
+      ${PEER_SECONDS:+--peer-seconds "$PEER_SECONDS"} --gpu "$gpu" 2>&1 | quiet | tail -20 ;;
   ttl-*)
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_$corpus" --target default --corpus "$corpus" \
-      --budget 60 --sizes 6x384,8x512 ${SYSTEMS:+--systems "$SYSTEMS"} --gpu h200 2>&1 | quiet | tail -20 ;;
+      --budget 60 --sizes 6x384,8x512 ${SYSTEMS:+--systems "$SYSTEMS"} --gpu "$gpu" 2>&1 | quiet | tail -20 ;;
   *) echo "unknown part $part; see the header of $0" >&2; exit 2 ;;
 esac
