@@ -2,6 +2,9 @@
 checkpoints and resume, and the memory model counts its one buffer per matrix parameter."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from pufferfish.resolver.shapes import memory_shape
 from pufferfish.runlog import read_metrics
 from pufferfish.step import StepSpec, TrainStep
 from pufferfish.train import train
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import ROOT, compose, tiny_overrides
 
 SETTINGS = {"name": "muon", "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "muon_lr": 0.02}
 LR = 1e-3
@@ -68,6 +71,103 @@ def test_newton_schulz_orthogonalises():
         s = torch.linalg.svdvals(newton_schulz(m).float())
         assert newton_schulz(m).shape == m.shape
         assert 0.5 < s.min() and s.max() < 1.5, s
+
+
+def test_newton_schulz_of_a_stack_is_each_matrix_on_its_own():
+    """One batched iteration for matrices of one shape gives what each would alone (to a bf16 step)."""
+    g = torch.randn(5, 96, 32, generator=torch.Generator().manual_seed(2))
+    for stack in (g, g.mT):  # tall and wide
+        alone = torch.stack([newton_schulz(m) for m in stack])
+        together = newton_schulz(stack)
+        assert together.shape == stack.shape and together.dtype == torch.bfloat16
+        torch.testing.assert_close(together.float(), alone.float(), rtol=0, atol=2**-7)
+
+
+def test_the_muon_step_dispatches_a_few_operators_per_matrix_not_an_iteration_each():
+    """Muon's step runs one stacked Newton-Schulz per shape of matrix: doubling the layers adds the
+    element-wise work of the new matrices (foreach kernels; on a CPU a loop of a few operators a matrix), not
+    their own 5-step iterations (16 operators a matrix and more). The operators counted are those
+    torch.profiler sees at the top level of one step (pufferfish.lab.bench_optimizer's count)."""
+    from pufferfish.lab.bench_optimizer import model_for, operators
+
+    count = {}
+    for shape in ("2x64", "4x64"):
+        model = model_for(shape, "cpu")
+        optimizer = build_optimizer(model, SETTINGS, LR, fused=False)
+        optimizer.step()  # the momentum buffers exist from here on
+        count[shape] = operators(optimizer, "cpu"), sum(len(g["params"]) for g in optimizer.param_groups if g["muon"])
+    added_ops, added_matrices = count["4x64"][0] - count["2x64"][0], count["4x64"][1] - count["2x64"][1]
+    assert added_matrices == 14  # 7 matrices a layer: q, k, v, o and the MLP's three
+    assert added_ops / added_matrices < 10, count
+
+
+def test_the_optimizer_benchmark_times_and_counts_both_optimizers(tmp_path):
+    out = tmp_path / "optimizer.json"
+    done = subprocess.run([sys.executable, "-m", "pufferfish.lab.bench_optimizer", "--shapes", "2x64,3x128", "--steps",
+                           "2", "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["optimizer"], r["muon_matrices"]) for r in rows] == [
+        ("2x64", "adamw", 0), ("2x64", "muon", 14), ("3x128", "adamw", 0), ("3x128", "muon", 21)]
+    assert all(r["ms"] > 0 and r["operators"] > 0 for r in rows)
+    assert "| 3x128 | " in done.stdout and "operators a step" in done.stdout
+
+
+MEASURE_STEP = """
+import json, sys, torch
+from pufferfish.lab.bench_optimizer import model_for
+from pufferfish.optim import build_optimizer
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+model = model_for(sys.argv[1], "cpu")
+optimizer = build_optimizer(model, {**json.loads(sys.argv[2])}, 1e-3, fused=False)
+optimizer.step()  # the momentum buffers exist from here on
+peaks = []
+for _ in range(2):
+    open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again from the resident memory now
+    before = status("VmRSS")
+    optimizer.step()
+    peaks.append(status("VmHWM") - before)
+print(min(peaks))
+"""
+
+
+def test_the_memory_model_counts_what_muons_stacked_step_holds_on_top_of_the_state():
+    """The bytes one Muon step holds beyond the weights, gradients and momentum, measured as the process's
+    resident high-water mark over one step (glibc made to map every large block afresh and give it back, so
+    the mark is the step's own), against resolver.memory.muon_step_bytes: the stack of the largest shape's
+    matrices (the MLP's up and gate projections) in fp32, its bf16 iterates and their Gram matrices."""
+    from pufferfish.lab.bench_optimizer import model_for
+    from pufferfish.resolver.memory import Shape, muon_step_bytes
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    for shape in ("6x384", "8x512"):
+        c = model_for(shape, "cpu").config
+        done = subprocess.run([sys.executable, "-c", MEASURE_STEP, shape, json.dumps(SETTINGS)], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        measured = int(done.stdout.split()[-1])
+        predicted = muon_step_bytes(Shape(c.num_layers, c.num_dims, c.num_heads, c.num_kv_heads, c.ffn_dims,
+                                          c.vocab_size, c.seq_len, optimizer="muon"))  # fmt: skip
+        assert 0.95 < measured / predicted < 1.15, (shape, measured, predicted)
+
+
+def test_the_peak_is_muons_step_where_the_activations_are_smaller_than_its_stack():
+    from pufferfish.resolver.memory import Shape, muon_step_bytes, predict_peak_bytes
+
+    small = Shape(4, 512, 8, 2, 1408, 256, 16, micro_batch=1, optimizer="muon", grads_in_forward=False)
+    b = predict_peak_bytes(small)
+    core = b.total - b.overhead
+    params = count_params(small)
+    assert core == b.weights + 4 * params + optimizer_bytes(small) + muon_step_bytes(small)
+    assert b.optimizer == optimizer_bytes(small) + core - (b.weights + b.gradients + optimizer_bytes(small)
+                                                          + b.autocast_copies + b.activations + b.logits)  # fmt: skip
+    large = Shape(4, 512, 8, 2, 1408, 256, 512, micro_batch=32, optimizer="muon", grads_in_forward=False)
+    assert predict_peak_bytes(large).optimizer == optimizer_bytes(large)  # the backward's peak is the higher
+    assert muon_step_bytes(Shape(4, 512, 8, 2, 1408, 256, 16)) == 0  # AdamW
 
 
 def test_the_hidden_matrices_go_to_muon_and_the_rest_to_adamw():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..optim import MUON_STACK_BYTES
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ALLOCATOR_SLACK = 1.05  # fragmentation and rounding in the caching allocator
 FIXED_BYTES = 64 * 1024**2  # workspaces and small buffers inside the allocator
@@ -117,6 +119,23 @@ def muon_params(s: Shape) -> int:
     attn = 2 * C * C + 2 * C * s.kv_dims
     shared = 3 * C * s.moe_expert_ffn_dims if s.moe_shared_expert else 0
     return (s.num_layers - s.moe_layers) * (attn + 3 * C * s.ffn_dims) + s.moe_layers * (attn + shared)
+
+
+def muon_step_bytes(s: Shape) -> int:
+    """What Muon's step holds beside the weights, gradients and state while it orthogonalises the stacked
+    matrices of one shape (optim.MuonWithAdamW): per parameter of the shape, the fp32 stack of updates and two
+    bf16 iterates (MUON_STACK_BYTES) and two bf16 Gram-sized matrices (4 x short side / long side bytes); the
+    largest shape's. 0 under AdamW, and under FSDP2 (one matrix at a time)."""
+    if s.optimizer != "muon" or s.shards > 1:
+        return 0
+    C, dense = s.num_dims, s.num_layers - s.moe_layers
+    stacks: dict[tuple[int, int], int] = {}  # (rows, cols): matrices of that shape
+    ffn = [(s.ffn_dims, dense)] + ([(s.moe_expert_ffn_dims, s.moe_layers)] if s.moe_shared_expert else [])
+    for shape, count in [((C, C), 2 * s.num_layers), ((s.kv_dims, C), 2 * s.num_layers)] + \
+            [(shape, n * k) for f, k in ffn if k for shape, n in (((f, C), 2), ((C, f), 1))]:  # fmt: skip
+        stacks[shape] = stacks.get(shape, 0) + count
+    return int(max(rows * cols * count * (MUON_STACK_BYTES + 4 * min(rows, cols) / max(rows, cols))
+                   for (rows, cols), count in stacks.items()))  # fmt: skip
 
 
 def optimizer_bytes(s: Shape) -> int:
@@ -265,5 +284,11 @@ def predict_peak_bytes(s: Shape, constants: MemoryConstants = CONSTANTS) -> Memo
         layers_kept = 1 if s.grad_ckpt else s.num_layers
         scores = layers_kept * s.micro_batch * s.num_heads * s.seq_len**2 * BYTES[s.precision] * 2
     core = weights + grads + optim + autocast + acts + scores + logits
+    # Muon's step, after the backward: every gradient, no activations, its stacked Newton-Schulz beside them.
+    # Where that moment is the higher, its excess is counted with the optimizer
+    transient = muon_step_bytes(s)
+    step = weights + 4 * P + optim + transient
+    if transient and step > core:
+        optim, core = optim + step - core, step
     overhead = int(core * (ALLOCATOR_SLACK - 1)) + FIXED_BYTES
     return MemoryBreakdown(weights, grads, optim, autocast, int(acts), int(scores), int(logits), overhead)
