@@ -26,14 +26,22 @@
 # GPU=h100 (any gpu profile) plans for that card instead of the H200 (the profile must match the card the
 # part runs on: its speed and memory are what the plans assume).
 # DETACH=1 runs the part in the background, detached from the terminal (setsid), so it goes on after the shell
-# that started it exits; it logs to OUT_DIR/PART.log: follow the part there.
+# that started it exits; it logs to OUT_DIR/PART.log: follow the part there. Its process id is in
+# OUT_DIR/running.pid (`while kill -0 $(cat OUT_DIR/running.pid); do sleep 15; done` waits for it), and no other
+# part starts into OUT_DIR while it runs: two parts on one GPU would time each other.
 # Each quality part appends to OUT_DIR/results.jsonl; `python -m pufferfish.lab.quality_per_budget --out
 # OUT_DIR --report` then prints the table from every part run so far.
 set -uo pipefail
 part=$1 out=$2
 mkdir -p "$out"
+if [ -z "${DETACHED_PART:-}" ] && [ -s "$out/running.pid" ] && kill -0 "$(cat "$out/running.pid")" 2>/dev/null; then
+  echo "a detached part is still running into $out (pid $(cat "$out/running.pid")); wait for it: two parts on one" \
+    "GPU would time each other" >&2
+  exit 1
+fi
 if [ "${DETACH:-}" = 1 ]; then
-  DETACH= setsid nohup bash "$0" "$part" "$out" > "$out/$part.log" 2>&1 < /dev/null &
+  DETACH= DETACHED_PART=1 setsid nohup bash "$0" "$part" "$out" > "$out/$part.log" 2>&1 < /dev/null &
+  echo $! > "$out/running.pid"
   echo "detached: $part logs to $out/$part.log"
   exit 0
 fi
