@@ -170,8 +170,10 @@ class MuonWithAdamW(torch.optim.AdamW):
             if group["nesterov"]:  # the gradient moved towards the momentum: grad.lerp(buf, momentum), stacked
                 stack = torch.stack([grads[i] for i in index]).lerp_(stack, momentum)
             ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            del stack
-            torch._foreach_add_([params[i] for i in index], list(ortho.unbind(0)), alpha=-lr * muon_lr_factor(shape))
+            del stack  # the update in the weights' dtype (6 bytes a parameter, under the iteration's 8 and more):
+            # one foreach kernel, where a bf16 update added to fp32 weights falls back to one add a matrix
+            update = ortho.to(params[index[0]].dtype).unbind(0)
+            torch._foreach_add_([params[i] for i in index], list(update), alpha=-lr * muon_lr_factor(shape))
 
 
 def build_muon(model, settings, lr: float, fused: bool) -> MuonWithAdamW:

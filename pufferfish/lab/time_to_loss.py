@@ -52,7 +52,11 @@ SYSTEMS = {  # name: the overrides it adds to Pufferfish's default recipe
 }
 PEER = "nanogpt"
 PLAN = "plan"  # the size each recipe's plan chooses
-TARGETS = ("default", PEER, f"{PEER}-best")  # the targets read from a system's run (else a loss)
+TARGETS = {  # the targets read from a system's run (else a loss), as the table says them
+    "default": "the lowest evaluation of the default recipe at each size",
+    PEER: "nanoGPT's final evaluation at each size",
+    f"{PEER}-best": "nanoGPT's lowest evaluation at each size",
+}
 
 
 def corpus_overrides(corpus: str) -> list[str]:
@@ -244,10 +248,7 @@ def report(out: Path, target: str) -> str:
     rows = sorted(latest.values(), key=lambda r: (size_order(r["size"]), _order(r["system"])))
     goal = targets(rows, target)
     decided, ratio, of_run = verdicts(rows, goal), times_peer(rows, goal), times_peer(rows, goal, whole_run=True)
-    said = {"default": "the lowest evaluation of the default recipe at each size",
-            PEER: "nanoGPT's final evaluation at each size",
-            f"{PEER}-best": "nanoGPT's lowest evaluation at each size"}.get(target, target)  # fmt: skip
-    lines = [f"Target: {said} (validation loss). Seconds to target: the first evaluation at or below it, not "
+    lines = [f"Target: {TARGETS.get(target, target)} (validation loss). Seconds to target: the first evaluation at or below it, not "
              f"interpolated; Pufferfish's seconds are its eval records' elapsed_s (from its data being ready: planning, "
              f"building, compiling and earlier evaluations included), nanoGPT's from its first log line to the eval "
              f"line. x nanoGPT: those seconds over nanoGPT's own to the same target; x its run: over the seconds of "

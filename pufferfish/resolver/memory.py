@@ -110,15 +110,23 @@ def count_params(s: Shape, active: bool = False) -> int:
     )
 
 
+def muon_matrices(s: Shape) -> dict[tuple[int, int], int]:
+    """The matrices Muon updates (optim.is_hidden_matrix), as (rows, cols): how many of that shape. Every
+    layer's attention (wq, wo; wk, wv), the dense layers' MLP (up and gate; down), a shared expert's too."""
+    C, dense = s.num_dims, s.num_layers - s.moe_layers
+    mlps = [(s.ffn_dims, dense)] + ([(s.moe_expert_ffn_dims, s.moe_layers)] if s.moe_shared_expert else [])
+    out: dict[tuple[int, int], int] = {}
+    for shape, count in [((C, C), 2 * s.num_layers), ((s.kv_dims, C), 2 * s.num_layers)] + \
+            [(shape, n * layers) for f, layers in mlps if layers for shape, n in (((f, C), 2), ((C, f), 1))]:  # fmt: skip
+        out[shape] = out.get(shape, 0) + count
+    return out
+
+
 def muon_params(s: Shape) -> int:
-    """Parameters Muon updates (optim.is_hidden_matrix): the blocks' attention and MLP matrices, a shared
-    expert's too; 0 under AdamW."""
+    """Parameters Muon updates; 0 under AdamW."""
     if s.optimizer != "muon":
         return 0
-    C = s.num_dims
-    attn = 2 * C * C + 2 * C * s.kv_dims
-    shared = 3 * C * s.moe_expert_ffn_dims if s.moe_shared_expert else 0
-    return (s.num_layers - s.moe_layers) * (attn + 3 * C * s.ffn_dims) + s.moe_layers * (attn + shared)
+    return sum(rows * cols * count for (rows, cols), count in muon_matrices(s).items())
 
 
 def muon_step_bytes(s: Shape) -> int:
@@ -128,14 +136,8 @@ def muon_step_bytes(s: Shape) -> int:
     largest shape's. 0 under AdamW, and under FSDP2 (one matrix at a time)."""
     if s.optimizer != "muon" or s.shards > 1:
         return 0
-    C, dense = s.num_dims, s.num_layers - s.moe_layers
-    stacks: dict[tuple[int, int], int] = {}  # (rows, cols): matrices of that shape
-    ffn = [(s.ffn_dims, dense)] + ([(s.moe_expert_ffn_dims, s.moe_layers)] if s.moe_shared_expert else [])
-    for shape, count in [((C, C), 2 * s.num_layers), ((s.kv_dims, C), 2 * s.num_layers)] + \
-            [(shape, n * k) for f, k in ffn if k for shape, n in (((f, C), 2), ((C, f), 1))]:  # fmt: skip
-        stacks[shape] = stacks.get(shape, 0) + count
     return int(max(rows * cols * count * (MUON_STACK_BYTES + 4 * min(rows, cols) / max(rows, cols))
-                   for (rows, cols), count in stacks.items()))  # fmt: skip
+                   for (rows, cols), count in muon_matrices(s).items()))  # fmt: skip
 
 
 def optimizer_bytes(s: Shape) -> int:
