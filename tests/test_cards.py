@@ -3,6 +3,7 @@ the device falls back to eager and the run goes on."""
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ from pufferfish.resolver import (
     model_dict,
     predict_peak_bytes,
 )
-from pufferfish.resolver.capabilities import ARCHITECTURES, architecture
+from pufferfish.resolver.capabilities import ARCHITECTURES, architecture, card_path
 from pufferfish.resolver.hardware import GIB, hardware_on, own_card
+from pufferfish.resolver.plan import OVERHEAD_SHARE
 from pufferfish.resolver.replan import plan_eager_step
+from pufferfish.resolver.speed import CONSTANTS, compile_seconds
 from pufferfish.runlog import read_metrics
 from pufferfish.train import train
 from pufferfish.transforms import sdpa_backend
@@ -187,3 +190,52 @@ def test_a_published_nanogpt_mfu_converts_to_tokens_per_second_and_sets_the_cons
     # the RTX 4090 profile's share is the one at which its prediction stands to the report as the H200's does
     assert rows["rtx4090"]["implied_mfu"] == pytest.approx(rows["rtx4090"]["mfu"], rel=0.02)
     assert rows["rtx4090"]["ratio"] == pytest.approx(rows["h200"]["ratio"], rel=0.02)
+
+
+def test_a_budget_too_short_for_compiling_plans_the_eager_step_and_says_why():
+    """Compiling costs seconds before the first step (speed.compile_seconds); where the eager step trains more
+    tokens in what is left of the budget, the plan runs eager, its memory and speed counted for that step."""
+    short = compose("gpu=h100", "mode=ultra_fast", "mode.target_hours=0.004")  # 14 s
+    plan = make_plan(short, own_card(short), 8192, 10**8)
+    assert not plan.compile and plan.reasons["compile"].startswith("eager: in a 14 s budget compiling does not pay")
+    assert "of compiling (a cold cache)" in plan.reasons["compile"]
+    eager = memory_shape(plan.model, short, own_card(short), plan.micro_batch, plan.grad_ckpt,
+                         path=card_path(compose("gpu=h100", "optimizations.compile=false"), own_card(short)))
+    assert not eager.compiled and plan.grad_accum == 1  # one micro-batch: no gradients alive in its forward
+    assert plan.predicted_peak_bytes == predict_peak_bytes(replace(eager, grads_in_forward=False)).total
+    assert "of compiling" not in plan.reasons["steps"]  # the eager steps start at once
+
+    longer = compose("gpu=h100", "mode=ultra_fast")  # 36 s: the compiled 1 x 64 trains more
+    plan = make_plan(longer, own_card(longer), 8192, 10**8)
+    assert plan.compile and "; it pays in the 36 s budget: 1 x 64 trains" in plan.reasons["compile"]
+    took = compile_seconds(1)
+    assert plan.reasons["steps"].endswith(f"after about {took:.0f} s of compiling")
+    assert plan.steps * plan.batch_tokens <= plan.predicted_tokens_per_s * (36 * (1 - OVERHEAD_SHARE) - took)
+
+
+def test_compiling_is_kept_where_the_data_ends_both_steps_early_and_where_the_steps_are_fixed():
+    cfg = compose("gpu=h200", "mode=standard")  # 50M tokens in 1.5 h: both steps would read 22 epochs
+    plan = make_plan(cfg, own_card(cfg), 8192, 50_000_000)
+    assert plan.compile and "it pays in the 5400 s budget" in plan.reasons["compile"]
+    fixed = compose("gpu=h100", "mode=ultra_fast", "mode.target_hours=0.004", "train.max_steps=50")
+    plan = make_plan(fixed, own_card(fixed), 8192, 10**8)
+    assert plan.compile and "pays" not in plan.reasons["compile"]  # the budget only reports
+
+
+def test_the_committed_compile_time_is_the_fit_of_the_committed_runs(capsys, monkeypatch):
+    """SpeedConstants' compile seconds are the least-squares line through the committed H100 runs' cold
+    compiles (python -m pufferfish.lab.fit_compile_time), and each run lies within 5 s of it."""
+    from pufferfish.lab import fit_compile_time as fct
+
+    rows = [r for f in fct.MEASURED for r in fct.cold_rows(f)]
+    assert len(rows) >= 7 and {r["layers"] for r in rows} >= {6, 8, 10, 11}
+    base, per_layer = fct.fit_line([r["layers"] for r in rows], [r["startup_s"] for r in rows])
+    assert round(base, 1) == CONSTANTS.compile_base_s and round(per_layer, 2) == CONSTANTS.compile_layer_s
+    assert all(abs(r["startup_s"] - compile_seconds(r["layers"])) < 5 for r in rows)
+    # a Muon run after the default's at the same shape compiled from a warm cache: not a cold row
+    candidates = [r for r in rows if r["file"].endswith("shakespeare_candidates.jsonl")]
+    assert sorted(r["system"] for r in candidates) == ["default", "default", "qk_norm", "qk_norm"]
+    monkeypatch.setattr("sys.argv", ["fit_compile_time"])
+    fct.main()
+    assert f"compile_base_s = {CONSTANTS.compile_base_s}, compile_layer_s = {CONSTANTS.compile_layer_s}" in \
+        capsys.readouterr().out  # fmt: skip

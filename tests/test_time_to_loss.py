@@ -63,6 +63,9 @@ def test_the_table_has_a_row_per_system_and_size_with_seconds_from_the_runs_metr
     plan = json.loads((out / "runs" / "combined_plan" / "plan.json").read_text())
     assert plan["optimizer"]["name"] == "muon" and plan["model"]["qk_norm"] and plan["schedule"]["schedule"] == "wsd"
     assert "set by you" not in plan["reasons"]["shape"]  # size `plan`: the resolver chose the shape
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    planned = next(r for r in results if (r["system"], r["size"]) == ("combined", "plan"))
+    assert (planned["layers"], planned["dims"]) == (plan["model"]["num_layers"], plan["model"]["num_dims"])
     fixed = json.loads((out / "runs" / "combined_1x64" / "plan.json").read_text())
     assert "set by you" in fixed["reasons"]["shape"]
     assert (out / "time_to_loss.png").stat().st_size > 10_000

@@ -129,7 +129,8 @@ def pufferfish_result(run: Path) -> dict:
     return {"curve": [(r["elapsed_s"], r["val_loss"], r["step"]) for r in evals], "val_loss": summary["val_loss"],
             "run_dir": str(run), "steps": summary["step"], "stopped_by": summary["stopped_by"],
             "tokens_per_s": summary["tokens_per_s"], "batch_tokens": plan["batch_tokens"],
-            "params": plan["params"], "lr": plan["lr"], "optimizer": plan["optimizer"],
+            "params": plan["params"], "layers": plan["model"]["num_layers"], "dims": plan["model"]["num_dims"],
+            "lr": plan["lr"], "optimizer": plan["optimizer"],
             "schedule": plan["schedule"]["schedule"], "qk_norm": plan["model"].get("qk_norm", False)}  # fmt: skip
 
 

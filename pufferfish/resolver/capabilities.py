@@ -7,7 +7,7 @@ the plan check measures the memory of the step a real 1060 runs. The loop reads 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -97,6 +97,10 @@ class CardPath:
     def inductor(self) -> bool:
         """A step compiled by Inductor: what the memory and speed models count as compiled (fused kernels)."""
         return self.compile and self.compile_backend == "inductor"
+
+    def eager(self, why: str) -> CardPath:
+        """The same step run eagerly, `why` its compile reason."""
+        return replace(self, compile=False, reasons={**self.reasons, "compile": why})
 
 
 def _compile(opt, hw, arch: Architecture | None) -> tuple[bool, str]:

@@ -13,18 +13,27 @@ from ..config import OptimConfig
 from ..errors import ConfigError
 from ..model import ModelConfig
 from ..optim import MUON_LR, MUON_MOMENTUM
-from .capabilities import card_path
+from .capabilities import CardPath, card_path
 from .hardware import Hardware
 from .memory import allocator_reserve_bytes, count_params, muon_params, predict_peak_bytes
 from .scaling import TOKEN_WORTH, TOKENS_PER_PARAM, effective_tokens
-from .search import MAX_EPOCHS, MIN_STEPS_PER_EPOCH, OUTSIDE_MODE_GAIN, _choose, _search, min_steps_for
+from .search import (
+    MAX_EPOCHS,
+    MIN_STEPS_PER_EPOCH,
+    OUTSIDE_MODE_GAIN,
+    Candidate,
+    _choose,
+    _search,
+    min_steps_for,
+)
 from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
+from .speed import compile_seconds
 
 OPTIMIZER_KEYS = ("name", "weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
 SCHEDULE_KEYS = ("schedule", "warmup_frac", "min_lr_ratio", "decay_frac")  # and what schedule.lr_at reads
 OPTIMIZER_DEFAULTS = {k: getattr(OptimConfig, k) for k in OPTIMIZER_KEYS}  # a plan.json from before they were kept
 SCHEDULE_DEFAULTS = {k: getattr(OptimConfig, k) for k in SCHEDULE_KEYS}
-OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up
+OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up (compiling counted apart)
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
 FINAL_EVAL_SHARE = 0.02  # and the final one, of the handed-over weights on the whole validation set
@@ -197,6 +206,26 @@ def corpus_mb_wanted(cfg, hw: Hardware, world_size: int = 1) -> float:
     return float(2 ** max(3, math.ceil(math.log2(max(mb, 1)))))
 
 
+def weigh_compile(path: CardPath, compiled: list[Candidate], eager: list[Candidate],
+                  budget_s: float) -> tuple[CardPath, list[Candidate]]:  # fmt: skip
+    """Compile only where it pays within the budget. A compiled step runs faster (fused kernels, where the GPU,
+    not the host, is the bound) but its steps start after the compilation (speed.compile_seconds, from a cold
+    cache). On the shape the compiled step's plan would choose, eager is chosen if it trains more tokens in the
+    budget (where the data's epochs end both runs early they train the same, and the compiled one ends sooner);
+    the shape is then chosen again for the eager step. The path and the candidates of the step chosen, its
+    compile reason saying why."""
+    c = _choose(compiled, "loss")[0] if compiled else None
+    e = next((x for x in eager if (x.layers, x.dims) == (c.layers, c.dims)), None) if c else None
+    if e is None:  # nothing fits compiled, or this shape only compiled (it keeps less): nothing to weigh
+        return path, compiled
+    versus = (f"{c.layers} x {c.dims} trains {c.tokens / 1e6:.1f}M tokens compiled, after about "
+              f"{compile_seconds(c.layers):.0f} s of compiling (a cold cache), and {e.tokens / 1e6:.1f}M eager")
+    if e.tokens > c.tokens:
+        return path.eager(f"eager: in a {budget_s:.0f} s budget compiling does not pay: {versus}"), eager
+    return replace(path, reasons={**path.reasons, "compile": f"{path.reasons['compile']}; it pays in the "
+                                                             f"{budget_s:.0f} s budget: {versus}"}), compiled
+
+
 def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1,
               val_tokens: int | None = None) -> Plan:  # fmt: skip
     mode, train = cfg.mode, cfg.train
@@ -221,7 +250,13 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     shards = world_size if train.get("parallel", "ddp") == "fsdp2" else 1
     unique = max(1, corpus_tokens)
 
-    cands = _search(cfg, hw, vocab, seq_len, compute_s, unique, world_size, shards)
+    def search(step: CardPath) -> list[Candidate]:
+        return _search(cfg, hw, vocab, seq_len, compute_s, unique, world_size, shards, step)
+
+    cands = search(path)
+    if path.inductor and not train.max_steps:  # fixed steps: the budget only reports, compiling costs no tokens
+        path, cands = weigh_compile(path, cands, search(path.eager("")), budget_s)
+        reasons["compile"] = path.reasons["compile"]
     if not cands:
         smallest = _candidates(cfg, relaxed=True)[0]
         micro = train.micro_batch or 1
@@ -295,7 +330,9 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         reasons["steps"] = f"{steps} steps: set by train.max_steps (the time budget then only reports)"
     else:
         steps = max(1, int(tokens // batch_tokens))
-        reasons["steps"] = f"{steps} steps: what the predicted {tps:,.0f} tokens/s covers in {compute_s / 3600:.3f} h"
+        reasons["steps"] = f"{steps} steps: what the predicted {tps:,.0f} tokens/s covers in {best.seconds / 3600:.3f} h"
+        if best.seconds < compute_s:
+            reasons["steps"] += f", after about {compute_s - best.seconds:.0f} s of compiling"
         if tokens < best.time_tokens:
             reasons["steps"] = (f"{steps} steps: {MAX_EPOCHS:.0f} epochs of the data (another would be worth under a "
                                 f"quarter of fresh text); at the predicted {tps:,.0f} tokens/s the run ends, its "

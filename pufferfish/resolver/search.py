@@ -18,7 +18,7 @@ from .shapes import (
     memory_shape,
     model_dict,
 )
-from .speed import predict_tokens_per_s, with_optimizer_step
+from .speed import compile_seconds, predict_tokens_per_s, with_optimizer_step
 
 MAX_EPOCHS = epochs_worth_training()  # ~22: another epoch would be worth under a quarter of fresh text
 ASPECT = 48  # preferred num_dims / num_layers: deep and thin for small models (MobileLLM)
@@ -52,6 +52,7 @@ class Candidate:
     shape: Shape
     params: int
     tokens_per_s: float
+    seconds: float  # of the budget the steps run for: less a compiled step's compilation
     tokens: float  # what the run trains on: the budget's tokens, at most MAX_EPOCHS of the data
     time_tokens: float  # what the budget could process
     loss: float  # the law's loss on this corpus
@@ -102,7 +103,8 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
         tps = speed(memory_shape(mc, cfg, hw, micro, ckpt, shards, path))
     tps = with_optimizer_step(tps, shape, target, hw.peak_flops, hw.mfu)
     # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
-    time_tokens = tps * compute_s
+    seconds = max(0.0, compute_s - (compile_seconds(L) if path.inductor else 0.0))
+    time_tokens = tps * seconds
     tokens = min(time_tokens, MAX_EPOCHS * unique)
     # the law counts the blocks' (active) parameters: a small model's embedding table is most of its
     # parameters but little of what it can learn (Kaplan et al. 2020 fit non-embedding counts)
@@ -110,15 +112,16 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     mode, spec = cfg.mode, cfg.model
     inside = bool(spec.num_layers or mode.min_layers <= L) and bool(spec.num_dims or mode.min_dims <= d)
     k = TOKEN_WORTH.get(shape.optimizer, 1.0)  # the optimizer's tokens, in the law's (AdamW's)
-    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, tokens, time_tokens,
+    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, seconds, tokens, time_tokens,
                      predicted_loss(n_law, k * tokens, k * unique), predicted_loss(n_law, k * time_tokens),
                      inside)  # fmt: skip
 
 
 def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
-            shards: int) -> list[Candidate]:  # fmt: skip
-    """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits."""
-    path = card_path(cfg, hw)  # the card's step: the same for every shape
+            shards: int, path=None) -> list[Candidate]:  # fmt: skip
+    """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits, on `path` (the
+    card's step, card_path's: the same for every shape)."""
+    path = path or card_path(cfg, hw)
     cap = cfg.train.micro_batch or MAX_MICRO_BATCH
     out = []
     for L, d in _candidates(cfg, relaxed=True):

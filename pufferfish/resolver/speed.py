@@ -73,9 +73,21 @@ class SpeedConstants:
     # squares of log share on the 12 shapes of `python -m pufferfish.lab.cpu_speed` (2 cores of an AMD EPYC,
     # torch 2.13, 2026-12-05; docs/measurements/2026-12-05/cpu_speed.json): 1 x 64 to 12 x 768, every row within 17 %
     cpu_half_share_dims: float = 134
+    # seconds torch.compile (Inductor: the forward and loss, and their backward) adds to a run's start from a cold
+    # cache: base + per layer, since Inductor compiles the unrolled model. Fitted by `python -m
+    # pufferfish.lab.fit_compile_time` on the seven cold compiles of the H100 time-to-loss runs (6-11 layers, torch
+    # 2.11, 2026-12-06; each within 4 s of the line). A warm cache (the same graph compiled before on the machine)
+    # took 5-7 s whatever the depth; the planner counts the cold cost
+    compile_base_s: float = 5.7
+    compile_layer_s: float = 2.18
 
 
 CONSTANTS = SpeedConstants()  # the committed values
+
+
+def compile_seconds(num_layers: int, constants: SpeedConstants = CONSTANTS) -> float:
+    """Seconds a cold torch.compile of the forward and loss adds to a run's start (fit_compile_time's line)."""
+    return constants.compile_base_s + constants.compile_layer_s * num_layers
 
 
 def model_flops_per_token(active_params: float, num_layers: int, num_dims: int, seq_len: int) -> float:
