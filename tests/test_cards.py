@@ -220,6 +220,10 @@ def test_compiling_is_kept_where_the_data_ends_both_steps_early_and_where_the_st
     fixed = compose("gpu=h100", "mode=ultra_fast", "mode.target_hours=0.004", "train.max_steps=50")
     plan = make_plan(fixed, own_card(fixed), 8192, 10**8)
     assert plan.compile and "pays" not in plan.reasons["compile"]  # the budget only reports
+    shorter = compose("gpu=h100", "mode=ultra_fast", "mode.target_hours=0.001")  # 3.6 s: less than compiling takes
+    assert not make_plan(shorter, own_card(shorter), 8192, 10**8).compile
+    fixed = compose("gpu=h100", "mode=ultra_fast", "mode.target_hours=0.001", "train.max_steps=5")
+    assert make_plan(fixed, own_card(fixed), 8192, 10**8).steps == 5
 
 
 def test_the_committed_compile_time_is_the_fit_of_the_committed_runs(capsys, monkeypatch):

@@ -61,7 +61,8 @@ class Candidate:
 
     def score(self, loss: float) -> float:
         aspect = abs(math.log(self.dims / self.layers / ASPECT))
-        unused = 1 - self.tokens / self.time_tokens  # of the budget, when the data's epochs end the run first
+        # of the budget, when the data's epochs end the run first (all of it where compiling would take it all)
+        unused = 1 - self.tokens / self.time_tokens if self.time_tokens else 1.0
         return loss * (1 + ASPECT_WEIGHT * aspect + UNUSED_WEIGHT * unused + (0 if self.inside else OUTSIDE_MODE_GAIN))
 
 
