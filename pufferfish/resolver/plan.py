@@ -7,6 +7,7 @@ directory (plan.json) and a resumed run reuses it unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from ..config import OptimConfig
@@ -206,22 +207,22 @@ def corpus_mb_wanted(cfg, hw: Hardware, world_size: int = 1) -> float:
     return float(2 ** max(3, math.ceil(math.log2(max(mb, 1)))))
 
 
-def weigh_compile(path: CardPath, compiled: list[Candidate], eager: list[Candidate],
+def weigh_compile(path: CardPath, compiled: list[Candidate], eager_search: Callable[..., list[Candidate]],
                   budget_s: float) -> tuple[CardPath, list[Candidate]]:  # fmt: skip
     """Compile only where it pays within the budget. A compiled step runs faster (fused kernels, where the GPU,
     not the host, is the bound) but its steps start after the compilation (speed.compile_seconds, from a cold
     cache). On the shape the compiled step's plan would choose, eager is chosen if it trains more tokens in the
     budget (where the data's epochs end both runs early they train the same, and the compiled one ends sooner);
-    the shape is then chosen again for the eager step. The path and the candidates of the step chosen, its
-    compile reason saying why."""
+    the shape is then chosen again for the eager step. `eager_search(shapes)` weighs those shapes (None: all) on
+    the eager step. The path and the candidates of the step chosen, its compile reason saying why."""
     c = _choose(compiled, "loss")[0] if compiled else None
-    e = next((x for x in eager if (x.layers, x.dims) == (c.layers, c.dims)), None) if c else None
+    e = next(iter(eager_search([(c.layers, c.dims)])), None) if c else None
     if e is None:  # nothing fits compiled, or this shape only compiled (it keeps less): nothing to weigh
         return path, compiled
     versus = (f"{c.layers} x {c.dims} trains {c.tokens / 1e6:.1f}M tokens compiled, after about "
               f"{compile_seconds(c.layers):.0f} s of compiling (a cold cache), and {e.tokens / 1e6:.1f}M eager")
     if e.tokens > c.tokens:
-        return path.eager(f"eager: in a {budget_s:.0f} s budget compiling does not pay: {versus}"), eager
+        return path.eager(f"eager: in a {budget_s:.0f} s budget compiling does not pay: {versus}"), eager_search(None)
     return replace(path, reasons={**path.reasons, "compile": f"{path.reasons['compile']}; it pays in the "
                                                              f"{budget_s:.0f} s budget: {versus}"}), compiled
 
@@ -250,12 +251,13 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     shards = world_size if train.get("parallel", "ddp") == "fsdp2" else 1
     unique = max(1, corpus_tokens)
 
-    def search(step: CardPath) -> list[Candidate]:
-        return _search(cfg, hw, vocab, seq_len, compute_s, unique, world_size, shards, step)
+    def search(step: CardPath, shapes: list[tuple[int, int]] | None = None) -> list[Candidate]:
+        return _search(cfg, hw, vocab, seq_len, compute_s, unique, world_size, shards, step, shapes)
 
     cands = search(path)
     if path.inductor and not train.max_steps:  # fixed steps: the budget only reports, compiling costs no tokens
-        path, cands = weigh_compile(path, cands, search(path.eager("")), budget_s)
+        eager = path.eager("")
+        path, cands = weigh_compile(path, cands, lambda shapes: search(eager, shapes), budget_s)
         reasons["compile"] = path.reasons["compile"]
     if not cands:
         smallest = _candidates(cfg, relaxed=True)[0]

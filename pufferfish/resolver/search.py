@@ -119,13 +119,13 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
 
 
 def _search(cfg, hw: Hardware, vocab: int, seq_len: int, compute_s: float, unique: float, world_size: int,
-            shards: int, path=None) -> list[Candidate]:  # fmt: skip
-    """Every shape the mode allows, and every smaller one, at the largest micro-batch that fits, on `path` (the
-    card's step, card_path's: the same for every shape)."""
+            shards: int, path=None, shapes: list[tuple[int, int]] | None = None) -> list[Candidate]:  # fmt: skip
+    """Every shape the mode allows, and every smaller one (or only `shapes`, layers x dims), at the largest
+    micro-batch that fits, on `path` (the card's step, card_path's: the same for every shape)."""
     path = path or card_path(cfg, hw)
     cap = cfg.train.micro_batch or MAX_MICRO_BATCH
     out = []
-    for L, d in _candidates(cfg, relaxed=True):
+    for L, d in shapes or _candidates(cfg, relaxed=True):
         mc = model_dict(cfg, L, d, vocab, seq_len)
         ckpt = grad_ckpt_for(mc, cfg, hw, cfg.train.micro_batch or 1, shards, path)  # only when needed to fit
         mb = _fit_micro_batch(mc, cfg, hw, ckpt, cap, shards, path)
