@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..optim import MUON_NS_STEPS
-from .memory import BYTES, Shape, count_params
+from .memory import BYTES, Shape, count_params, muon_matrices
 
 
 @dataclass(frozen=True)
@@ -140,16 +140,11 @@ def newton_schulz_flops(s: Shape, steps: int = MUON_NS_STEPS) -> float:
     the same for every optimizer step, however many tokens it takes, so it weighs on small batches."""
     if s.optimizer != "muon":
         return 0.0
-    C = s.num_dims
-
-    def matrices(m: int, n: int, count: int) -> float:
-        short, long = min(m, n), max(m, n)
-        return count * steps * (4 * short * short * long + 2 * short**3)
-
-    attn = matrices(C, C, 2) + matrices(s.kv_dims, C, 2)  # wq, wo; wk, wv
-    mlp = matrices(s.ffn_dims, C, 3)  # gate, up, down
-    shared = matrices(s.moe_expert_ffn_dims, C, 3) if s.moe_shared_expert else 0.0
-    return (s.num_layers - s.moe_layers) * (attn + mlp) + s.moe_layers * (attn + shared)
+    flops = 0.0
+    for (rows, cols), count in muon_matrices(s).items():
+        short, long = min(rows, cols), max(rows, cols)
+        flops += count * steps * (4 * short * short * long + 2 * short**3)
+    return flops
 
 
 def with_optimizer_step(tokens_per_s: float, s: Shape, batch_tokens: int, peak_flops: float, mfu: float) -> float:
