@@ -228,14 +228,14 @@ def test_compiling_is_kept_where_the_data_ends_both_steps_early_and_where_the_st
 
 def test_the_committed_compile_time_is_the_fit_of_the_committed_runs(capsys, monkeypatch):
     """SpeedConstants' compile seconds are the least-squares line through the committed H100 runs' cold
-    compiles (python -m pufferfish.lab.fit_compile_time), and each run lies within 5 s of it."""
+    compiles (python -m pufferfish.lab.fit_compile_time), and each run lies within 7 s of it."""
     from pufferfish.lab import fit_compile_time as fct
 
     rows = [r for f in fct.MEASURED for r in fct.cold_rows(f)]
-    assert len(rows) >= 7 and {r["layers"] for r in rows} >= {6, 8, 10, 11}
+    assert len(rows) >= 10 and {r["layers"] for r in rows} >= {6, 8, 10, 11, 12}
     base, per_layer = fct.fit_line([r["layers"] for r in rows], [r["startup_s"] for r in rows])
     assert round(base, 1) == CONSTANTS.compile_base_s and round(per_layer, 2) == CONSTANTS.compile_layer_s
-    assert all(abs(r["startup_s"] - compile_seconds(r["layers"])) < 5 for r in rows)
+    assert all(abs(r["startup_s"] - compile_seconds(r["layers"])) < 7 for r in rows)
     # a Muon run after the default's at the same shape compiled from a warm cache: not a cold row
     candidates = [r for r in rows if r["file"].endswith("shakespeare_candidates.jsonl")]
     assert sorted(r["system"] for r in candidates) == ["default", "default", "qk_norm", "qk_norm"]

@@ -75,11 +75,11 @@ class SpeedConstants:
     cpu_half_share_dims: float = 134
     # seconds torch.compile (Inductor: the forward and loss, and their backward) adds to a run's start from a cold
     # cache: base + per layer, since Inductor compiles the unrolled model. Fitted by `python -m
-    # pufferfish.lab.fit_compile_time` on the seven cold compiles of the H100 time-to-loss runs (6-11 layers, torch
-    # 2.11, 2026-12-06; each within 4 s of the line). A warm cache (the same graph compiled before on the machine)
+    # pufferfish.lab.fit_compile_time` on the ten cold compiles of the H100 time-to-loss runs (6-12 layers, torch
+    # 2.11, 2026-12-06; each within 7 s of the line). A warm cache (the same graph compiled before on the machine)
     # took 5-7 s whatever the depth; the planner counts the cold cost
-    compile_base_s: float = 5.7
-    compile_layer_s: float = 2.18
+    compile_base_s: float = 9.0
+    compile_layer_s: float = 1.60
 
 
 CONSTANTS = SpeedConstants()  # the committed values
