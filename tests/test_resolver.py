@@ -477,12 +477,12 @@ def test_a_cpu_plan_sizes_its_batch_for_more_steps_than_a_gpu_plan():
         assert tokens / plan.batch_tokens >= floor > tokens / (2 * plan.batch_tokens)  # the largest power of two
         assert f">= {floor} steps" in plan.reasons["batch"]
     assert "(the CPU: smaller batches run as fast)" in make_plan(compose("gpu=cpu"), cpu, 8192, 10**9).reasons["batch"]
-    # a Muon step is worth two of AdamW's (make sweep-batch): on a GPU its batch gives half the steps
-    for name, floor in (("adamw", MIN_STEPS), ("muon", MIN_STEPS // 2)):
+    # Muon's batch gives the same steps as AdamW's: on a GPU half of them lost (docs/benchmarks.md)
+    for name, floor in (("adamw", MIN_STEPS), ("muon", MIN_STEPS)):
         cfg = compose("gpu=gtx1060", "mode=quick_dev", "mode.target_hours=0.1", "model.num_layers=2",
                       "model.num_dims=128", f"optim.name={name}")  # fmt: skip
         plan = make_plan(cfg, gpu, 8192, 10**9)
         tokens = plan.predicted_tokens_per_s * plan.time_budget_s
         assert tokens / plan.batch_tokens >= floor > tokens / (2 * plan.batch_tokens)
         assert f">= {floor} steps" in plan.reasons["batch"]
-    assert "(a muon step worth 2 of AdamW's, make sweep-batch)" in plan.reasons["batch"]
+        assert f">= {floor} steps and" in plan.reasons["batch"]  # no other reason given

@@ -312,7 +312,7 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
     if train.batch_tokens:
         reasons["batch"] = f"{target} tokens per step{procs}: set by you"
     else:
-        steps, why = min_steps_for(hw, best.shape.optimizer)
+        steps, why = min_steps_for(hw)
         reasons["batch"] = (f"{target} tokens per step{procs}: the largest power of two giving >= {steps} steps"
                             f"{f' ({why})' if why else ''} and >= {MIN_STEPS_PER_EPOCH} steps per pass over the data")
     micro = best.micro_batch

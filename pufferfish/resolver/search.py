@@ -27,14 +27,14 @@ ASPECT_WEIGHT = 0.02  # share of the predicted loss added per e-fold away from A
 # gave on a larger model rather than end early: the share of the loss added per unused share of the budget
 UNUSED_WEIGHT = 0.02
 OUTSIDE_MODE_GAIN = 0.02  # a shape outside the mode's bounds must predict a loss this much lower to be chosen
-MIN_STEPS = 300  # optimizer steps a run should get at least (the batch is sized for it)
+# optimizer steps a run should get at least (the batch is sized for it), whatever the optimizer: on one H100 a
+# Muon plan given half of them (a batch twice AdamW's, as the CPU's batch sweep suggested) lost to AdamW at 8 x 512
+# in 60 s, 2.061 against 1.823, where at 6 x 384 with AdamW's batch it was 0.46 below at equal steps (docs/benchmarks.md
+# "Candidates on the default corpus")
+MIN_STEPS = 300
 # on the CPU, whose tokens/s does not grow with the batch (the speed model's and pufferfish.lab.cpu_speed's),
 # more and smaller steps cost nothing: at equal tokens 1,170 steps beat 585 and 293 (docs/benchmarks.md)
 CPU_MIN_STEPS = 1000
-# what one optimizer step is worth in AdamW's: on the same tokens Muon in 400 steps ends 0.5 % above its 800-step
-# loss and in 200 steps 3.4 %, where AdamW ends 2.9 % above in 400 (`make sweep-batch`, docs/benchmarks.md "Batch by
-# optimizer"): Muon needs about half the steps, so on a GPU, where larger batches run faster, it gets larger ones
-STEP_WORTH = {"adamw": 1.0, "muon": 2.0}
 MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
 
 
@@ -66,15 +66,12 @@ class Candidate:
         return loss * (1 + ASPECT_WEIGHT * aspect + UNUSED_WEIGHT * unused + (0 if self.inside else OUTSIDE_MODE_GAIN))
 
 
-def min_steps_for(hw: Hardware, optimizer: str = "adamw") -> tuple[int, str]:
+def min_steps_for(hw: Hardware) -> tuple[int, str]:
     """The steps a plan's batch is sized to give at least, and why when not the usual: more on the CPU, where
-    smaller batches run as fast; fewer for an optimizer whose step is worth more than AdamW's."""
+    smaller batches run as fast."""
     if hw.profile == "cpu":
         return CPU_MIN_STEPS, "the CPU: smaller batches run as fast"
-    worth = STEP_WORTH.get(optimizer, 1.0)
-    if worth == 1.0:
-        return MIN_STEPS, ""
-    return round(MIN_STEPS / worth), f"a {optimizer} step worth {worth:g} of AdamW's, make sweep-batch"
+    return MIN_STEPS, ""
 
 
 def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int,
@@ -98,7 +95,7 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     n = count_params(shape)
     tps = speed(shape)
     target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
-        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size, min_steps_for(hw, shape.optimizer)[0])  # fmt: skip
+        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size, min_steps_for(hw)[0])  # fmt: skip
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
         tps = speed(memory_shape(mc, cfg, hw, micro, ckpt, shards, path))
