@@ -23,6 +23,12 @@
 #                                         planned for half that time; TARGET=default to run it before nanoGPT's).
 #                                         With neither set: the default planned for 600 s, then nanoGPT as long
 #                                         (over 20 minutes)
+#   ttl-batch-default, ttl-batch-shakespeare  the default recipe planned for BUDGET s (300) at each batch of
+#                                         BATCHES (tokens a step, comma-separated; default 65536,131072), each into
+#                                         OUT_DIR/ttl_batch_CORPUS_B, against nanoGPT's final loss (SEED its rows)
+# SEED=FILE,... (e.g. docs/measurements/2026-12-06/time_to_loss_h100_default_nanogpt.jsonl) copies earlier runs'
+# rows into a time-to-loss part's results where it has none yet: a fresh machine then reads the default corpus at
+# their cap (the same text, where the machine's Python source is the same) and takes their targets.
 # GPU=h100 (any gpu profile) plans for that card instead of the H200 (the profile must match the card the
 # part runs on: its speed and memory are what the plans assume).
 # DETACH=1 runs the part in the background, detached from the terminal (setsid), so it goes on after the shell
@@ -48,6 +54,12 @@ fi
 export PUFFERFISH_SHARED_DATA=$PWD/.devcarry PUFFERFISH_NANOGPT=$PWD/.devcarry/nanogpt PYTHONUNBUFFERED=1
 quiet() { grep -v -i -E "warn|^\s*$" ; }
 corpus=${part#*-} gpu=${GPU:-h200}
+seed() {  # SEED's rows into $1/results.jsonl, unless it has rows already
+  mkdir -p "$1"
+  if [ -n "${SEED:-}" ] && [ ! -s "$1/results.jsonl" ]; then
+    tr ',' '\n' <<< "$SEED" | while read -r f; do cat "$f"; done > "$1/results.jsonl" || exit 1
+  fi
+}
 case "$part" in
   step)
     python -m pufferfish.lab.bench_throughput --shape 124m --only "bf16+fused+compile(step)" --out "$out/step.json" 2>&1 | quiet | tail -20 ;;
@@ -61,12 +73,22 @@ case "$part" in
     python -m pufferfish.lab.quality_per_budget --out "$out" --corpora "$corpus" --budgets 108 --systems oracle \
       --oracle-widths "${WIDTHS:-0.5,0.75,1,1.5,2}" \
       --gpu "$gpu" 2>&1 | quiet | tail -20 ;;
+  ttl-batch-*)
+    corpus=${part#ttl-batch-}
+    for batch in $(tr ',' ' ' <<< "${BATCHES:-65536,131072}"); do
+      seed "$out/ttl_batch_${corpus}_$batch"
+      python -m pufferfish.lab.time_to_loss --out "$out/ttl_batch_${corpus}_$batch" --target "${TARGET:-nanogpt}" \
+        --corpus "$corpus" --budget "${BUDGET:-300}" --sizes plan --systems default --set "train.batch_tokens=$batch" \
+        --gpu "$gpu" 2>&1 | quiet | tail -8
+    done ;;
   ttl-peer-*)
     corpus=${part#ttl-peer-}
+    seed "$out/ttl_peer_$corpus"
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_peer_$corpus" --target "${TARGET:-nanogpt}" --corpus "$corpus" \
       --budget "${BUDGET:-600}" --sizes plan --systems "${SYSTEMS:-default,nanogpt}" \
       ${PEER_SECONDS:+--peer-seconds "$PEER_SECONDS"} --gpu "$gpu" 2>&1 | quiet | tail -20 ;;
   ttl-*)
+    seed "$out/ttl_$corpus"
     python -m pufferfish.lab.time_to_loss --out "$out/ttl_$corpus" --target default --corpus "$corpus" \
       --budget 60 --sizes 6x384,8x512 ${SYSTEMS:+--systems "$SYSTEMS"} --gpu "$gpu" 2>&1 | quiet | tail -20 ;;
   *) echo "unknown part $part; see the header of $0" >&2; exit 2 ;;
