@@ -40,7 +40,7 @@ def test_the_estimators_refuse_what_they_cannot_compare():
         estimate([1.0, 2.0], [1.0], 16, 64)
 
 
-def test_the_noise_scale_of_a_real_run_at_each_checkpoint(tmp_path, cache_dir, capsys):
+def test_the_noise_scale_of_a_real_run_at_each_checkpoint(tmp_path, cache_dir):
     """A short CPU run on English text: every checkpoint gets a finite, positive noise scale, the same when
     measured again (fixed micro-batches), and the command line prints it beside the plan's batch."""
     run = tmp_path / "run"
@@ -58,6 +58,8 @@ def test_the_noise_scale_of_a_real_run_at_each_checkpoint(tmp_path, cache_dir, c
     assert plan["batch_tokens"] > 0
     with pytest.raises(ConfigError, match=r"--steps has \[99999\]"):
         noise_scales(run, steps="99999")
+    with pytest.raises(ConfigError, match="--steps='ten'; allowed: all, last"):
+        noise_scales(run, steps="ten")
 
     out = tmp_path / "noise.json"
     done = run_cli("pufferfish.lab.noise_scale", str(run), "--steps", "last", "--sequences", "2", "--micro-batches",
@@ -76,3 +78,8 @@ def test_bad_input_names_the_value(tmp_path):
         noise_scales(tmp_path, micro_batches=1)
     done = run_cli("pufferfish.lab.noise_scale", str(tmp_path))
     assert done.returncode == 2 and "has no config.yaml" in done.stderr and "Traceback" not in done.stderr
+    for needed in ("config.yaml", "plan.json", "tokenizer.model"):
+        (tmp_path / needed).write_text("{}")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="holds no step_"):
+        noise_scales(tmp_path)

@@ -11,7 +11,8 @@ paper's unbiased estimators, appendix A)
     |G_true|^2 ~ (K b |G|^2 - b mean_i |G_i|^2) / (K b - b)
     tr(Sigma)  ~ (mean_i |G_i|^2 - |G|^2) / (1/b - 1/(K b))
 and B_noise = tr(Sigma) / |G_true|^2, in tokens, each estimate averaged over the groups before dividing (one
-group's ratio is biased and noisy). The micro-batches are windows of the run's training tokens drawn at random
+group's ratio is biased and noisy); where the estimated |G_true|^2 is not above zero (the noise hides the
+gradient from so few groups) B_noise is inf: measure more groups. The micro-batches are windows of the run's training tokens drawn at random
 (a fixed seed), read through the run's own tokenizer's prepared corpus; the loss is the training loss the step
 takes, in fp32 (bf16 autocast on a GPU).
 """
@@ -112,9 +113,13 @@ def noise_scales(run: Path, steps: str = "all", sequences: int = 4, micro_batche
             raise ConfigError(f"{run} has no {needed}: name a run directory that trained (with checkpoints)")
     plan = json.loads((run / "plan.json").read_text())
     wanted = {f: step_of(f) for f in checkpoint_files(run / "checkpoints")}
+    if not wanted:
+        raise ConfigError(f"{run}/checkpoints holds no step_*.pt: name a run directory that trained (with checkpoints)")
     if steps == "last":
-        wanted = dict([max(wanted.items(), key=lambda kv: kv[1])]) if wanted else {}
+        wanted = dict([max(wanted.items(), key=lambda kv: kv[1])])
     elif steps != "all":
+        if not all(s.strip().isdigit() for s in steps.split(",")):
+            raise ConfigError(f"--steps={steps!r}; allowed: all, last, or checkpoint steps, comma-separated (e.g. 0,100)")
         asked = {int(s) for s in steps.split(",")}
         missing = sorted(asked - set(wanted.values()))
         if missing:
