@@ -94,14 +94,14 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     shape = memory_shape(mc, cfg, hw, mb, ckpt, shards, path)
     n = count_params(shape)
     tps = speed(shape)
+    seconds = max(0.0, compute_s - (compile_seconds(L) if path.inductor else 0.0))  # the steps' share of the budget
     target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
-        target_batch_tokens(tps * compute_s, unique, seq_len, n, world_size, min_steps_for(hw)[0])  # fmt: skip
+        target_batch_tokens(tps * seconds, unique, seq_len, n, world_size, min_steps_for(hw)[0])  # fmt: skip
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
         tps = speed(memory_shape(mc, cfg, hw, micro, ckpt, shards, path))
     tps = with_optimizer_step(tps, shape, target, hw.peak_flops, hw.mfu)
     # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
-    seconds = max(0.0, compute_s - (compile_seconds(L) if path.inductor else 0.0))
     time_tokens = tps * seconds
     tokens = min(time_tokens, MAX_EPOCHS * unique)
     # the law counts the blocks' (active) parameters: a small model's embedding table is most of its
