@@ -54,10 +54,14 @@ class Candidate:
     tokens_per_s: float
     seconds: float  # of the budget the steps run for: less a compiled step's compilation
     tokens: float  # what the run trains on: the budget's tokens, at most MAX_EPOCHS of the data
-    time_tokens: float  # what the budget could process
     loss: float  # the law's loss on this corpus
     loss_unlimited: float  # the same with unlimited fresh data
     inside: bool  # within the mode's shape bounds
+
+    @property
+    def time_tokens(self) -> float:
+        """What the budget could process: the steps' seconds at this speed."""
+        return self.tokens_per_s * self.seconds
 
     def score(self, loss: float) -> float:
         aspect = abs(math.log(self.dims / self.layers / ASPECT))
@@ -110,7 +114,7 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     mode, spec = cfg.mode, cfg.model
     inside = bool(spec.num_layers or mode.min_layers <= L) and bool(spec.num_dims or mode.min_dims <= d)
     k = TOKEN_WORTH.get(shape.optimizer, 1.0)  # the optimizer's tokens, in the law's (AdamW's)
-    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, seconds, tokens, time_tokens,
+    return Candidate(L, d, ckpt, mb, micro, target, mc, shape, n, tps, seconds, tokens,
                      predicted_loss(n_law, k * tokens, k * unique), predicted_loss(n_law, k * time_tokens),
                      inside)  # fmt: skip
 
