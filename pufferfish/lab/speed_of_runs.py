@@ -5,7 +5,7 @@
 A run's steady tokens/s is its tokens between its first and last evaluations over the seconds between them (the
 evaluations in between count, as they do in its budget, so it is a little under the steps' own speed; start-up
 and compilation fall before the first). The prediction is the `predicted_tokens_per_s` of the plan the resolver
-makes for that run today (its shape, batch, optimizer, QK-norm and budget on the card's profile, planned here
+makes for that run today (its shape, batch, recipe (time_to_loss.SYSTEMS) and budget on the card's profile, planned here
 from the profile's numbers, not this machine's), so rows made before a change of the step or of the compile
 decision compare that change too. The median of measured over predicted, times the profile's share (`mfu`), is
 the share the runs suggest.
@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from .fit_compile_time import MEASURED, shape_of
-from .time_to_loss import PEER
+from .time_to_loss import PEER, SYSTEMS
 
 
 def steady_tokens_per_s(curve: list, batch_tokens: int) -> float:
@@ -39,9 +39,7 @@ def planned(row: dict, gpu: str):
     layers, dims = shape_of(row)
     cfg = compose_config([f"gpu={gpu}", "mode=quick_dev", f"mode.target_hours={row['budget_s'] / 3600}",
                           f"model.num_layers={layers}", f"model.num_dims={dims}",
-                          f"train.batch_tokens={row['batch_tokens']}",
-                          f"optim.name={row.get('optimizer', {}).get('name', 'adamw')}",
-                          f"model.qk_norm={bool(row.get('qk_norm'))}"])  # fmt: skip
+                          f"train.batch_tokens={row['batch_tokens']}", *SYSTEMS[row["system"]]])  # fmt: skip
     return make_plan(cfg, own_card(cfg), 8192, 10**9)  # a corpus that never binds: the speed alone
 
 
