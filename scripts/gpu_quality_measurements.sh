@@ -23,9 +23,10 @@
 #                                         planned for half that time; TARGET=default to run it before nanoGPT's).
 #                                         With neither set: the default planned for 600 s, then nanoGPT as long
 #                                         (over 20 minutes)
-#   ttl-batch-default, ttl-batch-shakespeare  the default recipe planned for BUDGET s (300) at each batch of
-#                                         BATCHES (tokens a step, comma-separated; default 65536,131072), each into
-#                                         OUT_DIR/ttl_batch_CORPUS_B, against nanoGPT's final loss (SEED its rows)
+#   ttl-batch-default, ttl-batch-shakespeare  the default recipe (SYSTEMS=default,muon,... for others) planned
+#                                         for BUDGET s (300) at each batch of BATCHES (tokens a step, comma-separated;
+#                                         default 65536,131072), each into OUT_DIR/ttl_batch_CORPUS_B, against
+#                                         nanoGPT's final loss (SEED its rows)
 # SEED=FILE,... (e.g. docs/measurements/2026-12-06/time_to_loss_h100_default_nanogpt.jsonl) copies earlier runs'
 # rows into a time-to-loss part's results where it has none yet: a fresh machine then reads the default corpus at
 # their cap (the same text, where the machine's Python source is the same) and takes their targets.
@@ -78,7 +79,7 @@ case "$part" in
     for batch in $(tr ',' ' ' <<< "${BATCHES:-65536,131072}"); do
       seed "$out/ttl_batch_${corpus}_$batch"
       python -m pufferfish.lab.time_to_loss --out "$out/ttl_batch_${corpus}_$batch" --target "${TARGET:-nanogpt}" \
-        --corpus "$corpus" --budget "${BUDGET:-300}" --sizes plan --systems default --set "train.batch_tokens=$batch" \
+        --corpus "$corpus" --budget "${BUDGET:-300}" --sizes plan --systems "${SYSTEMS:-default}" --set "train.batch_tokens=$batch" \
         --gpu "$gpu" 2>&1 | quiet | tail -8
     done ;;
   ttl-peer-*)
