@@ -277,7 +277,7 @@ def test_a_compiled_plan_leaves_its_logits_free_for_the_allocator():
     # rtx4060 quick_dev planned 112 x 512 compiled: 6.71 GiB allocated (6.78 predicted), and the allocator held
     # 0.70 GiB more beyond it, past the 7.41 GiB cap (H100, 2026-12-05): one micro-batch's 16-bit logits are
     # 0.88 GiB; an eager step leaves no such room
-    cfg = compose("gpu=rtx4060", "mode=quick_dev")
+    cfg = compose("gpu=rtx4060", "mode=quick_dev", "train.batch_tokens=262144")  # the batch planned then
     hw = fake_gpu("rtx4060", "bf16")
     plan = make_plan(cfg, hw, 8192, 50_000_000)
     assert plan.compile and plan.grad_accum > 1  # memory binds the micro-batch
@@ -486,3 +486,22 @@ def test_a_cpu_plan_sizes_its_batch_for_more_steps_than_a_gpu_plan():
         assert tokens / plan.batch_tokens >= floor > tokens / (2 * plan.batch_tokens)
         assert f">= {floor} steps" in plan.reasons["batch"]
         assert f">= {floor} steps and" in plan.reasons["batch"]  # no other reason given
+
+
+def test_a_long_gpu_plan_caps_its_batch_where_more_steps_reached_a_lower_loss():
+    # on one H100, plans for 300 s on the default corpus: AdamW 1.251 at 65,536 tokens a step against 1.314 at
+    # 262,144; Muon 1.231 at 131,072 against 1.257 at 65,536 and 262,144 (docs/benchmarks.md "Batch on the GPU")
+    from pufferfish.resolver.search import LARGE_MODEL_BATCH_CAP, batch_cap
+
+    for name, cap in (("adamw", 2**16), ("muon", 2**17)):
+        cfg = compose("gpu=h100", "mode=quick_dev", f"mode.target_hours={300 / 3600}", f"optim.name={name}")
+        plan = make_plan(cfg, fake_gpu("h100"), 8192, 128_300_000)
+        assert plan.params < 100e6 and plan.batch_tokens == cap == batch_cap(plan.params, name)
+        assert plan.predicted_tokens_per_s * plan.time_budget_s / plan.batch_tokens > 2 * 300  # the floor gave more
+        assert f"at its cap for {name} at this size" in plan.reasons["batch"]
+    assert batch_cap(124_000_000, "adamw") == batch_cap(124_000_000, "muon") == LARGE_MODEL_BATCH_CAP
+    short = make_plan(compose("gpu=gtx1060", "mode=quick_dev", "mode.target_hours=0.01"), fake_gpu("gtx1060"), 8192, 10**9)
+    assert short.batch_tokens < 2**16 and "at its cap" not in short.reasons["batch"]  # the floor binds first
+    # a model too small to fill the GPU keeps a larger batch: 1 x 64 on an H100 runs faster at 131,072 tokens
+    tiny = make_plan(compose("gpu=h100", "mode=ultra_fast"), fake_gpu("h100"), 8192, 10**8)
+    assert tiny.params < 100e6 and tiny.batch_tokens > 2**16 and "above its cap for adamw" in tiny.reasons["batch"]

@@ -19,12 +19,14 @@ from .hardware import Hardware
 from .memory import allocator_reserve_bytes, count_params, muon_params, predict_peak_bytes
 from .scaling import TOKEN_WORTH, TOKENS_PER_PARAM, effective_tokens
 from .search import (
+    CAP_SPEEDUP,
     MAX_EPOCHS,
     MIN_STEPS_PER_EPOCH,
     OUTSIDE_MODE_GAIN,
     Candidate,
     _choose,
     _search,
+    batch_cap,
     min_steps_for,
 )
 from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
@@ -315,6 +317,13 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         steps, why = min_steps_for(hw)
         reasons["batch"] = (f"{target} tokens per step{procs}: the largest power of two giving >= {steps} steps"
                             f"{f' ({why})' if why else ''} and >= {MIN_STEPS_PER_EPOCH} steps per pass over the data")
+        cap = batch_cap(best.params, cfg.optim.name)
+        if target == cap:
+            reasons["batch"] += (f", at its cap for {cfg.optim.name} at this size: on an H100 more, smaller steps "
+                                 f"reached a lower loss in the same time than larger ones")  # fmt: skip
+        elif target > cap:
+            reasons["batch"] += (f", above its cap for {cfg.optim.name} at this size ({cap:,}): a model this small "
+                                 f"runs over {CAP_SPEEDUP - 1:.0%} faster at twice the batch")  # fmt: skip
     micro = best.micro_batch
     accum = max(1, round(target / (micro * seq_len * world_size)))
     batch_tokens = micro * seq_len * accum * world_size  # over all data-parallel ranks

@@ -36,6 +36,15 @@ MIN_STEPS = 300
 # more and smaller steps cost nothing: at equal tokens 1,170 steps beat 585 and 293 (docs/benchmarks.md)
 CPU_MIN_STEPS = 1000
 MIN_STEPS_PER_EPOCH = 32  # with little data: small batches, so every pass over it makes many updates
+# the largest batch (tokens a step) for a model of up to 100M parameters, by optimizer: on one H100, each plan for
+# 300 s on the default corpus, AdamW handed over 1.251 at 65,536 against 1.314 at 262,144, Muon 1.231 at 131,072
+# against 1.257 at both 65,536 and 262,144 (docs/benchmarks.md "Batch on the GPU"); GPU speed barely moves across
+# these batches. Larger models keep 2^19 (not measured here).
+SMALL_MODEL_BATCH_CAP = {"adamw": 2**16, "muon": 2**17}
+LARGE_MODEL_BATCH_CAP = 2**19
+# a plan's batch goes above its cap while the speed model predicts twice the batch this much faster: a model too
+# small to fill the GPU (1 x 64 on an H100) needs large micro-batches for its speed
+CAP_SPEEDUP = 1.05
 
 
 @dataclass
@@ -78,11 +87,16 @@ def min_steps_for(hw: Hardware) -> tuple[int, str]:
     return MIN_STEPS, ""
 
 
+def batch_cap(params: int, optimizer: str) -> int:
+    """The largest batch a plan gives, in tokens a step: past it more steps beat larger ones (see above)."""
+    return LARGE_MODEL_BATCH_CAP if params > 100e6 else SMALL_MODEL_BATCH_CAP.get(optimizer, 2**16)
+
+
 def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int,
-                        min_steps: int = MIN_STEPS) -> int:  # fmt: skip
+                        min_steps: int = MIN_STEPS, optimizer: str = "adamw", cap: int | None = None) -> int:  # fmt: skip
     """Tokens per step: a power of two giving >= min_steps steps in the budget and, with little data,
-    >= MIN_STEPS_PER_EPOCH steps per epoch; capped where larger batches stop helping small models."""
-    cap = 2**19 if params > 100e6 else 2**18
+    >= MIN_STEPS_PER_EPOCH steps per epoch; at most `cap`, batch_cap's unless given."""
+    cap = cap or batch_cap(params, optimizer)
     want = min(tokens / min_steps, unique / MIN_STEPS_PER_EPOCH)
     target = 2 ** int(math.log2(max(want, seq_len * world_size)))
     return max(seq_len * world_size, min(cap, target))
@@ -99,8 +113,18 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     n = count_params(shape)
     tps = speed(shape)
     seconds = max(0.0, compute_s - (compile_seconds(L) if path.inductor else 0.0))  # the steps' share of the budget
-    target = int(cfg.train.batch_tokens) if cfg.train.batch_tokens else \
-        target_batch_tokens(tps * seconds, unique, seq_len, n, world_size, min_steps_for(hw)[0])  # fmt: skip
+
+    def speed_at(batch: int) -> float:
+        return speed(memory_shape(mc, cfg, hw, min(mb, max(1, batch // (seq_len * world_size))), ckpt, shards, path))
+
+    if cfg.train.batch_tokens:
+        target = int(cfg.train.batch_tokens)
+    else:
+        args = (tps * seconds, unique, seq_len, n, world_size, min_steps_for(hw)[0], cfg.optim.name)
+        target, roof = target_batch_tokens(*args), target_batch_tokens(*args, cap=LARGE_MODEL_BATCH_CAP)
+        # the cap buys steps where they cost no speed: above it while twice the batch runs CAP_SPEEDUP faster
+        while target < roof and speed_at(2 * target) > CAP_SPEEDUP * speed_at(target):
+            target *= 2
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
         tps = speed(memory_shape(mc, cfg, hw, micro, ckpt, shards, path))
