@@ -150,7 +150,8 @@ def test_pairs_with_the_same_plan_and_cap_share_one_job():
     a80_32 = _pair("a100_80gb", "extended", "train.micro_batch=32", *shape)  # the same plan as a40 but for the cap
     assert (a40.plan["micro_batch"], a40.plan["grad_accum"], a40.plan["model"]) == \
         (a80_32.plan["micro_batch"], a80_32.plan["grad_accum"], a80_32.plan["model"])  # fmt: skip
-    fast_a80, fast_h100 = _pair("a100_80gb", "ultra_fast"), _pair("h100", "ultra_fast")
+    batch = "train.batch_tokens=131072"  # left to each card, the faster one's 1 x 64 gets a larger batch
+    fast_a80, fast_h100 = _pair("a100_80gb", "ultra_fast", batch), _pair("h100", "ultra_fast", batch)
     groups = group_pairs([a80, a40, h100, a80_32, fast_a80, fast_h100])
     assert [[p.name for p in g] for g in groups] == [["a100_80gb-extended", "h100-extended"], ["a100_40gb-extended"],
                                                      ["a100_80gb-extended"], ["a100_80gb-ultra_fast", "h100-ultra_fast"]]  # fmt: skip
