@@ -89,14 +89,14 @@ def min_steps_for(hw: Hardware) -> tuple[int, str]:
 
 def batch_cap(params: int, optimizer: str) -> int:
     """The largest batch a plan gives, in tokens a step: past it more steps beat larger ones (see above)."""
-    return LARGE_MODEL_BATCH_CAP if params > 100e6 else SMALL_MODEL_BATCH_CAP.get(optimizer, 2**16)
+    small = SMALL_MODEL_BATCH_CAP.get(optimizer, SMALL_MODEL_BATCH_CAP["adamw"])
+    return LARGE_MODEL_BATCH_CAP if params > 100e6 else small
 
 
-def target_batch_tokens(tokens: float, unique: float, seq_len: int, params: int, world_size: int,
-                        min_steps: int = MIN_STEPS, optimizer: str = "adamw", cap: int | None = None) -> int:  # fmt: skip
+def target_batch_tokens(tokens: float, unique: float, seq_len: int, world_size: int, min_steps: int = MIN_STEPS,
+                        cap: int = LARGE_MODEL_BATCH_CAP) -> int:  # fmt: skip
     """Tokens per step: a power of two giving >= min_steps steps in the budget and, with little data,
-    >= MIN_STEPS_PER_EPOCH steps per epoch; at most `cap`, batch_cap's unless given."""
-    cap = cap or batch_cap(params, optimizer)
+    >= MIN_STEPS_PER_EPOCH steps per epoch; at most `cap`."""
     want = min(tokens / min_steps, unique / MIN_STEPS_PER_EPOCH)
     target = 2 ** int(math.log2(max(want, seq_len * world_size)))
     return max(seq_len * world_size, min(cap, target))
@@ -120,14 +120,14 @@ def _weigh(cfg, hw: Hardware, L: int, d: int, ckpt: bool, mb: int, mc: dict, com
     if cfg.train.batch_tokens:
         target = int(cfg.train.batch_tokens)
     else:
-        args = (tps * seconds, unique, seq_len, n, world_size, min_steps_for(hw)[0], cfg.optim.name)
-        target, roof = target_batch_tokens(*args), target_batch_tokens(*args, cap=LARGE_MODEL_BATCH_CAP)
+        roof = target_batch_tokens(tps * seconds, unique, seq_len, world_size, min_steps_for(hw)[0])
+        target = max(seq_len * world_size, min(roof, batch_cap(n, cfg.optim.name)))
         # the cap buys steps where they cost no speed: above it while twice the batch runs CAP_SPEEDUP faster
         while target < roof and speed_at(2 * target) > CAP_SPEEDUP * speed_at(target):
             target *= 2
     micro = min(mb, max(1, target // (seq_len * world_size)))
     if micro != mb:  # a smaller micro-batch than fits: the speed at the one that will run
-        tps = speed(memory_shape(mc, cfg, hw, micro, ckpt, shards, path))
+        tps = speed_at(target)
     tps = with_optimizer_step(tps, shape, target, hw.peak_flops, hw.mfu)
     # the budget's tokens, but no more epochs than are worth training: past them the run ends, schedule complete
     time_tokens = tps * seconds
