@@ -24,8 +24,9 @@ MUON_MOMENTUM = 0.95
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 MUON_NS_STEPS = 5
 # bytes a parameter of one shape's stacked matrices take while Muon's step runs its Newton-Schulz: the fp32 stack
-# of updates (and, for Nesterov's, the momentum's stack beside it) and two bf16 iterates
-MUON_STACK_BYTES = 8
+# of updates (and, for Nesterov's, the momentum's stack beside it) and two iterates of 2 bytes (bf16), or of 4 on
+# a card without bf16 matmuls (ns_dtype)
+MUON_STACK_BYTES = 4
 MUON_EPS = 1e-7
 MUON_LR = 0.02  # Muon's own scale (modded-nanogpt's and the Muon repository's default), before the shape factor
 
@@ -60,14 +61,22 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return name.startswith("layers.") and p.dim() == 2 and not name.endswith(".gate.weight")
 
 
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """The Newton-Schulz iteration's dtype: bf16 (torch.optim.Muon's) on the CPU and on GPUs of compute capability
+    8.0+; fp32 on older cards, which have no bf16 matmuls (a GTX 1060: none at all; a V100: no bf16 tensor cores)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float32
+    return torch.bfloat16
+
+
 def newton_schulz(g: torch.Tensor, coefficients=MUON_NS_COEFFICIENTS, steps: int = MUON_NS_STEPS,
                   eps: float = MUON_EPS) -> torch.Tensor:  # fmt: skip
-    """About U V^T of g = U S V^T, in bf16, by the quintic iteration (torch.optim.Muon's, step for step). `g` is
-    one matrix or a stack (count, rows, cols) of matrices of one shape, each orthogonalised on its own: one
+    """About U V^T of g = U S V^T, in bf16 (ns_dtype), by the quintic iteration (torch.optim.Muon's, step for step).
+    `g` is one matrix or a stack (count, rows, cols) of matrices of one shape, each orthogonalised on its own: one
     batched matmul for the stack instead of one per matrix (on a GPU, a few kernel launches instead of hundreds
     a step)."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(ns_dtype(g.device))
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT  # (short, long): the Gram matrix is the smaller one
@@ -144,7 +153,7 @@ class MuonWithAdamW(torch.optim.AdamW):
     def _muon_step(self, group: dict) -> None:
         """Momentum, decay and the orthogonalised update, as torch.optim.Muon's, over all the group's matrices
         at once: foreach kernels for the element-wise parts and, per shape of matrix, one stacked Newton-Schulz
-        (MUON_STACK_BYTES a parameter of the shape's matrices while it runs)."""
+        (resolver/memory.py's muon_step_bytes: what it holds while it runs)."""
         lr, momentum = group["lr"], group["momentum"]
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:

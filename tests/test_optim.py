@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from pufferfish import optim
 from pufferfish.model import ModelConfig, build_model
 from pufferfish.optim import MUON_LR, MuonWithAdamW, build_optimizer, is_hidden_matrix, newton_schulz
 from pufferfish.reliability import skip_on_device
@@ -71,6 +72,23 @@ def test_newton_schulz_orthogonalises():
         s = torch.linalg.svdvals(newton_schulz(m).float())
         assert newton_schulz(m).shape == m.shape
         assert 0.5 < s.min() and s.max() < 1.5, s
+
+
+def test_newton_schulz_runs_in_fp32_on_a_card_without_bf16_and_orthogonalises_the_same(monkeypatch):
+    """A GTX 1060 (compute capability 6.1) has no bf16 matmuls: the iteration runs in fp32 there, bf16 from 8.0
+    and on the CPU; in fp32 it lands where bf16 does, within bf16's rounding."""
+    for capability, dtype in (((6, 1), torch.float32), ((7, 5), torch.float32), ((8, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert optim.ns_dtype(torch.device("cuda", 0)) == dtype
+    assert optim.ns_dtype(torch.device("cpu")) == torch.bfloat16
+    g = torch.randn(3, 96, 32, generator=torch.Generator().manual_seed(3))
+    bf16 = newton_schulz(g)
+    monkeypatch.setattr(optim, "ns_dtype", lambda device: torch.float32)
+    fp32 = newton_schulz(g)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(fp32)
+    assert 0.5 < s.min() and s.max() < 1.5, s
+    torch.testing.assert_close(fp32, bf16.float(), rtol=0, atol=2**-5)
 
 
 def test_newton_schulz_of_a_stack_is_each_matrix_on_its_own():
@@ -153,6 +171,27 @@ def test_the_memory_model_counts_what_muons_stacked_step_holds_on_top_of_the_sta
         predicted = muon_step_bytes(Shape(c.num_layers, c.num_dims, c.num_heads, c.num_kv_heads, c.ffn_dims,
                                           c.vocab_size, c.seq_len, optimizer="muon"))  # fmt: skip
         assert 0.95 < measured / predicted < 1.15, (shape, measured, predicted)
+
+
+def test_the_memory_model_counts_fp32_iterates_on_a_card_without_bf16():
+    """Where Newton-Schulz runs in fp32 (a card before compute capability 8.0), its two iterates and Gram
+    matrices take 4 bytes an element instead of 2; the stack of updates is fp32 either way. The plan for such a
+    card counts it, the CPU's and an H100's do not."""
+    from dataclasses import replace
+
+    from pufferfish.resolver.hardware import own_card
+    from pufferfish.resolver.memory import Shape, muon_matrices, muon_step_bytes
+
+    s = Shape(2, 64, 4, 2, 192, 100, 16, optimizer="muon")
+    for ns_fp32, element in ((False, 2), (True, 4)):
+        expected = max(rows * cols * count * (4 + 2 * element * (1 + min(rows, cols) / max(rows, cols)))
+                       for (rows, cols), count in muon_matrices(s).items())  # fmt: skip
+        assert muon_step_bytes(replace(s, ns_fp32=ns_fp32)) == int(expected)
+    mc = MC.to_dict()
+    for profile, ns_fp32 in (("gtx1060", True), ("rtx2060", True), ("rtx3060", False), ("h100", False), ("cpu", False)):
+        cfg = compose(f"gpu={profile}", "optim.name=muon")
+        hw = own_card(cfg) if profile != "cpu" else detect_hardware(cfg.gpu, cfg.optimizations, "cpu")
+        assert memory_shape(mc, cfg, hw, 2, False).ns_fp32 is ns_fp32, profile
 
 
 def test_the_peak_is_muons_step_where_the_activations_are_smaller_than_its_stack():

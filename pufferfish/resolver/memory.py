@@ -78,6 +78,7 @@ class Shape:
     moe_shared_expert: bool = False
     qk_norm: bool = False  # RMSNorm over each head's queries and keys (model.qk_norm)
     optimizer: str = "adamw"  # adamw (two fp32 moments per parameter) | muon (one for the blocks' matrices)
+    ns_fp32: bool = False  # Muon's Newton-Schulz in fp32: a GPU without bf16 matmuls (optim.ns_dtype)
     shards: int = 1  # FSDP2 (train.parallel=fsdp2): ranks the weights, gradients and optimizer state are split over
     # gradients exist during the forward: with accumulation (a previous micro-batch's), the safe default. A
     # step of one micro-batch frees them (zero_grad(set_to_none=True)) and makes them during its backward
@@ -131,12 +132,14 @@ def muon_params(s: Shape) -> int:
 
 def muon_step_bytes(s: Shape) -> int:
     """What Muon's step holds beside the weights, gradients and state while it orthogonalises the stacked
-    matrices of one shape (optim.MuonWithAdamW): per parameter of the shape, the fp32 stack of updates and two
-    bf16 iterates (MUON_STACK_BYTES) and two bf16 Gram-sized matrices (4 x short side / long side bytes); the
-    largest shape's. 0 under AdamW, and under FSDP2 (one matrix at a time)."""
+    matrices of one shape (optim.MuonWithAdamW): per parameter of the shape, the fp32 stack of updates
+    (MUON_STACK_BYTES), two iterates and two Gram-sized matrices (short side / long side of a parameter each), in
+    bf16, or in fp32 on a GPU without bf16 matmuls (Shape.ns_fp32); the largest shape's. 0 under AdamW, and under
+    FSDP2 (one matrix at a time)."""
     if s.optimizer != "muon" or s.shards > 1:
         return 0
-    return int(max(rows * cols * count * (MUON_STACK_BYTES + 4 * min(rows, cols) / max(rows, cols))
+    iterate = 4 if s.ns_fp32 else 2
+    return int(max(rows * cols * count * (MUON_STACK_BYTES + 2 * iterate * (1 + min(rows, cols) / max(rows, cols)))
                    for (rows, cols), count in muon_matrices(s).items()))  # fmt: skip
 
 

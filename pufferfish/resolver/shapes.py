@@ -35,6 +35,7 @@ def memory_shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
         moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
         qk_norm=bool(mc.get("qk_norm", False)), optimizer=optimizer_name(cfg),
+        ns_fp32=hw.profile != "cpu" and (hw.compute_capability or 0) < 8.0,
     )  # fmt: skip
 
 
