@@ -139,13 +139,13 @@ class LoggerConfig:
 class OptimConfig:
     # adamw | muon: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW for
     # the embedding and norms (pufferfish/optim.py); it keeps one buffer per matrix parameter where AdamW keeps two
-    name: str = "adamw"
-    lr: float | None = None  # null = the resolver's choice for the model size (muon: the AdamW part's)
+    name: str = "muon"
+    lr: float | None = None  # null = the resolver's choice (adamw: by the model's width; muon: its AdamW part's)
     muon_lr: float | None = None  # muon: the hidden matrices' rate; null = the resolver's (0.02, Muon's own scale)
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+    schedule: str = "wsd"  # wsd (warmup-stable-decay) | cosine | constant
     warmup_frac: float = 0.05
-    decay_frac: float = 0.2  # wsd only: last fraction of steps spent decaying
+    decay_frac: float = 0.4  # wsd only: last fraction of steps spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

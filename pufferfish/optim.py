@@ -29,6 +29,9 @@ MUON_NS_STEPS = 5
 MUON_STACK_BYTES = 4
 MUON_EPS = 1e-7
 MUON_LR = 0.02  # Muon's own scale (modded-nanogpt's and the Muon repository's default), before the shape factor
+# the AdamW part beside Muon (the embedding, which is also the output head, and the norms): AdamW's width rule's
+# cap at every width; at 512 dims it handed over lower than the rule's 9e-4 (docs/benchmarks.md, "The default recipe")
+MUON_ADAMW_LR = 3e-3
 
 
 def adamw_settings(settings, lr: float) -> dict:

@@ -55,29 +55,37 @@ def _select(cfg, key: str):
     return OmegaConf.select(cfg, key)
 
 
+# settings whose default changed after they were added: what a run made before they existed had
+FIRST_DEFAULTS = {"optim": {"name": "adamw"}}
+
+
 def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
     """A run directory resumes only with the settings that made it. A setting added to Pufferfish since the
-    run was made counts as its default (what the run had, e.g. optim.name=adamw, model.qk_norm=false)."""
+    run was made counts as what the run had (its first default: optim.name=adamw, model.qk_norm=false)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
     from .config import PufferfishConfig
 
     saved, schema = OmegaConf.load(saved_path), OmegaConf.structured(PufferfishConfig)
-    changed = []
+    changed, had = [], []
     for key in RESULT_KEYS:
         old, new = _select(saved, key), _select(cfg, key)
         if OmegaConf.is_config(old):
             default = _select(schema, key)  # None for a group whose schema has no defaults (mode, data, ...)
             defaults = OmegaConf.to_container(default) if OmegaConf.is_dict(default) and OmegaConf.is_dict(old) else {}
+            defaults.update(FIRST_DEFAULTS.get(key, {}))
             old, new = OmegaConf.to_container(old), OmegaConf.to_container(new)
             old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
         if old != new:
             changed.append(key)
+            if isinstance(old, dict) and isinstance(new, dict):
+                had += [f"{key}.{k}={old.get(k)}" for k in old if old.get(k) != new.get(k) and not isinstance(old.get(k), dict)]
     if changed:
+        said = f" (it had {' '.join(had)})" if had else ""
         raise ConfigError(
-            f"{run_dir} holds a run made with different {', '.join(changed)}; its checkpoint belongs to that "
-            f"model. Resume it with its own settings, or start a new run with hydra.run.dir=NEW_DIR (or run_dir=)"
+            f"{run_dir} holds a run made with different {', '.join(changed)}{said}; its checkpoint belongs to that "
+            f"run. Resume it with its own settings, or start a new run with hydra.run.dir=NEW_DIR (or run_dir=)"
         )
 
 

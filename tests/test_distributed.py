@@ -61,9 +61,9 @@ def one_process(tmp_path_factory, cache_dir) -> list[tuple]:
 
 def assert_same_run(one: list[tuple], other: list[tuple]) -> None:
     assert [r[:2] for r in one] == [r[:2] for r in other]  # every line once: rank 1 wrote nothing
-    for a, b in zip(one, other):  # the summation order of the gradient differs: rounding only
-        for x, y in zip(a[2:], b[2:]):  # None where a line has no such field (eval lines: no train loss)
-            assert (x is None and y is None) or y == pytest.approx(x, rel=1e-4)
+    for a, b in zip(one, other):  # the summation order of the gradient differs: rounding only, which Muon's
+        for x, y in zip(a[2:], b[2:]):  # bf16 Newton-Schulz carries into its update (None: a line lacks the field)
+            assert (x is None and y is None) or y == pytest.approx(x, rel=1e-3)
 
 
 def test_two_process_gloo_run_matches_one_process_and_only_rank_0_writes(tmp_path, cache_dir, one_process):

@@ -22,7 +22,7 @@ def measured(tmp_path_factory, cache_dir):
     # fixed steps keep the losses the same from run to run on a busy machine; the seconds are still measured
     proc = subprocess.run([sys.executable, "-m", "pufferfish.lab.time_to_loss", "--out", str(out), "--target", "default",
                            "--corpus", str(english_file()), "--gpu", "cpu", "--mode", "ultra_fast", "--budget", "30",
-                           "--sizes", ",".join(SIZES), "--systems", "default,combined", "--set", "data.vocab_size=512",
+                           "--sizes", ",".join(SIZES), "--systems", "default,adamw", "--set", "data.vocab_size=512",
                            "data.tokenizer_train_mb=1", f"data.cache_dir='{cache_dir}'", "train.eval_tokens=2048",
                            "train.sample_tokens=0", "train.max_steps=20", "train.eval_interval=4",
                            "train.batch_tokens=512", "train.micro_batch=4"],
@@ -41,7 +41,7 @@ def test_the_table_has_a_row_per_system_and_size_with_seconds_from_the_runs_metr
     out, stdout = measured
     rows = table((out / "time_to_loss.md").read_text())
     assert table(stdout) == rows
-    assert [(r["system"], r["size"]) for r in rows] == [(s, size) for size in SIZES for s in ("default", "combined")]
+    assert [(r["system"], r["size"]) for r in rows] == [(s, size) for size in SIZES for s in ("default", "adamw")]
     for r in rows:
         run = out / "runs" / f"{r['system']}_{r['size']}"
         evals = [e for e in read_metrics(run / "metrics.jsonl") if e["kind"] == "eval" and not e.get("final")]
@@ -60,13 +60,15 @@ def test_the_table_has_a_row_per_system_and_size_with_seconds_from_the_runs_metr
         assert float(r["handed_over"]) == pytest.approx(summary["val_loss"], abs=5e-4)
         assert int(r["steps"]) == summary["step"] == 20
         assert r["x_peer"] == r["x_run"] == ""  # no nanoGPT run to compare with
-    plan = json.loads((out / "runs" / "combined_plan" / "plan.json").read_text())
-    assert plan["optimizer"]["name"] == "muon" and plan["model"]["qk_norm"] and plan["schedule"]["schedule"] == "wsd"
+    plan = json.loads((out / "runs" / "adamw_plan" / "plan.json").read_text())
+    default = json.loads((out / "runs" / "default_plan" / "plan.json").read_text())
+    assert plan["optimizer"]["name"] == "adamw" and default["optimizer"]["name"] == "muon"  # the system's override
+    assert plan["schedule"] == default["schedule"] and default["schedule"]["schedule"] == "wsd"
     assert "set by you" not in plan["reasons"]["shape"]  # size `plan`: the resolver chose the shape
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    planned = next(r for r in results if (r["system"], r["size"]) == ("combined", "plan"))
+    planned = next(r for r in results if (r["system"], r["size"]) == ("adamw", "plan"))
     assert (planned["layers"], planned["dims"]) == (plan["model"]["num_layers"], plan["model"]["num_dims"])
-    fixed = json.loads((out / "runs" / "combined_1x64" / "plan.json").read_text())
+    fixed = json.loads((out / "runs" / "adamw_1x64" / "plan.json").read_text())
     assert "set by you" in fixed["reasons"]["shape"]
     assert (out / "time_to_loss.png").stat().st_size > 10_000
 
@@ -88,13 +90,13 @@ def test_the_verdict_follows_the_rule_at_both_sizes(measured):
         return None if hit is None else hit - max(0.0, t0 - s0 * (t1 - t0) / (s1 - s0))
 
     def better(size):
-        (mine, mine_loss), (base, base_loss) = run("combined", size), run("default", size)
+        (mine, mine_loss), (base, base_loss) = run("adamw", size), run("default", size)
         target = min(e["val_loss"] for e in base)
         hit, base_hit = after_startup(mine, target), after_startup(base, target)
         return hit is not None and hit < base_hit and mine_loss <= base_loss
 
-    verdict = rows["combined", SIZES[0]]["verdict"]
-    assert verdict == rows["combined", SIZES[1]]["verdict"]
+    verdict = rows["adamw", SIZES[0]]["verdict"]
+    assert verdict == rows["adamw", SIZES[1]]["verdict"]
     if all(better(s) for s in SIZES):
         assert verdict == "kept"
     else:
@@ -205,14 +207,14 @@ def test_a_later_command_reads_the_default_corpus_at_the_cap_of_the_runs_already
         return SimpleNamespace(out=tmp_path, corpus="default", sizes="plan", budget=budget, gpu="h200",
                                mode="quick_dev", set=[])  # fmt: skip
 
-    own = {b: time_to_loss.corpus_data(args(b)).max_mb for b in (60.0, 30.0)}  # nothing in --out yet
-    assert own[60.0] > own[30.0] > 0  # each budget alone caps the corpus at what it can use
+    own = {b: time_to_loss.corpus_data(args(b)).max_mb for b in (60.0, 20.0)}  # nothing in --out yet
+    assert own[60.0] > own[20.0] > 0  # each budget alone caps the corpus at what it can use
     rows = [{"system": "nanogpt", "size": "plan", "corpus": "shakespeare", "budget_s": 60.0, "data_max_mb": None},
             {"system": "nanogpt", "size": "plan", "corpus": "default", "budget_s": 60.0, "data_max_mb": own[60.0]}]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert time_to_loss.corpus_data(args(30.0)).max_mb == own[60.0]  # the same tokens as nanoGPT's run
+    assert time_to_loss.corpus_data(args(20.0)).max_mb == own[60.0]  # the same tokens as nanoGPT's run
     said = capsys.readouterr().out
     assert f"capped at {own[60.0]} MB, as the runs already in {tmp_path} read it" in said
-    assert f"would cap it at {own[30.0]} MB" in said
-    text = SimpleNamespace(**{**vars(args(30.0)), "corpus": str(english_file())})
+    assert f"would cap it at {own[20.0]} MB" in said
+    text = SimpleNamespace(**{**vars(args(20.0)), "corpus": str(english_file())})
     assert time_to_loss.corpus_data(text).max_mb is None  # a file of text is read whole: never capped

@@ -5,8 +5,8 @@
 A run's steady tokens/s is its tokens between its first and last evaluations over the seconds between them (the
 evaluations in between count, as they do in its budget, so it is a little under the steps' own speed; start-up
 and compilation fall before the first). The prediction is the `predicted_tokens_per_s` of the plan the resolver
-makes for that run today (its shape, batch, recipe (time_to_loss.SYSTEMS) and budget on the card's profile, planned here
-from the profile's numbers, not this machine's), so rows made before a change of the step or of the compile
+makes for that run today (its shape, batch, recipe as the row records it (recipe_of) and budget on the card's
+profile, planned here from the profile's numbers, not this machine's), so rows made before a change of the step or of the compile
 decision compare that change too. The median of measured over predicted, times the profile's share (`mfu`), is
 the share the runs suggest.
 """
@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from .fit_compile_time import MEASURED, shape_of
-from .time_to_loss import PEER, SYSTEMS
+from .time_to_loss import PEER
 
 
 def steady_tokens_per_s(curve: list, batch_tokens: int) -> float:
@@ -28,6 +28,13 @@ def steady_tokens_per_s(curve: list, batch_tokens: int) -> float:
     if t1 <= t0 or s1 <= s0:
         raise ValueError(f"a curve from step {s0} at {t0} s to step {s1} at {t1} s has no steady stretch")
     return (s1 - s0) * batch_tokens / (t1 - t0)
+
+
+def recipe_of(row: dict) -> list[str]:
+    """The overrides that plan a row's recipe as it ran, whatever today's defaults: its optimizer, QK-norm and
+    sequence length (a row without `seq_len` ran quick_dev's 512 of its time), which the speed depends on."""
+    return [f"optim.name={row['optimizer']['name']}", f"model.qk_norm={str(row.get('qk_norm', False)).lower()}",
+            f"model.seq_len={row.get('seq_len', 512)}"]  # fmt: skip
 
 
 def planned(row: dict, gpu: str):
@@ -39,7 +46,7 @@ def planned(row: dict, gpu: str):
     layers, dims = shape_of(row)
     cfg = compose_config([f"gpu={gpu}", "mode=quick_dev", f"mode.target_hours={row['budget_s'] / 3600}",
                           f"model.num_layers={layers}", f"model.num_dims={dims}",
-                          f"train.batch_tokens={row['batch_tokens']}", *SYSTEMS[row["system"]]])  # fmt: skip
+                          f"train.batch_tokens={row['batch_tokens']}", *recipe_of(row)])  # fmt: skip
     return make_plan(cfg, own_card(cfg), 8192, 10**9)  # a corpus that never binds: the speed alone
 
 

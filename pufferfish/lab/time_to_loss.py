@@ -1,15 +1,16 @@
 """Time to loss: the seconds each recipe takes to first reach a target validation loss, on the same tokens.
 
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 [--corpus default|shakespeare|FILE] [--budget 600]
-        [--sizes 8x512,12x768|plan] [--systems default,muon,qk_norm,wsd,combined,nanogpt] [--gpu auto]
+        [--sizes 8x512,12x768|plan] [--systems default,qk_norm,adamw,cosine,nanogpt] [--gpu auto]
         [--set KEY=VALUE ...] [--nanogpt-set=--ARG=VALUE ...] [--peer-seconds S]
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 --report   # the table and the PNG from DIR's results
 
 Every system trains each size (model.num_layers x model.num_dims, fixed; `plan`: the shape each recipe's plan
 chooses for the budget, and nanoGPT's own GPT-2 124M) for the same time budget:
 - default: Pufferfish's recipe as a user gets it at that size;
-- muon, qk_norm, wsd: one candidate each (optim.name=muon, model.qk_norm=true, optim.schedule=wsd);
-  combined: all three;
+- qk_norm: a candidate change (model.qk_norm=true); adamw, cosine: the default's optimizer and schedule as they
+  were before Muon and WSD (optim.name=adamw; optim.schedule=cosine with optim.min_lr_ratio=0.1), which a later
+  measurement can check against;
 - nanogpt: nanoGPT's recipe (quality_per_budget.py's runner, $PUFFERFISH_NANOGPT) at the same size, on
   Pufferfish's token files, for as long as the default run at that size took (in this command or an earlier one
   with the same --out, corpus and budget: the two may run as separate commands), or --peer-seconds S (then it
@@ -43,12 +44,11 @@ from . import quality_per_budget as qpb  # the nanoGPT runner, the corpora, the 
 from .figures import panels, save
 
 ROOT = qpb.ROOT
-SYSTEMS = {  # name: the overrides it adds to Pufferfish's default recipe
+SYSTEMS = {  # name: the overrides it makes to Pufferfish's default recipe (Muon, WSD to zero)
     "default": [],
-    "muon": ["optim.name=muon"],
     "qk_norm": ["model.qk_norm=true"],
-    "wsd": ["optim.schedule=wsd"],
-    "combined": ["optim.name=muon", "model.qk_norm=true", "optim.schedule=wsd"],
+    "adamw": ["optim.name=adamw"],  # the default optimizer before Muon
+    "cosine": ["optim.schedule=cosine", "optim.min_lr_ratio=0.1"],  # the default schedule before WSD
 }
 PEER = "nanogpt"
 PLAN = "plan"  # the size each recipe's plan chooses
@@ -130,6 +130,7 @@ def pufferfish_result(run: Path) -> dict:
             "run_dir": str(run), "steps": summary["step"], "stopped_by": summary["stopped_by"],
             "tokens_per_s": summary["tokens_per_s"], "batch_tokens": plan["batch_tokens"],
             "params": plan["params"], "layers": plan["model"]["num_layers"], "dims": plan["model"]["num_dims"],
+            "seq_len": plan["seq_len"],
             "lr": plan["lr"], "optimizer": plan["optimizer"],
             "schedule": plan["schedule"]["schedule"], "qk_norm": plan["model"].get("qk_norm", False)}  # fmt: skip
 

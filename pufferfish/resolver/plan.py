@@ -10,10 +10,9 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config import OptimConfig
 from ..errors import ConfigError
 from ..model import ModelConfig
-from ..optim import MUON_LR, MUON_MOMENTUM
+from ..optim import MUON_ADAMW_LR, MUON_LR, MUON_MOMENTUM
 from .capabilities import CardPath, card_path
 from .hardware import Hardware
 from .memory import allocator_reserve_bytes, count_params, muon_params, predict_peak_bytes
@@ -34,8 +33,9 @@ from .speed import compile_seconds
 
 OPTIMIZER_KEYS = ("name", "weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
 SCHEDULE_KEYS = ("schedule", "warmup_frac", "min_lr_ratio", "decay_frac")  # and what schedule.lr_at reads
-OPTIMIZER_DEFAULTS = {k: getattr(OptimConfig, k) for k in OPTIMIZER_KEYS}  # a plan.json from before they were kept
-SCHEDULE_DEFAULTS = {k: getattr(OptimConfig, k) for k in SCHEDULE_KEYS}
+# what a plan.json written before these were kept ran with (the optim group's defaults of that time)
+OPTIMIZER_DEFAULTS = {"name": "adamw", "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95}
+SCHEDULE_DEFAULTS = {"schedule": "cosine", "warmup_frac": 0.05, "min_lr_ratio": 0.1, "decay_frac": 0.2}
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up (compiling counted apart)
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
@@ -178,6 +178,19 @@ def loop_settings(cfg) -> dict:
             "loss_chunk_tokens": int(cfg.optimizations.loss_chunk_tokens),
             "prefetch_batches": int(cfg.optimizations.prefetch_batches),
             "ddp_graphs": str(cfg.optimizations.ddp_graphs)}  # fmt: skip
+
+
+def lr_for(cfg, optimizer: str, dims: int) -> tuple[float, str]:
+    """The schedule's peak learning rate (AdamW's, or under Muon its AdamW part's: the embedding and norms), and
+    the reason."""
+    if cfg.optim.lr:
+        lr, why = float(cfg.optim.lr), "set by you"
+    elif optimizer == "muon":
+        lr, why = MUON_ADAMW_LR, ("the embedding and norms beside Muon, at every width (AdamW's width rule's cap): "
+                                  "at 512 dims on an H100 it handed over lower than the rule's 9e-4")  # fmt: skip
+    else:
+        lr, why = min(3e-3, 6e-4 * 768 / dims), "6e-4 at 768 dims, scaled by 1/width, capped at 3e-3"
+    return lr, f"{lr:.2e}: {why}"
 
 
 def muon_lr_for(cfg, lr: float, shape) -> tuple[float, str]:
@@ -383,9 +396,8 @@ def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size
         binding = "time"
     # planned with the gradients alive all step (safe); reported as the run will hold them
     peak = predict_peak_bytes(replace(shape, micro_batch=micro, grads_in_forward=accum > 1))
-    lr = float(cfg.optim.lr) if cfg.optim.lr else min(3e-3, 6e-4 * 768 / d)
-    reasons["lr"] = f"{lr:.2e}: " + ("set by you" if cfg.optim.lr else "6e-4 at 768 dims, scaled by 1/width, capped at 3e-3")
     optimizer = {k: cfg.optim[k] for k in OPTIMIZER_KEYS}
+    lr, reasons["lr"] = lr_for(cfg, optimizer["name"], d)
     if optimizer["name"] == "muon":
         optimizer["muon_lr"], reasons["optimizer"] = muon_lr_for(cfg, lr, shape)
     reasons["memory"] = (f"predicted peak {peak.total / 2**30:.2f} GiB of {hw.vram_bytes / 2**30:.2f} GiB "
