@@ -137,7 +137,7 @@ class LoggerConfig:
 
 @dataclass
 class OptimConfig:
-    # adamw | muon: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW for
+    # muon | adamw: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW for
     # the embedding and norms (pufferfish/optim.py); it keeps one buffer per matrix parameter where AdamW keeps two
     name: str = "muon"
     lr: float | None = None  # null = the resolver's choice (adamw: by the model's width; muon: its AdamW part's)
