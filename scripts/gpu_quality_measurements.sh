@@ -15,7 +15,7 @@
 #   oracle-default, oracle-shakespeare    the one-multirun oracle at 108 s: 20 jobs, over 40 minutes, so run it
 #                                         in parts of one width each: WIDTHS=0.5, then 0.75, 1, 1.5 and 2
 #   ttl-default, ttl-shakespeare          seconds to the default recipe's best loss at 60 s, two sizes: the default,
-#                                         each candidate and nanoGPT (SYSTEMS=default,muon,... for some of them)
+#                                         each candidate and nanoGPT (SYSTEMS=default,adamw,... for some of them)
 #   ttl-peer-default, ttl-peer-shakespeare  seconds the default plan takes to reach nanoGPT's final loss of a
 #                                         10-minute run, nanoGPT's own recipe (GPT-2 124M) on the same tokens. In
 #                                         two parts: SYSTEMS=nanogpt PEER_SECONDS=600 (about 12 minutes with its
@@ -23,7 +23,7 @@
 #                                         planned for half that time; TARGET=default to run it before nanoGPT's).
 #                                         With neither set: the default planned for 600 s, then nanoGPT as long
 #                                         (over 20 minutes)
-#   ttl-batch-default, ttl-batch-shakespeare  the default recipe (SYSTEMS=default,muon,... for others) planned
+#   ttl-batch-default, ttl-batch-shakespeare  the default recipe (SYSTEMS=default,adamw,... for others) planned
 #                                         for BUDGET s (300) at each batch of BATCHES (tokens a step, comma-separated;
 #                                         default 65536,131072), each into OUT_DIR/ttl_batch_CORPUS_B, against
 #                                         nanoGPT's final loss (SEED its rows)

@@ -36,3 +36,5 @@ def test_the_oracle_grid_splits_by_width_into_parts_that_together_make_the_whole
     parts = [qpb.oracle_grid(plan, factors) for factors in [(0.5, 0.75), (1.0,), (1.5, 2.0)]]
     assert ",".join(p[0].split("=")[1] for p in parts) == whole[0].split("=")[1]
     assert all(p[1:] == whole[1:] for p in parts)
+    muon = qpb.oracle_grid({**plan, "optimizer": {"name": "muon", "muon_lr": 0.02}})  # the rate of most of the model
+    assert muon[1] == "optim.muon_lr=2.000e-02,4.000e-02" and (muon[0], muon[2]) == (whole[0], whole[2])

@@ -84,7 +84,8 @@ def run_summary(run: Path, wall_s: float) -> dict:
     return {"val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "best_val_loss": summary.get("best_val_loss"),
             "last_val_loss": summary.get("last_val_loss"), "handed_over": summary.get("handed_over"),
             "stopped_by": summary["stopped_by"], "wall_s": wall_s, "shape": f"{m['num_layers']} x {m['num_dims']}",
-            "params": plan["params"], "lr": plan["lr"], "batch_tokens": plan["batch_tokens"], "epochs": plan["epochs"],
+            "params": plan["params"], "lr": plan["lr"], "optimizer": plan.get("optimizer", {}),
+            "batch_tokens": plan["batch_tokens"], "epochs": plan["epochs"],
             "tokens": summary["tokens"], "curve": curve, "data_dir": None}  # fmt: skip
 
 
@@ -98,12 +99,14 @@ def run_plan(corpus: str, budget: float, gpu: str, out: Path) -> dict:
 
 def oracle_grid(plan: dict, factors: tuple[float, ...] = WIDTH_FACTORS) -> list[str]:
     """The multirun's sweep overrides: widths around the plan's (`factors` of it, to 64), the plan's learning rate
-    and twice it, the plan's batch and a quarter of it."""
+    and twice it (under Muon, the rate of the blocks' matrices, most of the model), the plan's batch and a quarter
+    of it."""
     d = int(plan["shape"].split(" x ")[1])
     widths = sorted({max(64, int(round(d * f / 64)) * 64) for f in factors})
-    lrs = [plan["lr"], plan["lr"] * 2]
+    optimizer = plan.get("optimizer") or {}
+    key, rate = ("optim.muon_lr", optimizer["muon_lr"]) if optimizer.get("name") == "muon" else ("optim.lr", plan["lr"])
     batches = [plan["batch_tokens"], max(1024, plan["batch_tokens"] // 4)]
-    return ["model.num_dims=" + ",".join(map(str, widths)), "optim.lr=" + ",".join(f"{x:.3e}" for x in lrs),
+    return ["model.num_dims=" + ",".join(map(str, widths)), f"{key}={rate:.3e},{rate * 2:.3e}",
             "train.batch_tokens=" + ",".join(map(str, batches))]  # fmt: skip
 
 
