@@ -29,9 +29,6 @@ MUON_NS_STEPS = 5
 MUON_STACK_BYTES = 4
 MUON_EPS = 1e-7
 MUON_LR = 0.02  # Muon's own scale (modded-nanogpt's and the Muon repository's default), before the shape factor
-# the AdamW part beside Muon (the embedding, which is also the output head, and the norms): AdamW's width rule's
-# cap at every width; at 512 dims it handed over lower than the rule's 9e-4 (docs/benchmarks.md, "The default recipe")
-MUON_ADAMW_LR = 3e-3
 
 
 def adamw_settings(settings, lr: float) -> dict:
@@ -64,12 +61,19 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return name.startswith("layers.") and p.dim() == 2 and not name.endswith(".gate.weight")
 
 
+def ns_dtype_for(capability: float | None) -> torch.dtype:
+    """The Newton-Schulz iteration's dtype on a GPU of this compute capability (None: the CPU): bf16 (torch.optim.
+    Muon's) on the CPU and from 8.0; fp32 on older cards, which have no bf16 matmuls (a GTX 1060: none at all; a
+    V100: no bf16 tensor cores). The memory model asks the same of a card's profile."""
+    return torch.float32 if capability is not None and capability < 8.0 else torch.bfloat16
+
+
 def ns_dtype(device: torch.device) -> torch.dtype:
-    """The Newton-Schulz iteration's dtype: bf16 (torch.optim.Muon's) on the CPU and on GPUs of compute capability
-    8.0+; fp32 on older cards, which have no bf16 matmuls (a GTX 1060: none at all; a V100: no bf16 tensor cores)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        return torch.float32
-    return torch.bfloat16
+    """ns_dtype_for the device the matrices are on."""
+    if device.type != "cuda":
+        return ns_dtype_for(None)
+    major, minor = torch.cuda.get_device_capability(device)
+    return ns_dtype_for(major + minor / 10)
 
 
 def newton_schulz(g: torch.Tensor, coefficients=MUON_NS_COEFFICIENTS, steps: int = MUON_NS_STEPS,

@@ -14,7 +14,7 @@ from .checkpoint import atomic_write_text, checkpoint_files
 from .errors import CheckpointError, ConfigError
 from .model import ModelConfig
 from .resolver import Plan, detect_hardware, make_plan
-from .resolver.plan import corpus_mb_wanted
+from .resolver.plan import OPTIMIZER_DEFAULTS, corpus_mb_wanted
 from .resolver.replan import plan_regroup
 
 MIN_FREE_DISK = 256 * 1024**2
@@ -55,8 +55,8 @@ def _select(cfg, key: str):
     return OmegaConf.select(cfg, key)
 
 
-# settings whose default changed after they were added: what a run made before they existed had
-FIRST_DEFAULTS = {"optim": {"name": "adamw"}}
+# settings whose default changed after they were added: what a run made before they existed had (its plan's too)
+FIRST_DEFAULTS = {"optim": {"name": OPTIMIZER_DEFAULTS["name"]}}
 
 
 def check_same_run(cfg: DictConfig, run_dir: Path) -> None:

@@ -144,7 +144,7 @@ def test_the_default_recipe_is_muon_with_wsd_to_zero_on_sequences_of_1024():
     """The recipe that, planned for 300 s on one H100, reached nanoGPT's 10-minute loss in 0.43 of nanoGPT's time
     (docs/benchmarks.md, "The default recipe"): Muon at 0.02 with its AdamW part at 3e-3 at every width, WSD
     decaying over the last 40 % of the steps to zero, quick_dev sequences of 1,024; the plan is that run's."""
-    from pufferfish.optim import MUON_ADAMW_LR
+    from pufferfish.resolver.plan import MUON_ADAMW_LR
 
     cfg = compose("gpu=h100", "mode=quick_dev", f"mode.target_hours={300 / 3600}")
     plan = make_plan(cfg, fake_gpu("h100"), 8192, 128_300_000)

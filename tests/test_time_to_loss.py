@@ -103,6 +103,13 @@ def test_the_verdict_follows_the_rule_at_both_sizes(measured):
         assert verdict.startswith("rejected (")
 
 
+def test_the_old_recipe_systems_are_what_a_plan_from_before_muon_and_wsd_ran():
+    from pufferfish.resolver.plan import OPTIMIZER_DEFAULTS, SCHEDULE_DEFAULTS
+
+    assert time_to_loss.SYSTEMS["cosine"] == [f"optim.{k}={v}" for k, v in SCHEDULE_DEFAULTS.items()]
+    assert time_to_loss.SYSTEMS["adamw"] == [f"optim.name={OPTIMIZER_DEFAULTS['name']}"]
+
+
 def test_verdicts_need_both_sizes_sooner_and_no_worse_hand_over():
     def row(system, size, curve, loss):  # an evaluation every 10 steps, a step a second: no start-up
         return {"system": system, "size": size, "curve": [(t, v, 10 * (i + 1)) for i, (t, v) in enumerate(curve)],

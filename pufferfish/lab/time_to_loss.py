@@ -48,7 +48,8 @@ SYSTEMS = {  # name: the overrides it makes to Pufferfish's default recipe (Muon
     "default": [],
     "qk_norm": ["model.qk_norm=true"],
     "adamw": ["optim.name=adamw"],  # the default optimizer before Muon
-    "cosine": ["optim.schedule=cosine", "optim.min_lr_ratio=0.1"],  # the default schedule before WSD
+    # the default schedule before WSD: resolver.plan's SCHEDULE_DEFAULTS (not imported: this module loads no torch)
+    "cosine": ["optim.schedule=cosine", "optim.warmup_frac=0.05", "optim.min_lr_ratio=0.1", "optim.decay_frac=0.2"],
 }
 PEER = "nanogpt"
 PLAN = "plan"  # the size each recipe's plan chooses

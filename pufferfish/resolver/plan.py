@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import ConfigError
 from ..model import ModelConfig
-from ..optim import MUON_ADAMW_LR, MUON_LR, MUON_MOMENTUM
+from ..optim import MUON_LR, MUON_MOMENTUM
 from .capabilities import CardPath, card_path
 from .hardware import Hardware
 from .memory import allocator_reserve_bytes, count_params, muon_params, predict_peak_bytes
@@ -36,6 +36,10 @@ SCHEDULE_KEYS = ("schedule", "warmup_frac", "min_lr_ratio", "decay_frac")  # and
 # what a plan.json written before these were kept ran with (the optim group's defaults of that time)
 OPTIMIZER_DEFAULTS = {"name": "adamw", "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95}
 SCHEDULE_DEFAULTS = {"schedule": "cosine", "warmup_frac": 0.05, "min_lr_ratio": 0.1, "decay_frac": 0.2}
+ADAMW_LR_CAP = 3e-3  # AdamW's width rule, 6e-4 at 768 dims scaled by 1/width, goes no higher
+# the AdamW part beside Muon (the embedding, which is also the output head, and the norms): the cap at every width;
+# at 512 dims it handed over lower than the rule's 9e-4 (docs/benchmarks.md, "The default recipe")
+MUON_ADAMW_LR = ADAMW_LR_CAP
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up (compiling counted apart)
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
@@ -189,7 +193,7 @@ def lr_for(cfg, optimizer: str, dims: int) -> tuple[float, str]:
         lr, why = MUON_ADAMW_LR, ("the embedding and norms beside Muon, at every width (AdamW's width rule's cap): "
                                   "at 512 dims on an H100 it handed over lower than the rule's 9e-4")  # fmt: skip
     else:
-        lr, why = min(3e-3, 6e-4 * 768 / dims), "6e-4 at 768 dims, scaled by 1/width, capped at 3e-3"
+        lr, why = min(ADAMW_LR_CAP, 6e-4 * 768 / dims), f"6e-4 at 768 dims, scaled by 1/width, capped at {ADAMW_LR_CAP:g}"
     return lr, f"{lr:.2e}: {why}"
 
 

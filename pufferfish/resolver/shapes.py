@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import torch
+
 from ..errors import ConfigError
 from ..model import ModelConfig
+from ..optim import ns_dtype_for
 from .capabilities import card_path
 from .hardware import CUDA_CONTEXT_BYTES, Hardware
 from .memory import Shape, allocator_reserve_bytes, predict_peak_bytes
@@ -35,7 +38,7 @@ def memory_shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
         moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
         qk_norm=bool(mc.get("qk_norm", False)), optimizer=optimizer_name(cfg),
-        ns_fp32=hw.profile != "cpu" and (hw.compute_capability or 0) < 8.0,
+        ns_fp32=ns_dtype_for(None if hw.profile == "cpu" else hw.compute_capability) == torch.float32,
     )  # fmt: skip
 
 
