@@ -137,9 +137,10 @@ class LoggerConfig:
 
 @dataclass
 class OptimConfig:
-    # muon | adamw: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW for
-    # the embedding and norms (pufferfish/optim.py); it keeps one buffer per matrix parameter where AdamW keeps two
-    name: str = "muon"
+    # auto | muon | adamw: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW
+    # for the embedding and norms (pufferfish/optim.py); it keeps one buffer per matrix parameter where AdamW keeps
+    # two. auto: Muon, or AdamW where Muon's plan would read the data more than 4 times (resolver/plan.py)
+    name: str = "auto"
     lr: float | None = None  # null = the resolver's choice (adamw: by the model's width; muon: its AdamW part's)
     muon_lr: float | None = None  # muon: the hidden matrices' rate; null = the resolver's (0.02, Muon's own scale)
     min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio

@@ -59,9 +59,19 @@ def _select(cfg, key: str):
 FIRST_DEFAULTS = {"optim": {"name": OPTIMIZER_DEFAULTS["name"]}}
 
 
+def ran_optimizer(run_dir: Path) -> str | None:
+    """The optimizer a run made under optim.name=auto runs: its plan's (None where it has no readable plan)."""
+    try:
+        return json.loads((run_dir / "plan.json").read_text())["optimizer"].get("name", OPTIMIZER_DEFAULTS["name"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
     """A run directory resumes only with the settings that made it. A setting added to Pufferfish since the
-    run was made counts as what the run had (its first default: optim.name=adamw, model.qk_norm=false)."""
+    run was made counts as what the run had (its first default: optim.name=adamw, model.qk_norm=false).
+    optim.name compares as the optimizer the run ran: a run made under optim.name=auto as the one its plan chose,
+    and optim.name=auto resumes a run made with any optimizer (the run's frozen plan keeps the one it ran)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
@@ -77,6 +87,9 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
             defaults.update(FIRST_DEFAULTS.get(key, {}))
             old, new = OmegaConf.to_container(old), OmegaConf.to_container(new)
             old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
+            if key == "optim":  # no plan to say what auto chose: the checkpoint's optimizer state is the check
+                old["name"] = (ran_optimizer(run_dir) if old.get("name") == "auto" else old.get("name")) or new.get("name")
+                new["name"] = old["name"] if new.get("name") == "auto" else new.get("name")
         if old != new:
             changed.append(key)
             if isinstance(old, dict) and isinstance(new, dict):

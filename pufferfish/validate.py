@@ -91,7 +91,7 @@ RULES = {
     "gpu.mfu": fraction(open_low=True),
     "data.vocab_size": whole(300, 2**24),
     "data.max_hub_documents": whole(0),
-    "optim.name": one_of(*OPTIMIZERS),
+    "optim.name": one_of("auto", *OPTIMIZERS),
     "optim.lr": above(0),
     "optim.muon_lr": above(0),
     "optim.min_lr_ratio": fraction(),

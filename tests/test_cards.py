@@ -20,7 +20,7 @@ from pufferfish.resolver import (
 )
 from pufferfish.resolver.capabilities import ARCHITECTURES, architecture, card_path
 from pufferfish.resolver.hardware import GIB, hardware_on, own_card
-from pufferfish.resolver.plan import OVERHEAD_SHARE
+from pufferfish.resolver.plan import OVERHEAD_SHARE, planned_config
 from pufferfish.resolver.replan import plan_eager_step
 from pufferfish.resolver.speed import CONSTANTS, compile_seconds
 from pufferfish.runlog import read_metrics
@@ -143,6 +143,11 @@ def test_the_eager_step_is_planned_again_and_keeps_the_batch():
                       "why": plan.reasons["compile"], "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                       "predicted_peak_bytes": plan.predicted_peak_bytes}  # fmt: skip
     assert plan.revisions == [record]  # recorded in the plan: plan.json keeps it
+    # optim.name=auto chose Muon: the eager step is sized with Muon's one buffer a matrix, not AdamW's two
+    assert plan.optimizer["name"] == "muon" and cfg.optim.name == "auto"
+    muon = make_plan(compose("gpu=rtx3060", "mode=standard", "optim.name=muon"), hw, 8192, 10**9)
+    plan_eager_step(muon, muon_cfg := compose("gpu=rtx3060", "mode=standard", "optim.name=muon"), 7, "no Triton")
+    assert plan.memory_breakdown == muon.memory_breakdown and muon_cfg.optim.name == "muon"
 
 
 @torch._dynamo.register_backend(name="refuses_every_graph")
@@ -199,8 +204,8 @@ def test_a_budget_too_short_for_compiling_plans_the_eager_step_and_says_why():
     plan = make_plan(short, own_card(short), 8192, 10**8)
     assert not plan.compile and plan.reasons["compile"].startswith("eager: in a 14 s budget compiling does not pay")
     assert "of compiling (a cold cache)" in plan.reasons["compile"]
-    eager = memory_shape(plan.model, short, own_card(short), plan.micro_batch, plan.grad_ckpt,
-                         path=card_path(compose("gpu=h100", "optimizations.compile=false"), own_card(short)))
+    eager = memory_shape(plan.model, planned_config(short, plan.optimizer), own_card(short), plan.micro_batch,
+                         plan.grad_ckpt, path=card_path(compose("gpu=h100", "optimizations.compile=false"), own_card(short)))
     assert not eager.compiled and plan.grad_accum == 1  # one micro-batch: no gradients alive in its forward
     assert plan.predicted_peak_bytes == predict_peak_bytes(replace(eager, grads_in_forward=False)).total
     assert "of compiling" not in plan.reasons["steps"]  # the eager steps start at once

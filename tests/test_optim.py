@@ -296,5 +296,5 @@ def test_an_unknown_optimizer_names_the_allowed_ones():
     from pufferfish.errors import ConfigError
     from pufferfish.validate import validate
 
-    with pytest.raises(ConfigError, match="optim.name='sgd' is out of range; allowed: one of adamw, muon"):
+    with pytest.raises(ConfigError, match="optim.name='sgd' is out of range; allowed: one of auto, adamw, muon"):
         validate(compose("optim.name=sgd"))

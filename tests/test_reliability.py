@@ -201,8 +201,8 @@ def test_every_piece_of_state_is_restored(tmp_path, cache_dir):
 
 def test_a_run_made_before_optim_name_and_qk_norm_existed_resumes_exactly(tmp_path, cache_dir):
     """Its config.yaml, plan.json and checkpoint lack optim.name, optim.muon_lr and model.qk_norm: they count as
-    what it ran with (AdamW, no qk-norm), so its own settings resume it; today's defaults (Muon, WSD) are refused
-    with the settings it had named."""
+    what it ran with (AdamW, no qk-norm), so its own settings resume it, optim.name=auto among them (its frozen plan
+    keeps AdamW); today's default schedule (WSD) is refused with the settings it had named."""
     import yaml
 
     old = ("optim.name=adamw", "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "optim.decay_frac=0.2")
@@ -219,11 +219,16 @@ def test_a_run_made_before_optim_name_and_qk_norm_existed_resumes_exactly(tmp_pa
     state, path = ckpt.load_latest(run / "checkpoints")
     del state["model_config"]["qk_norm"]
     ckpt.save_checkpoint(run / "checkpoints", state, state["step"])
-    with pytest.raises(ConfigError, match=r"different optim \(it had optim\.name=adamw optim\.decay_frac=0\.2 "
+    with pytest.raises(ConfigError, match=r"different optim \(it had optim\.decay_frac=0\.2 "
                                           r"optim\.min_lr_ratio=0\.1 optim\.schedule=cosine\)"):  # fmt: skip
         train(compose(*tiny_overrides(run, cache_dir, *SHORT)))
-    result = train(compose(*tiny_overrides(run, cache_dir, *SHORT, *old)))
+    with pytest.raises(ConfigError, match=r"different optim \(it had optim\.name=adamw\)"):
+        train(compose(*tiny_overrides(run, cache_dir, *SHORT, *old[1:], "optim.name=muon")))
+    result = train(compose(*tiny_overrides(run, cache_dir, *SHORT, *old[1:])))  # optim.name=auto
     assert result["finished"] and losses(run) == losses(straight)
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["name"] == "auto"  # and its plan's AdamW:
+    with pytest.raises(ConfigError, match=r"different optim \(it had optim\.name=adamw\)"):
+        train(compose(*tiny_overrides(run, cache_dir, *SHORT, *old[1:], "optim.name=muon")))
     assert "qk_norm" not in ckpt.load_latest(run / "checkpoints")[0]["model_config"]  # the resumed plan's model
     (run / "plan.json").unlink()  # no plan: the checkpoint's own model config is checked against a new plan
     assert train(compose(*tiny_overrides(run, cache_dir, *SHORT, *old)))["step"] == 12  # nothing left to train

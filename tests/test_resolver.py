@@ -162,6 +162,36 @@ def test_the_default_recipe_is_muon_with_wsd_to_zero_on_sequences_of_1024():
     assert mine.lr == 0.001 and "set by you" in mine.reasons["lr"]
 
 
+def test_auto_plans_muon_unless_its_plan_reads_the_data_over_four_times():
+    """optim.name=auto (the default) takes Muon's plan, or AdamW's where Muon's would read the data more than
+    MUON_MAX_EPOCHS times: on an H100, Muon handed over lower on the default corpus (128.3M tokens, up to 2.5
+    passes) and AdamW on Shakespeare (1.38M tokens, read 8-20 times; docs/benchmarks.md). The chosen plan is the
+    plan of that optimizer named outright, its reason saying why."""
+    from pufferfish.resolver.plan import MUON_MAX_EPOCHS, OPTIMIZER_DEFAULTS
+
+    budget = ("gpu=h100", "mode=quick_dev", f"mode.target_hours={300 / 3600}")
+
+    def plans(corpus_tokens):
+        return {name: make_plan(compose(*budget, f"optim.name={name}"), fake_gpu("h100"), 8192, corpus_tokens)
+                for name in ("auto", "muon", "adamw")}  # fmt: skip
+
+    def same(a, b):  # the whole plan, but for the reason that says how the optimizer was chosen
+        return {**a.to_dict(), "reasons": None} == {**b.to_dict(), "reasons": None}
+
+    big, small = plans(128_300_000), plans(1_381_526)
+    assert big["muon"].epochs <= MUON_MAX_EPOCHS < small["muon"].epochs
+    assert same(big["auto"], big["muon"]) and big["auto"].optimizer["name"] == "muon"
+    assert big["auto"].reasons["optimizer"].startswith(f"chosen by optim.name=auto: Muon's plan reads the data "
+                                                       f"{big['muon'].epochs:.1f} times, at most 4;")  # fmt: skip
+    assert same(small["auto"], small["adamw"]) and small["auto"].optimizer == {**OPTIMIZER_DEFAULTS}
+    assert small["auto"].reasons["optimizer"].startswith(f"AdamW, chosen by optim.name=auto: Muon's plan reads the "
+                                                         f"data {small['muon'].epochs:.1f} times, over 4")  # fmt: skip
+    assert small["muon"].optimizer["name"] == "muon"  # named outright, Muon stays whatever the passes
+    for corpus_tokens in (15_000_000, 30_000_000, 60_000_000):  # around the line
+        chosen = plans(corpus_tokens)
+        assert chosen["auto"].optimizer["name"] == ("muon" if chosen["muon"].epochs <= MUON_MAX_EPOCHS else "adamw")
+
+
 def test_fsdp2_plans_each_gpu_for_its_shard():
     fixed = ("gpu=gtx1650", "mode=standard", "model.num_layers=24", "model.num_dims=768", "optim.name=adamw")
     hw = fake_gpu("gtx1650", "fp16")  # AdamW: two fp32 moments a parameter, split over the ranks

@@ -1,16 +1,16 @@
 """Time to loss: the seconds each recipe takes to first reach a target validation loss, on the same tokens.
 
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 [--corpus default|shakespeare|FILE] [--budget 600]
-        [--sizes 8x512,12x768|plan] [--systems default,qk_norm,adamw,cosine,nanogpt] [--gpu auto]
+        [--sizes 8x512,12x768|plan] [--systems default,qk_norm,muon,adamw,cosine,nanogpt] [--gpu auto]
         [--set KEY=VALUE ...] [--nanogpt-set=--ARG=VALUE ...] [--peer-seconds S]
     python -m pufferfish.lab.time_to_loss --out DIR --target 4.0 --report   # the table and the PNG from DIR's results
 
 Every system trains each size (model.num_layers x model.num_dims, fixed; `plan`: the shape each recipe's plan
 chooses for the budget, and nanoGPT's own GPT-2 124M) for the same time budget:
 - default: Pufferfish's recipe as a user gets it at that size;
-- qk_norm: a candidate change (model.qk_norm=true); adamw, cosine: the default's optimizer and schedule as they
-  were before Muon and WSD (optim.name=adamw; optim.schedule=cosine with optim.min_lr_ratio=0.1), which a later
-  measurement can check against;
+- qk_norm: a candidate change (model.qk_norm=true); muon, adamw: each optimizer alone, where the default
+  (optim.name=auto) chooses one by the passes its plan makes over the data; cosine: the default's schedule before
+  WSD (optim.schedule=cosine with optim.min_lr_ratio=0.1), which a later measurement can check against;
 - nanogpt: nanoGPT's recipe (quality_per_budget.py's runner, $PUFFERFISH_NANOGPT) at the same size, on
   Pufferfish's token files, for as long as the default run at that size took (in this command or an earlier one
   with the same --out, corpus and budget: the two may run as separate commands), or --peer-seconds S (then it
@@ -44,10 +44,11 @@ from . import quality_per_budget as qpb  # the nanoGPT runner, the corpora, the 
 from .figures import panels, save
 
 ROOT = qpb.ROOT
-SYSTEMS = {  # name: the overrides it makes to Pufferfish's default recipe (Muon, WSD to zero)
+SYSTEMS = {  # name: the overrides it makes to Pufferfish's default recipe (Muon or AdamW by passes, WSD to zero)
     "default": [],
     "qk_norm": ["model.qk_norm=true"],
-    "adamw": ["optim.name=adamw"],  # the default optimizer before Muon
+    "muon": ["optim.name=muon"],
+    "adamw": ["optim.name=adamw"],  # also the default optimizer before Muon
     # the default schedule before WSD: resolver.plan's SCHEDULE_DEFAULTS (not imported: this module loads no torch)
     "cosine": ["optim.schedule=cosine", "optim.warmup_frac=0.05", "optim.min_lr_ratio=0.1", "optim.decay_frac=0.2"],
 }

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+from omegaconf import OmegaConf
+
 from ..errors import ConfigError
 from ..model import ModelConfig
 from ..optim import MUON_LR, MUON_MOMENTUM
@@ -28,7 +30,7 @@ from .search import (
     batch_cap,
     min_steps_for,
 )
-from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict
+from .shapes import _candidates, heads_reason, memory_budget, memory_shape, model_dict, optimizer_name
 from .speed import compile_seconds
 
 OPTIMIZER_KEYS = ("name", "weight_decay", "beta1", "beta2")  # of the optim group: what build_optimizer reads
@@ -40,6 +42,12 @@ ADAMW_LR_CAP = 3e-3  # AdamW's width rule, 6e-4 at 768 dims scaled by 1/width, g
 # the AdamW part beside Muon (the embedding, which is also the output head, and the norms): the cap at every width;
 # at 512 dims it handed over lower than the rule's 9e-4 (docs/benchmarks.md, "The default recipe")
 MUON_ADAMW_LR = ADAMW_LR_CAP
+# optim.name=auto: Muon where its plan reads the data at most this many times, AdamW beyond. On an H100 Muon handed
+# over lower at 0.5-2.5 passes of the default corpus, AdamW on Shakespeare read many times, where Muon's best came
+# at 4.5 passes and it then overfit, AdamW's later and lower (docs/benchmarks.md, "The optimizer by passes over the
+# data"); 4 is where repeated text stops being worth nearly as much as fresh (Muennighoff et al. 2023), between
+# the two, not measured there
+MUON_MAX_EPOCHS = 4.0
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up (compiling counted apart)
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
@@ -176,8 +184,12 @@ def eval_reason(interval: int, tokens: int, by_you: bool) -> str:
 
 
 def loop_settings(cfg) -> dict:
-    """What the loop runs beyond the shape, from the optim and optimizations groups (Muon's lr is planned)."""
-    return {"optimizer": {k: cfg.optim[k] for k in OPTIMIZER_KEYS}, "schedule": {k: cfg.optim[k] for k in SCHEDULE_KEYS},
+    """What the loop runs beyond the shape, from the optim and optimizations groups (Muon's lr is planned). Under
+    optim.name=auto, for a plan.json that lacks them, AdamW: such a plan was made before Muon existed."""
+    optimizer = {k: cfg.optim[k] for k in OPTIMIZER_KEYS}
+    if optimizer["name"] == "auto":
+        optimizer["name"] = OPTIMIZER_DEFAULTS["name"]
+    return {"optimizer": optimizer, "schedule": {k: cfg.optim[k] for k in SCHEDULE_KEYS},
             "grad_clip": float(cfg.optim.grad_clip), "chunked_loss": bool(cfg.optimizations.chunked_loss),
             "loss_chunk_tokens": int(cfg.optimizations.loss_chunk_tokens),
             "prefetch_batches": int(cfg.optimizations.prefetch_batches),
@@ -248,6 +260,36 @@ def weigh_compile(path: CardPath, compiled: list[Candidate], eager_search: Calla
 
 def make_plan(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1,
               val_tokens: int | None = None) -> Plan:  # fmt: skip
+    """The plan for `cfg` on `hw`; under optim.name=auto, Muon's plan, or AdamW's where Muon's would read the data
+    more than MUON_MAX_EPOCHS times (its reasons say which and why)."""
+    if optimizer_name(cfg) != "auto":
+        return plan_with_optimizer(cfg, hw, vocab_size, corpus_tokens, world_size, val_tokens)
+    muon = plan_with_optimizer(with_optimizer(cfg, "muon"), hw, vocab_size, corpus_tokens, world_size, val_tokens)
+    passes = f"Muon's plan reads the data {muon.epochs:.1f} times"
+    if muon.epochs <= MUON_MAX_EPOCHS:
+        muon.reasons["optimizer"] = f"chosen by optim.name=auto: {passes}, at most {MUON_MAX_EPOCHS:g}; " + muon.reasons["optimizer"]
+        return muon
+    adamw = plan_with_optimizer(with_optimizer(cfg, "adamw"), hw, vocab_size, corpus_tokens, world_size, val_tokens)
+    adamw.reasons["optimizer"] = (f"AdamW, chosen by optim.name=auto: {passes}, over {MUON_MAX_EPOCHS:g}; on text "
+                                  f"read this often Muon overfits sooner and hands over a higher loss "
+                                  f"(optim.name=muon keeps it)")  # fmt: skip
+    return adamw
+
+
+def with_optimizer(cfg, name: str):
+    """cfg with optim.name set to `name` (cfg itself is left as it is)."""
+    return OmegaConf.merge(cfg, {"optim": {"name": name}})
+
+
+def planned_config(cfg, plan_optimizer: dict):
+    """cfg with the optimizer a plan runs (its `optimizer`; one without a name was made before Muon: AdamW), for
+    sizing that plan's step again: under optim.name=auto, the one the plan chose."""
+    return with_optimizer(cfg, plan_optimizer.get("name", OPTIMIZER_DEFAULTS["name"]))
+
+
+def plan_with_optimizer(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1,
+                        val_tokens: int | None = None) -> Plan:  # fmt: skip
+    """The plan for cfg's own optimizer (optim.name muon or adamw)."""
     mode, train = cfg.mode, cfg.train
     path = card_path(cfg, hw)  # compile, precision, attention kernel: what the card runs
     reasons: dict[str, str] = dict(path.reasons)

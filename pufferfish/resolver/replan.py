@@ -18,7 +18,7 @@ import torch
 from ..errors import ConfigError, OutOfMemoryError
 from .hardware import Hardware
 from .memory import predict_peak_bytes
-from .plan import EVALS_PER_RUN
+from .plan import EVALS_PER_RUN, planned_config
 from .shapes import memory_budget, memory_shape
 from .speed import predict_tokens_per_s
 
@@ -31,6 +31,7 @@ def plan_eager_step(plan, cfg, step: int, error: str) -> dict:
     hw = Hardware(**{k: v for k, v in plan.hardware.items() if k in {f.name for f in fields(Hardware)}})
     budget = memory_budget(hw)
     shards = plan.world_size if cfg.train.get("parallel", "ddp") == "fsdp2" else 1
+    cfg = planned_config(cfg, plan.optimizer)  # its optimizer's state, whatever optim.name=auto would choose now
 
     def eager(micro: int):
         return replace(memory_shape(plan.model, cfg, hw, micro, plan.grad_ckpt, shards), compiled=False,

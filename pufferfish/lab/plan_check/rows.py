@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pufferfish.api import compose_config
 from pufferfish.resolver import Hardware, fits, make_plan, memory_shape
+from pufferfish.resolver.plan import planned_config
 from pufferfish.runlog import read_metrics
 
 from ..sweep_tools import allocator_cap
@@ -103,7 +104,8 @@ def plan_without_max_steps(profile: str, mode: str, extra: list[str], plan: dict
     if not same or (not row["oom_backoffs"] and free.micro_batch != plan["micro_batch"]):
         row["notes"].append("train.max_steps changed the plan: the run's shape is shown")
         out.update(micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"])
-    doubled = memory_shape(plan["model"], cfg, hw, 2 * out["micro_batch"], plan["grad_ckpt"])
+    ran = planned_config(cfg, plan.get("optimizer", {}))  # the optimizer the run had (optim.name=auto's choice)
+    doubled = memory_shape(plan["model"], ran, hw, 2 * out["micro_batch"], plan["grad_ckpt"])
     out["double_micro_batch_fits"] = fits(doubled, hw)
     return out
 
