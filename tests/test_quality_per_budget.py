@@ -32,9 +32,10 @@ def test_the_oracle_grid_splits_by_width_into_parts_that_together_make_the_whole
     plan = {"shape": "6 x 384", "lr": 1e-3, "batch_tokens": 65536}
     whole = qpb.oracle_grid(plan)
     assert whole == ["model.num_dims=192,256,384,576,768", "optim.lr=1.000e-03,2.000e-03",
-                     "train.batch_tokens=65536,16384"]  # 384 x (0.5, 0.75, 1, 1.5, 2), to 64  # fmt: skip
+                     "train.batch_tokens=65536,16384", "optim.name=adamw"]  # 384 x (0.5, 0.75, 1, 1.5, 2), to 64  # fmt: skip
     parts = [qpb.oracle_grid(plan, factors) for factors in [(0.5, 0.75), (1.0,), (1.5, 2.0)]]
     assert ",".join(p[0].split("=")[1] for p in parts) == whole[0].split("=")[1]
     assert all(p[1:] == whole[1:] for p in parts)
     muon = qpb.oracle_grid({**plan, "optimizer": {"name": "muon", "muon_lr": 0.02}})  # the rate of most of the model
     assert muon[1] == "optim.muon_lr=2.000e-02,4.000e-02" and (muon[0], muon[2]) == (whole[0], whole[2])
+    assert muon[3] == "optim.name=muon"  # the plan's optimizer in every job, not optim.name=auto's choice there

@@ -100,14 +100,14 @@ def run_plan(corpus: str, budget: float, gpu: str, out: Path) -> dict:
 def oracle_grid(plan: dict, factors: tuple[float, ...] = WIDTH_FACTORS) -> list[str]:
     """The multirun's sweep overrides: widths around the plan's (`factors` of it, to 64), the plan's learning rate
     and twice it (under Muon, the rate of the blocks' matrices, most of the model), the plan's batch and a quarter
-    of it."""
+    of it; every job with the plan's optimizer (optim.name=auto could choose another at another width or batch)."""
     d = int(plan["shape"].split(" x ")[1])
     widths = sorted({max(64, int(round(d * f / 64)) * 64) for f in factors})
     optimizer = plan.get("optimizer") or {}
     key, rate = ("optim.muon_lr", optimizer["muon_lr"]) if optimizer.get("name") == "muon" else ("optim.lr", plan["lr"])
     batches = [plan["batch_tokens"], max(1024, plan["batch_tokens"] // 4)]
     return ["model.num_dims=" + ",".join(map(str, widths)), f"{key}={rate:.3e},{rate * 2:.3e}",
-            "train.batch_tokens=" + ",".join(map(str, batches))]  # fmt: skip
+            "train.batch_tokens=" + ",".join(map(str, batches)), f"optim.name={optimizer.get('name', 'adamw')}"]  # fmt: skip
 
 
 def run_oracle(corpus: str, budget: float, gpu: str, out: Path, plan: dict,
