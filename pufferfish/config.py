@@ -139,7 +139,7 @@ class LoggerConfig:
 class OptimConfig:
     # auto | muon | adamw: Muon (momentum orthogonalised by Newton-Schulz) for the blocks' hidden matrices, AdamW
     # for the embedding and norms (pufferfish/optim.py); it keeps one buffer per matrix parameter where AdamW keeps
-    # two. auto: Muon, or AdamW where Muon's plan would read the data more than 4 times (resolver/plan.py)
+    # two. auto: Muon, or AdamW where Muon's plan would read the data more than 5 times (resolver/plan.py)
     name: str = "auto"
     lr: float | None = None  # null = the resolver's choice (adamw: by the model's width; muon: its AdamW part's)
     muon_lr: float | None = None  # muon: the hidden matrices' rate; null = the resolver's (0.02, Muon's own scale)

@@ -44,10 +44,9 @@ ADAMW_LR_CAP = 3e-3  # AdamW's width rule, 6e-4 at 768 dims scaled by 1/width, g
 MUON_ADAMW_LR = ADAMW_LR_CAP
 # optim.name=auto: Muon where its plan reads the data at most this many times, AdamW beyond. On an H100 Muon handed
 # over lower at 0.5-2.5 passes of the default corpus, AdamW on Shakespeare read many times, where Muon's best came
-# at 4.5 passes and it then overfit, AdamW's later and lower (docs/benchmarks.md, "The optimizer by passes over the
-# data"); 4 is where repeated text stops being worth nearly as much as fresh (Muennighoff et al. 2023), between
-# the two, not measured there
-MUON_MAX_EPOCHS = 4.0
+# at 4.5 passes and it then overfit, AdamW's later and lower; on the CPU (scripts/optimizer_passes.sh) Muon handed
+# over 0.13 lower at 4.2 passes and the two were level at 5.3-13 (docs/benchmarks.md, "The optimizer by passes")
+MUON_MAX_EPOCHS = 5.0
 OVERHEAD_SHARE = 0.06  # of the budget kept for evaluation, checkpoints and start-up (compiling counted apart)
 EVALS_PER_RUN = 20  # validation cadence: the best weights are kept, so finer evaluation finds them better
 EVAL_SHARE = 0.05  # of the budget that all evaluations together may take
