@@ -14,7 +14,7 @@ from .checkpoint import atomic_write_text, checkpoint_files
 from .errors import CheckpointError, ConfigError
 from .model import ModelConfig
 from .resolver import Plan, detect_hardware, make_plan
-from .resolver.plan import OPTIMIZER_DEFAULTS, corpus_mb_wanted
+from .resolver.plan import OPTIMIZER_DEFAULTS, corpus_mb_wanted, ran_optimizer_name
 from .resolver.replan import plan_regroup
 
 MIN_FREE_DISK = 256 * 1024**2
@@ -62,7 +62,7 @@ FIRST_DEFAULTS = {"optim": {"name": OPTIMIZER_DEFAULTS["name"]}}
 def ran_optimizer(run_dir: Path) -> str | None:
     """The optimizer a run made under optim.name=auto runs: its plan's (None where it has no readable plan)."""
     try:
-        return json.loads((run_dir / "plan.json").read_text())["optimizer"].get("name", OPTIMIZER_DEFAULTS["name"])
+        return ran_optimizer_name(json.loads((run_dir / "plan.json").read_text())["optimizer"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

@@ -52,6 +52,7 @@ def test_memory_fit_script_reprints_grid_and_plan_rows_the_model_predicts_exactl
     from pufferfish.api import compose_config
     from pufferfish.resolver import memory_shape, model_dict
     from pufferfish.resolver.hardware import CUDA_CONTEXT_BYTES, GIB, hardware_on
+    from pufferfish.resolver.plan import with_optimizer
 
     rows = []
     for fields, batch, t in calibrate.grid("check3")[:3]:
@@ -66,8 +67,13 @@ def test_memory_fit_script_reprints_grid_and_plan_rows_the_model_predicts_exactl
     run = {"profile": "rtx3060", "mode": "standard", "verdict": "ok", "num_layers": 12, "num_dims": 512,
            "seq_len": 1024, "micro_batch": 8, "grad_ckpt": False, "precision": hw.precision,
            "measured_peak_bytes": predict_peak_bytes(s).total}  # fmt: skip
+    muon = memory_shape(model_dict(cfg, 12, 512, 8192, 1024), with_optimizer(cfg, "muon"), hw, 8, False)
+    muon_run = {**run, "optimizer": "muon", "measured_peak_bytes": predict_peak_bytes(muon).total}
+    assert muon_run["measured_peak_bytes"] != run["measured_peak_bytes"]  # one buffer a matrix, not two
     plans = tmp_path / "check_plans.json"
-    plans.write_text(json.dumps({"rows": [run]}))
+    plans.write_text(json.dumps({"rows": [run, muon_run]}))
+    # each row is shaped with the optimizer it ran (a row without one: AdamW, before rows recorded it)
+    assert [fit_memory_model.err(r) for r in fit_memory_model.plan_rows(str(plans))] == [0.0, 0.0]
     assert fit_memory_model.main(["--grids", str(grid), "--plans", str(plans), "--refit"]) == 0
     out = capsys.readouterr().out
     assert "| check3 | 0.0% | 0.0% | 3 |" in out

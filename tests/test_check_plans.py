@@ -48,6 +48,8 @@ def test_check_plans_runs_a_job_and_reads_its_memory(tmp_path, cache_dir):
     assert row["measured_peak_bytes"] > 0 and row["cap_bytes"] > 0 and 0 < row["use"] < 1
     assert row["predicted_peak_bytes"] > 0 and row["micro_batch"] >= 1 and row["num_layers"] == 1
     assert row["binding_constraint"] != "user"  # the plan without train.max_steps: what really limits it
+    plan = json.loads((out / "cpu-ultra_fast" / "plan.json").read_text())
+    assert row["optimizer"] == plan["optimizer"]["name"] in ("muon", "adamw")  # what optim.name=auto chose
     assert row["verdict"].startswith(VERDICTS)
     assert "| cpu | ultra_fast | 1 x 64 |" in proc.stdout
     assert not (out / "cpu-ultra_fast" / "checkpoints").exists()  # deleted once read

@@ -87,6 +87,17 @@ def test_a_users_mistake_in_one_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert records["baseline"]["fits"] is True
 
 
+def test_a_measured_step_under_optim_name_auto_runs_the_optimizer_a_run_would(tmp_path):
+    """optim.name=auto (the default) names no optimizer to build: the measured step takes the one a run's plan
+    chooses (the nominal large corpus: Muon), and records it; a named optimizer is measured as named."""
+    import pufferfish.lab.measure as measure_module
+
+    for name, ran in (("auto", "muon"), ("adamw", "adamw")):
+        cfg = compose_config([*TINY, "model.num_layers=1", f"optim.name={name}", f"run_dir={tmp_path / name}"], "measure")
+        record = measure_module.measure(cfg)
+        assert record["optimizer"] == ran and record["fits"] is True and record["tokens_per_s"] > 0
+
+
 def test_an_out_of_memory_in_the_steps_is_caught_and_recorded(tmp_path, monkeypatch):
     import pufferfish.lab.measure as measure_module
     import pufferfish.step as step_module

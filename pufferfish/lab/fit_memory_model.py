@@ -74,7 +74,8 @@ def plan_rows(path: str) -> list[dict]:
             continue
         if v != "OOM" and not r.get("measured_peak_bytes"):
             continue
-        cfg = compose_config([f"gpu={r['profile']}", f"mode={r['mode']}"])
+        # the optimizer the row ran (rows from before check_plans recorded it: AdamW's plans)
+        cfg = compose_config([f"gpu={r['profile']}", f"mode={r['mode']}", f"optim.name={r.get('optimizer', 'adamw')}"])
         hw = hardware_on(cfg.gpu, cfg.optimizations, "cuda", "NVIDIA H200", total, total - CUDA_CONTEXT_BYTES)
         assert hw.precision == r["precision"], f"{r['profile']}: planned {hw.precision}, ran {r['precision']}"
         mc = model_dict(cfg, r["num_layers"], r["num_dims"], 8192, r["seq_len"])

@@ -40,6 +40,7 @@ from pufferfish.resolver import (
 )
 from pufferfish.resolver.capabilities import card_path
 from pufferfish.resolver.hardware import GIB
+from pufferfish.resolver.plan import chosen_config
 from pufferfish.resolver.speed import flops_per_token, predict_tokens_per_s
 from pufferfish.rundir import run_directory, save_config
 from pufferfish.runlog import git_revision
@@ -143,6 +144,7 @@ def _measure(cfg) -> dict:
     device, cuda = hw.device, hw.device.startswith("cuda")
     data = prepare_data(cfg.data, progress=False) if how.batches == "data" else None
     vocab = cfg.model.vocab_size or (data.vocab_size if data else cfg.data.vocab_size or 8192)
+    cfg = chosen_config(cfg, target_hardware(cfg, hw), vocab, NOMINAL_CORPUS_TOKENS)  # optim.name=auto: a run's choice
     L, d, micro = cfg.model.num_layers, cfg.model.num_dims, tc.micro_batch
     if not (L and d and micro):  # the resolver's choice for whatever the config leaves open
         plan = make_plan(cfg, target_hardware(cfg, hw), vocab, NOMINAL_CORPUS_TOKENS)
@@ -178,7 +180,7 @@ def _measure(cfg) -> dict:
         "emulated": hw.emulated, "cap_bytes": cap, "torch": torch.__version__, "model": mc, "num_layers": L,
         "micro_batch": micro, "params": count_params(shape), "precision": target.precision, "grad_ckpt": ckpt,
         "attention_math": shape.attention_math, "sdpa_backend": cfg.attention.sdpa_backend,
-        "compile": path.compile, "fused_adamw": path.fused_adamw, "attention_kernel": path.attention_kernel,
+        "optimizer": str(cfg.optim.name), "compile": path.compile, "fused_adamw": path.fused_adamw, "attention_kernel": path.attention_kernel,
         "chunked_loss": bool(cfg.optimizations.chunked_loss), "prefetch_batches": int(cfg.optimizations.prefetch_batches),
         "batches": how.batches, "steps": how.steps, "fits": fits, "measured": cuda, "oom": oom,
         # measured on CUDA (after an out-of-memory under the cap: what it needed uncapped); the memory model's on CPU

@@ -280,10 +280,23 @@ def with_optimizer(cfg, name: str):
     return OmegaConf.merge(cfg, {"optim": {"name": name}})
 
 
+def ran_optimizer_name(plan_optimizer: dict) -> str:
+    """The optimizer a plan's `optimizer` runs (one without a name was made before Muon: AdamW)."""
+    return plan_optimizer.get("name", OPTIMIZER_DEFAULTS["name"])
+
+
 def planned_config(cfg, plan_optimizer: dict):
-    """cfg with the optimizer a plan runs (its `optimizer`; one without a name was made before Muon: AdamW), for
-    sizing that plan's step again: under optim.name=auto, the one the plan chose."""
-    return with_optimizer(cfg, plan_optimizer.get("name", OPTIMIZER_DEFAULTS["name"]))
+    """cfg with the optimizer a plan runs, for sizing that plan's step again: under optim.name=auto, the one the
+    plan chose."""
+    return with_optimizer(cfg, ran_optimizer_name(plan_optimizer))
+
+
+def chosen_config(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int):
+    """cfg with optim.name=auto replaced by the optimizer a plan for this corpus on `hw` chooses, for what builds or
+    sizes a step from the config alone (cfg itself where an optimizer is named)."""
+    if optimizer_name(cfg) != "auto":
+        return cfg
+    return planned_config(cfg, make_plan(cfg, hw, vocab_size, corpus_tokens).optimizer)
 
 
 def plan_with_optimizer(cfg, hw: Hardware, vocab_size: int, corpus_tokens: int, world_size: int = 1,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pufferfish.api import compose_config
 from pufferfish.resolver import Hardware, fits, make_plan, memory_shape
-from pufferfish.resolver.plan import planned_config
+from pufferfish.resolver.plan import planned_config, ran_optimizer_name
 from pufferfish.runlog import read_metrics
 
 from ..sweep_tools import allocator_cap
@@ -69,7 +69,8 @@ def read_row(job: Job, pair: Pair, extra: list[str], logs: Path, steps: int) -> 
                    micro_batch=plan["micro_batch"], grad_accum=plan["grad_accum"], seq_len=plan["seq_len"],
                    precision=plan["precision"], grad_ckpt=plan["grad_ckpt"], emulated=hw.emulated, path=path_text(plan),
                    predicted_peak_bytes=plan["predicted_peak_bytes"], vram_bytes=plan["vram_bytes"],
-                   cap_bytes=allocator_cap(hw), binding_in_run=plan["binding_constraint"])  # fmt: skip
+                   cap_bytes=allocator_cap(hw), binding_in_run=plan["binding_constraint"],
+                   optimizer=ran_optimizer_name(plan.get("optimizer", {})))  # fmt: skip
         row.update(plan_without_max_steps(pair.profile, pair.mode, extra, plan, hw, row))
     peak = summary.get("peak_mem_bytes", summary.get("peak_rss_bytes"))  # allocated on a GPU, RSS on the CPU
     row.update(peak_allocated_bytes=summary.get("peak_mem_bytes"), peak_reserved_bytes=summary.get("peak_reserved_bytes"),
