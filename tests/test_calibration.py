@@ -60,7 +60,7 @@ def test_memory_fit_script_reprints_grid_and_plan_rows_the_model_predicts_exactl
         rows.append({**fields, "batch": batch, "technique": asdict(t), "measured_peak": predict_peak_bytes(s).total})
     grid = tmp_path / "check3.json"
     grid.write_text(json.dumps({"rows": rows, "grid": "check3"}))
-    cfg = compose_config(["gpu=rtx3060", "mode=standard"])  # one plan-check run, as the planner shapes it
+    cfg = compose_config(["gpu=rtx3060", "mode=standard", "optim.name=adamw"])  # one plan-check run, as planned
     total = int(140.4 * GIB)
     hw = hardware_on(cfg.gpu, cfg.optimizations, "cuda", "NVIDIA H200", total, total - CUDA_CONTEXT_BYTES)
     s = memory_shape(model_dict(cfg, 12, 512, 8192, 1024), cfg, hw, 8, False)

@@ -76,14 +76,14 @@ def test_the_plan_takes_the_cards_path_on_the_card_and_emulated(profile, card):
 
 def test_the_memory_and_speed_models_count_the_step_the_card_runs():
     """The same model and micro-batch: the 1060's eager fp32 step keeps more than the 3060's compiled bf16 one."""
-    pascal, ampere = compose("gpu=gtx1060"), compose("gpu=rtx3060")
+    pascal, ampere = compose("gpu=gtx1060", "optim.name=muon"), compose("gpu=rtx3060", "optim.name=muon")
     mc = model_dict(pascal, 8, 512, 8192, 512)
     eager = memory_shape(mc, pascal, on_card(pascal), 8, False)
     compiled = memory_shape(mc, ampere, on_card(ampere), 8, False)
     assert not eager.compiled and eager.precision == "fp32" and eager.repeated_kv
     assert compiled.compiled and compiled.precision == "bf16" and not compiled.repeated_kv
     assert predict_peak_bytes(eager).activations > predict_peak_bytes(compiled).activations
-    baseline = compose("gpu=rtx3060", "optimizations=baseline")  # compile off: counted as eager there too
+    baseline = compose("gpu=rtx3060", "optimizations=baseline", "optim.name=muon")  # compile off: eager there too
     assert not memory_shape(mc, baseline, on_card(baseline), 8, False).compiled
 
 

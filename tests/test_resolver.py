@@ -24,6 +24,7 @@ from pufferfish.resolver.hardware import (
     nearest_profile,
 )
 from pufferfish.resolver.memory import CONSTANTS, allocator_reserve_bytes
+from pufferfish.resolver.plan import planned_config
 from pufferfish.resolver.shapes import (
     fits,
     heads_reason,
@@ -321,8 +322,9 @@ def test_every_plan_fits_its_memory_and_respects_mode_bounds_or_says_why(gpu, mo
     if plan.grad_accum > 1:  # memory binds the micro-batch: the next size up (in the planner's steps) would not fit
         step = micro_batch_step(plan.micro_batch)
         assert plan.micro_batch % step == 0 and (plan.micro_batch < 8 or plan.micro_batch % 2 == 0)
-        bigger = memory_shape(plan.model, cfg, hw, plan.micro_batch + step, plan.grad_ckpt)
-        assert fits(memory_shape(plan.model, cfg, hw, plan.micro_batch, plan.grad_ckpt), hw) and not fits(bigger, hw)
+        ran = planned_config(cfg, plan.optimizer)  # the optimizer state the plan holds
+        bigger = memory_shape(plan.model, ran, hw, plan.micro_batch + step, plan.grad_ckpt)
+        assert fits(memory_shape(plan.model, ran, hw, plan.micro_batch, plan.grad_ckpt), hw) and not fits(bigger, hw)
 
 
 def test_a_compiled_plan_leaves_its_logits_free_for_the_allocator():
@@ -338,7 +340,7 @@ def test_a_compiled_plan_leaves_its_logits_free_for_the_allocator():
     assert "allocator holds around the compiled step's logits" in plan.reasons["memory"]
     # 104 x 512 x 5 is not the 2^18 tokens the batch asked for: the reason says what runs
     assert plan.batch_tokens != 2**18 and f"{plan.batch_tokens:,} run" in plan.reasons["batch"]
-    eager = memory_shape(plan.model, cfg, hw, plan.micro_batch, plan.grad_ckpt)
+    eager = memory_shape(plan.model, planned_config(cfg, plan.optimizer), hw, plan.micro_batch, plan.grad_ckpt)
     assert allocator_reserve_bytes(replace(eager, compiled=False)) == 0
 
 
@@ -373,13 +375,15 @@ def test_gradient_checkpointing_only_when_needed():
     hw = fake_gpu("gtx1650", "fp16")
     plan = make_plan(cfg, hw, 8192, 10**9)
     assert plan.grad_ckpt and "does not fit" in plan.reasons["grad_ckpt"]
-    assert grad_ckpt_for(plan.model, cfg, hw, 1)  # the search's rule: even one sequence does not fit without it
-    assert not grad_ckpt_for(plan.model, cfg, replace(hw, vram_bytes=80 * GIB), plan.micro_batch)
+    ran = planned_config(cfg, plan.optimizer)  # the optimizer state the plan holds
+    assert grad_ckpt_for(plan.model, ran, hw, 1)  # the search's rule: even one sequence does not fit without it
+    assert not grad_ckpt_for(plan.model, ran, replace(hw, vram_bytes=80 * GIB), plan.micro_batch)
     big = make_plan(compose("gpu=h200", "mode=quick_dev"), fake_gpu("h200"), 8192, 10**9)
     assert not big.grad_ckpt
     fixed = compose("gpu=h200", "mode=quick_dev", "model.num_layers=24", "model.num_dims=768", "train.micro_batch=512")
-    assert make_plan(fixed, fake_gpu("h200"), 8192, 10**9).grad_ckpt == grad_ckpt_for(
-        model_dict(fixed, 24, 768, 8192, fixed.mode.seq_len), fixed, fake_gpu("h200"), 512)  # a given micro-batch
+    given = make_plan(fixed, fake_gpu("h200"), 8192, 10**9)
+    assert given.grad_ckpt == grad_ckpt_for(model_dict(fixed, 24, 768, 8192, fixed.mode.seq_len),
+                                            planned_config(fixed, given.optimizer), fake_gpu("h200"), 512)  # fmt: skip
     for policy, ckpt in (("always", True), ("never", False)):  # asked for: whatever the memory says
         asked = compose("gpu=gtx1650", "mode=standard", f"optimizations.grad_ckpt={policy}")
         assert grad_ckpt_for(plan.model, asked, replace(hw, vram_bytes=80 * GIB) if ckpt else hw, 64) is ckpt

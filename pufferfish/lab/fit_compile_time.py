@@ -34,7 +34,7 @@ def shape_of(row: dict, vocab: int = 8192) -> tuple[int, int]:
     from pufferfish.resolver.memory import count_params
     from pufferfish.resolver.shapes import memory_shape, model_dict
 
-    cfg = compose_config(["gpu=h100", "mode=quick_dev"])
+    cfg = compose_config(["gpu=h100", "mode=quick_dev", "optim.name=adamw"])  # parameters only: either optimizer
     hw = own_card(cfg)
     for layers in range(1, 49):
         for dims in range(64, 2049, 64):

@@ -37,7 +37,7 @@ def memory_shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool,
         moe_active_experts=mc["moe_active_experts"] if moe_layers else 0,
         moe_expert_ffn_dims=mc["moe_expert_ffn_dims"] if moe_layers else 0,
         moe_shared_expert=bool(mc["moe_shared_expert"]) and moe_layers > 0, shards=shards,
-        qk_norm=bool(mc.get("qk_norm", False)), optimizer=optimizer_name(cfg),
+        qk_norm=bool(mc.get("qk_norm", False)), optimizer=step_optimizer(cfg),
         ns_fp32=ns_dtype_for(None if hw.profile == "cpu" else hw.compute_capability) == torch.float32,
     )  # fmt: skip
 
@@ -45,6 +45,16 @@ def memory_shape(mc: dict, cfg, hw: Hardware, micro_batch: int, grad_ckpt: bool,
 def optimizer_name(cfg) -> str:
     """optim.name; a bare namespace (the calibration's) has no optim group: AdamW, which it measures."""
     return str(getattr(getattr(cfg, "optim", None), "name", "adamw"))
+
+
+def step_optimizer(cfg) -> str:
+    """The optimizer whose state a step holds: optim.name=auto names none until a plan chooses (resolver.plan's
+    chosen_config or planned_config give the config that names it)."""
+    name = optimizer_name(cfg)
+    if name == "auto":
+        raise ValueError("optim.name=auto: size the step with the optimizer a plan chose (resolver.plan.planned_config "
+                         "or chosen_config), not with auto")  # fmt: skip
+    return name
 
 
 def kv_heads_for(num_heads: int, attention) -> int:
